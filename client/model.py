@@ -1,0 +1,215 @@
+"""The distributed causal LM: embeddings, final norm and head run locally, every block runs on peers.
+
+`AutoDistributedModelForCausalLM.from_pretrained(name, initial_peers=...)` returns a transformers
+`PreTrainedModel` + `GenerationMixin`, so `model(input_ids)` and `model.generate(...)` work as with
+plain transformers. The KV cache lives on the peers; `RemoteCache` stands in for it inside generate().
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from client.sequence import RemoteSequence
+from client.session import InferenceSession
+from swarm import errors, models
+from swarm.blocks import BlockInputs
+from swarm.config import ClientConfig
+
+
+class RemoteCache(Cache):
+    """generate()'s view of the peers' KV cache: only its length, which is the session's position."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise errors.SessionError("rolling back a remote cache inside generate() is not supported")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise errors.SessionError("beam search is not supported through the swarm; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.session.position:
+            raise errors.SessionError("cannot expand the batch of a session that already holds tokens")
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    base_model_prefix = "model"
+    _supports_sdpa = True
+
+    def __init__(self, config, parts: models.ClientParts, sequence: RemoteSequence):
+        super().__init__(config)
+        self.embed_tokens = parts.embed_tokens
+        self.norm = parts.norm
+        self.lm_head = parts.lm_head
+        self.sequence = sequence
+        self._active_session: InferenceSession | None = None
+        self._default_max_length = getattr(config, "max_position_embeddings", 2048)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    # ---- sessions ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int | None = None, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Keep one session open across generate() calls: later calls continue the same conversation."""
+        if self._active_session is not None:
+            raise errors.SessionError("an inference session is already active on this model")
+        session = InferenceSession(self.sequence, max_length=max_length or self._default_max_length, batch_size=batch_size)
+        self._active_session = session
+        try:
+            yield session
+        finally:
+            self._active_session = None
+            session.close()
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs):
+        """transformers generate() through the swarm. Inside `inference_session()`, the prompt may hold
+        the whole conversation so far or only what is new; the output holds the whole conversation."""
+        session = session or self._active_session
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if session is None:
+            total = _total_length(inputs, kwargs, self.generation_config)
+            session = InferenceSession(self.sequence, max_length=total, batch_size=_batch_size(inputs, kwargs))
+            try:
+                return super().generate(inputs, past_key_values=RemoteCache(session), **kwargs)
+            finally:
+                session.close()
+        inputs, kwargs = _continue_conversation(session, inputs, kwargs)
+        outputs = super().generate(inputs, past_key_values=RemoteCache(session), **kwargs)
+        session.history_ids = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        session.history_mask = _extend_mask(kwargs.get("attention_mask"), session.history_ids)
+        return outputs
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.int64)
+        if isinstance(past_key_values, RemoteCache):
+            hidden_states = self._session_step(past_key_values.session, inputs_embeds, position_ids, attention_mask)
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(inputs_embeds.shape[1]).unsqueeze(0)
+            inputs = BlockInputs(inputs_embeds, position_ids, attention_mask)
+            hidden_states = RemoteExpertWorker.run_coroutine(self.sequence.forward(inputs))
+        hidden_states = self.norm(hidden_states.to(inputs_embeds.dtype))
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden_states[:, keep])  # [batch, seq, vocab]
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _session_step(self, session: InferenceSession, inputs_embeds, position_ids, attention_mask) -> torch.Tensor:
+        position = session.position
+        if position_ids is None:
+            position_ids = torch.arange(position, position + inputs_embeds.shape[1]).unsqueeze(0)
+        if not session.streams:
+            session.batch_size = inputs_embeds.shape[0]
+            RemoteExpertWorker.run_coroutine(session.open())
+        inputs = BlockInputs(inputs_embeds, position_ids, attention_mask)
+        return RemoteExpertWorker.run_coroutine(session.step(inputs, position))
+
+    def close(self) -> None:
+        self.sequence.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point, like transformers' Auto classes."""
+
+    @staticmethod
+    def from_pretrained(
+        name_or_path: str = models.DEFAULT_MODEL,
+        *,
+        initial_peers: list[str],
+        dht_prefix: str | None = None,
+        client_config: ClientConfig | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> DistributedModelForCausalLM:
+        source = models.resolve_model(name_or_path)
+        config = models.load_config(source)
+        config._name_or_path = str(source.path)
+        client_config = client_config or ClientConfig()
+        client_config = client_config.model_copy(update={"initial_peers": list(initial_peers)})
+        parts = models.load_client_parts(source, config, dtype=torch_dtype, device="cpu")
+        sequence = RemoteSequence(
+            client_config, dht_prefix=dht_prefix or client_config.dht_prefix or source.dht_prefix,
+            num_blocks=config.num_hidden_layers,
+        )
+        model = DistributedModelForCausalLM(config, parts, sequence)
+        if (source.path / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(source.path)
+        return model.eval()
+
+
+def _batch_size(inputs, kwargs) -> int:
+    reference = inputs if inputs is not None else kwargs.get("inputs_embeds")
+    return 1 if reference is None else reference.shape[0]
+
+
+def _total_length(inputs, kwargs, generation_config) -> int:
+    prompt = 0 if inputs is None else inputs.shape[-1]
+    if kwargs.get("max_new_tokens") is not None:
+        return prompt + kwargs["max_new_tokens"]
+    if kwargs.get("max_length") is not None:
+        return kwargs["max_length"]
+    if kwargs.get("generation_config") is not None and kwargs["generation_config"].max_new_tokens:
+        return prompt + kwargs["generation_config"].max_new_tokens
+    if generation_config.max_new_tokens:
+        return prompt + generation_config.max_new_tokens
+    return max(generation_config.max_length or 0, prompt + 1)
+
+
+def _continue_conversation(session: InferenceSession, inputs, kwargs):
+    """Prepend what the session already holds unless the caller passed the whole conversation."""
+    history = getattr(session, "history_ids", None)
+    if history is None or inputs is None:
+        return inputs, kwargs
+    if inputs.shape[1] >= history.shape[1] and torch.equal(inputs[:, : history.shape[1]], history):
+        return inputs, kwargs
+    mask = kwargs.get("attention_mask")
+    full_inputs = torch.cat([history, inputs], dim=1)
+    if mask is not None or session.history_mask is not None:
+        past_mask = session.history_mask if session.history_mask is not None else torch.ones_like(history)
+        new_mask = mask if mask is not None else torch.ones_like(inputs)
+        kwargs = {**kwargs, "attention_mask": torch.cat([past_mask, new_mask], dim=1)}
+    return full_inputs, kwargs
+
+
+def _extend_mask(mask, sequences):
+    if mask is None:
+        return None
+    extra = sequences.shape[1] - mask.shape[1]
+    return torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)

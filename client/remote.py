@@ -1,0 +1,110 @@
+"""Client stubs for one peer: call_info, call_forward, and one open inference stream per hop.
+
+Each call translates library errors (via `swarm.transport.translated_errors`) and raises the typed
+error a peer answered with. Choosing peers and retrying belong to `client.sequence`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm import errors, protocol
+from swarm.blocks import BlockInputs
+from swarm.messages import PEER_REPLY, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
+from swarm.transport import FrameReader, decode_header, encode_frame, frame_tensors, raise_if_error, translated_errors
+
+Request = runtime_pb2.ExpertRequest
+
+
+def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
+    return frame_tensors(
+        {"hidden_states": inputs.hidden_states, "position_ids": inputs.position_ids, "attention_mask": inputs.attention_mask}
+    )
+
+
+async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float) -> PeerInfo:
+    async with translated_errors(peer_id[-8:]):
+        reply = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_info(
+            runtime_pb2.ExpertUID(uid=namespace), timeout=timeout_s
+        )
+        try:
+            return PeerInfo.model_validate_json(reply.serialized_info)
+        except ValueError as exc:
+            raise errors.ProtocolMismatchError(f"peer {peer_id[-8:]} sent an unreadable info reply") from exc
+
+
+async def call_forward(
+    p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float
+) -> torch.Tensor:
+    names, tensors = _input_tensors(inputs)
+    header = ForwardRequest(start_block=start, end_block=end, tensor_names=names)
+
+    async def requests() -> AsyncIterator[Request]:
+        for message in encode_frame(header, tensors, Request):
+            yield message
+
+    async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
+        replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_forward(requests())
+        return await _read_result(FrameReader(replies), peer_id)
+
+
+async def _read_result(reader: FrameReader, peer_id: str) -> torch.Tensor:
+    frame = await reader.read()
+    if frame is None:
+        raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
+    header = decode_header(PEER_REPLY, frame[0])
+    raise_if_error(header)
+    if not isinstance(header, Result) or header.tensor_names != ["hidden_states"] or len(frame[1]) != 1:
+        raise errors.ProtocolMismatchError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
+    return frame[1][0]
+
+
+class SpanStream:
+    """One inference stream to one peer for blocks [start, end): open, step, close."""
+
+    def __init__(self, p2p: P2P, peer_id: str, namespace: str, start: int, end: int, timeout_s: float):
+        self.p2p, self.peer_id, self.namespace = p2p, peer_id, namespace
+        self.start, self.end = start, end
+        self.timeout_s = timeout_s
+        self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
+        self._reader: FrameReader | None = None
+
+    async def open(self, session_id: str, max_length: int, batch_size: int) -> None:
+        header = OpenSession(
+            session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length, batch_size=batch_size
+        )
+        self._send(header, [])
+        async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
+            replies = await protocol.stub(self.p2p, PeerID.from_base58(self.peer_id), self.namespace).rpc_inference(
+                self._requests()
+            )
+            self._reader = FrameReader(replies)
+            frame = await self._reader.read()
+            if frame is None:
+                raise errors.PeerUnavailableError(f"peer {self.peer_id[-8:]} closed the session at once")
+            reply = decode_header(PEER_REPLY, frame[0])
+            raise_if_error(reply)
+            if not isinstance(reply, SessionOpened):
+                raise errors.ProtocolMismatchError(f"peer {self.peer_id[-8:]} did not open the session")
+
+    async def step(self, inputs: BlockInputs, position: int) -> torch.Tensor:
+        names, tensors = _input_tensors(inputs)
+        self._send(InferenceStep(position=position, tensor_names=names), tensors)
+        async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
+            return await _read_result(self._reader, self.peer_id)
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+
+    def _send(self, header, tensors) -> None:
+        for message in encode_frame(header, tensors, Request):
+            self._outbox.put_nowait(message)
+
+    async def _requests(self) -> AsyncIterator[Request]:
+        while (message := await self._outbox.get()) is not None:
+            yield message

@@ -1,0 +1,98 @@
+"""Route choice: which peers carry a sequence through blocks [start, end). Pure functions, no I/O.
+
+A route is a chain of hops, each a peer and the consecutive blocks it runs. The chosen chain has
+the fewest hops, then the lowest summed latency. Peer state comes from validated DHT records.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from swarm.errors import MissingBlocksError
+from swarm.records import PeerRecord, PeerState
+
+
+@dataclass(frozen=True)
+class PeerSpan:
+    """A peer and the blocks it serves, as announced."""
+
+    peer_id: str
+    start: int
+    end: int
+    throughput: float = 1.0
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str
+    start: int
+    end: int
+
+
+def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[str, PeerSpan]:
+    """One span per online peer. A record counts only under a block key inside its own range."""
+    spans: dict[str, PeerSpan] = {}
+    for block_index, records in enumerate(records_per_block):
+        for peer_id, record in records.items():
+            if record.state != PeerState.ONLINE or not record.start_block <= block_index < record.end_block:
+                continue
+            spans.setdefault(peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput))
+    return spans
+
+
+def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[int]:
+    covered = set()
+    for span in spans.values():
+        covered.update(range(max(span.start, start), min(span.end, end)))
+    return [index for index in range(start, end) if index not in covered]
+
+
+def choose_route(
+    spans: Mapping[str, PeerSpan],
+    start: int,
+    end: int,
+    *,
+    latency_s: Mapping[str, float] | None = None,
+    banned: frozenset[str] | set[str] = frozenset(),
+    default_latency_s: float = 0.1,
+    rng: random.Random | None = None,
+) -> list[Hop]:
+    """Fewest hops through [start, end), ties broken by summed latency, then at random.
+
+    Raises MissingBlocksError naming the blocks no usable peer serves."""
+    usable = {peer_id: span for peer_id, span in spans.items() if peer_id not in banned}
+    missing = missing_blocks(usable, start, end)
+    if missing:
+        raise MissingBlocksError(missing)
+    latency_s = latency_s or {}
+    rng = rng or random.Random()
+    candidates = list(usable.values())
+    rng.shuffle(candidates)  # equal-cost routes are picked at random, spreading clients over peers
+    # Dijkstra over block boundaries: from boundary b a peer serving b can take us to the end of its span
+    best: dict[int, tuple[int, float]] = {start: (0, 0.0)}
+    previous: dict[int, Hop] = {}
+    queue = [(0, 0.0, rng.random(), start)]
+    while queue:
+        hops, latency, _, position = heapq.heappop(queue)
+        if position == end:
+            break
+        if best.get(position, (hops, latency)) < (hops, latency):
+            continue
+        for span in candidates:
+            if not span.start <= position < span.end:
+                continue
+            target = min(span.end, end)
+            cost = (hops + 1, latency + latency_s.get(span.peer_id, default_latency_s))
+            if cost < best.get(target, (float("inf"), 0.0)):
+                best[target] = cost
+                previous[target] = Hop(span.peer_id, position, target)
+                heapq.heappush(queue, (*cost, rng.random(), target))
+    route, position = [], end
+    while position != start:
+        hop = previous[position]
+        route.append(hop)
+        position = hop.start
+    return route[::-1]

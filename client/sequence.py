@@ -1,0 +1,129 @@
+"""The client's view of one model's blocks in the swarm: peers from the DHT, their latency, bans,
+routes through them, and stateless forward passes with re-routing on transient failures.
+
+Route choice itself is the pure `client.routing.choose_route`; this class gathers its inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+from client import routing
+from client.remote import call_forward, call_info
+from swarm import errors, network
+from swarm.blocks import BlockInputs
+from swarm.config import ClientConfig, NetworkConfig
+from swarm.records import parse_peer_records
+
+logger = logging.getLogger(__name__)
+
+BAN_BASE_S = 5.0
+BAN_MAX_S = 300.0
+REFRESH_PERIOD_S = 10.0
+
+
+class RemoteSequence:
+    def __init__(self, config: ClientConfig, *, dht_prefix: str, num_blocks: int):
+        if not config.initial_peers:
+            raise errors.ConfigError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
+        self.config = config
+        self.dht_prefix = dht_prefix
+        self.num_blocks = num_blocks
+        try:
+            self.dht = network.start_dht(
+                initial_peers=config.initial_peers,
+                host_maddrs=config.host_maddrs,
+                client_mode=True,
+                loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
+                startup_timeout_s=config.connect_timeout_s,
+            )
+        except Exception as exc:
+            raise errors.PeerUnavailableError(
+                f"could not join the swarm through {config.initial_peers}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        self.spans: dict[str, routing.PeerSpan] = {}
+        self.latency_s: dict[str, float] = {}
+        self._bans: dict[str, tuple[float, int]] = {}  # peer_id -> (banned until, failures)
+        self._updated_at = 0.0
+
+    # ---- swarm state -------------------------------------------------------------------------
+    async def update(self) -> None:
+        raw = await asyncio.get_running_loop().run_in_executor(
+            None, network.fetch_block_records, self.dht, self.dht_prefix, self.num_blocks
+        )
+        records = [parse_peer_records(entry, where=f"{self.dht_prefix}.{index}") for index, entry in enumerate(raw)]
+        self.spans = routing.online_spans(records)
+        self._updated_at = time.monotonic()
+        await self._measure_latencies([peer_id for peer_id in self.spans if peer_id not in self.latency_s])
+
+    async def _measure_latencies(self, peer_ids: list[str]) -> None:
+        async def ping(peer_id: str) -> None:
+            started = time.perf_counter()
+            try:
+                await call_info(self.p2p, peer_id, self.dht_prefix, self.config.ping_timeout_s)
+                self.latency_s[peer_id] = time.perf_counter() - started
+            except errors.SwarmError as exc:
+                logger.warning("peer %s did not answer a ping: %s", peer_id[-8:], exc)
+                self.ban(peer_id)
+
+        await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids))
+
+    def ban(self, peer_id: str) -> None:
+        """Avoid a peer for a while after a transient failure; the ban doubles with each failure."""
+        _, failures = self._bans.get(peer_id, (0.0, 0))
+        duration = min(BAN_BASE_S * 2**failures, BAN_MAX_S)
+        self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        logger.warning("avoiding peer %s for %.0f s", peer_id[-8:], duration)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
+
+    async def route(self, start: int = 0, end: int | None = None) -> list[routing.Hop]:
+        """A chain of peers through [start, end); waits up to route_wait_s for missing blocks."""
+        end = self.num_blocks if end is None else end
+        deadline = time.monotonic() + self.config.route_wait_s
+        if time.monotonic() - self._updated_at > REFRESH_PERIOD_S:
+            await self.update()
+        while True:
+            try:
+                return routing.choose_route(self.spans, start, end, latency_s=self.latency_s, banned=self.banned())
+            except errors.MissingBlocksError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(1.0)
+            await self.update()
+
+    # ---- stateless forward ---------------------------------------------------------------------
+    async def forward(self, inputs: BlockInputs) -> torch.Tensor:
+        """Hidden states after all blocks, for a whole sequence (no cache)."""
+        hidden_states, position = inputs.hidden_states, 0
+        while position < self.num_blocks:
+            hop = await self._retrying_hop(position, hidden_states, inputs)
+            hidden_states, position = hop
+        return hidden_states
+
+    async def _retrying_hop(self, position: int, hidden_states: torch.Tensor, inputs: BlockInputs):
+        for attempt in range(self.config.max_retries + 1):
+            hop = (await self.route(position))[0]
+            step_inputs = BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask)
+            try:
+                output = await call_forward(
+                    self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, step_inputs, self.config.step_timeout_s
+                )
+                return output, hop.end
+            except errors.RemoteError as exc:
+                if not exc.transient or attempt == self.config.max_retries:
+                    raise
+                logger.warning("forward on %s failed (%s), retry %d/%d", hop.peer_id[-8:], exc, attempt + 1, self.config.max_retries)
+                self.ban(hop.peer_id)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.dht.shutdown()

@@ -1,0 +1,145 @@
+"""An inference session through a chain of peers, each holding the KV cache of its blocks.
+
+The session keeps every input it sent (hidden states entering each hop, positions, mask), so when a
+peer fails it opens streams on replacement peers for exactly that peer's blocks, replays the history
+to rebuild their cache, and continues. It does not compute anything locally (see `client.model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+from client.remote import SpanStream
+from client.sequence import RemoteSequence
+from swarm import errors
+from swarm.blocks import BlockInputs
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceSession:
+    def __init__(self, sequence: RemoteSequence, *, max_length: int, batch_size: int = 1):
+        self.sequence = sequence
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.session_id = uuid.uuid4().hex
+        self.position = 0  # tokens every hop has in its cache
+        self.streams: list[SpanStream] = []
+        self._inputs_at: dict[int, torch.Tensor] = {}  # block index -> hidden states that entered it [batch, pos, hidden]
+        self._position_ids: torch.Tensor | None = None  # [batch or 1, pos]
+        self._attention_mask: torch.Tensor | None = None  # [batch, pos]
+        self.closed = False
+        self.history_ids: torch.Tensor | None = None  # token ids of the conversation, kept by generate()
+        self.history_mask: torch.Tensor | None = None
+
+    @property
+    def route(self) -> list[tuple[str, int, int]]:
+        return [(stream.peer_id, stream.start, stream.end) for stream in self.streams]
+
+    async def open(self) -> None:
+        self.streams = await self._open_streams(0, self.sequence.num_blocks)
+
+    async def step(self, inputs: BlockInputs, position: int | None = None) -> torch.Tensor:
+        """Run new tokens through all blocks; `position` < self.position rolls the session back first."""
+        if self.closed:
+            raise errors.SessionError("this inference session is closed")
+        position = self.position if position is None else position
+        new_tokens = inputs.hidden_states.shape[1]
+        if not 0 <= position <= self.position:
+            raise errors.SessionError(f"cannot step at position {position}: the session holds {self.position} tokens")
+        if position + new_tokens > self.max_length:
+            raise errors.SessionLengthError(
+                f"{position + new_tokens} tokens exceed this session's max_length={self.max_length}"
+            )
+        self._truncate(position)
+        hidden_states, index = inputs.hidden_states, 0
+        while index < len(self.streams):
+            stream = self.streams[index]
+            self._remember(stream.start, hidden_states, position)
+            try:
+                hidden_states = await stream.step(_with_hidden(inputs, hidden_states), position)
+                index += 1
+            except errors.RemoteError as exc:
+                if not exc.transient:
+                    raise
+                await self._replace(index, exc)
+        self._remember_positions(inputs, position)
+        self.position = position + new_tokens
+        return hidden_states
+
+    async def _replace(self, index: int, cause: Exception) -> None:
+        """Swap streams[index] for new peer(s) over the same blocks and replay the history into them."""
+        failed = self.streams[index]
+        logger.warning("peer %s failed for blocks %d:%d (%s): re-routing", failed.peer_id[-8:], failed.start, failed.end, cause)
+        failed.close()
+        self.sequence.ban(failed.peer_id)
+        for attempt in range(self.sequence.config.max_retries + 1):
+            try:
+                replacement = await self._open_streams(failed.start, failed.end)
+                await self._replay(replacement)
+                self.streams[index : index + 1] = replacement
+                return
+            except errors.RemoteError as exc:
+                if not exc.transient or attempt == self.sequence.config.max_retries:
+                    raise
+                logger.warning("replacement failed (%s), retry %d", exc, attempt + 1)
+
+    async def _replay(self, streams: list[SpanStream]) -> None:
+        if self.position == 0:
+            return
+        hidden_states = self._inputs_at[streams[0].start][:, : self.position]
+        history = BlockInputs(hidden_states, self._position_ids, self._attention_mask)
+        for stream in streams:
+            self._inputs_at[stream.start] = hidden_states
+            hidden_states = await stream.step(_with_hidden(history, hidden_states), 0)
+
+    async def _open_streams(self, start: int, end: int) -> list[SpanStream]:
+        streams = []
+        try:
+            for hop in await self.sequence.route(start, end):
+                stream = SpanStream(
+                    self.sequence.p2p, hop.peer_id, self.sequence.dht_prefix, hop.start, hop.end,
+                    self.sequence.config.step_timeout_s,
+                )
+                streams.append(stream)
+                await stream.open(self.session_id, self.max_length, self.batch_size)
+        except errors.RemoteError as exc:
+            for stream in streams:
+                stream.close()
+            if exc.transient and streams:
+                self.sequence.ban(streams[-1].peer_id)
+            raise
+        return streams
+
+    def _truncate(self, position: int) -> None:
+        if position < self.position:
+            self.position = position
+            self._inputs_at = {block: hidden[:, :position] for block, hidden in self._inputs_at.items()}
+            if self._position_ids is not None:
+                self._position_ids = self._position_ids[:, :position]
+            if self._attention_mask is not None:
+                self._attention_mask = self._attention_mask[:, :position]
+
+    def _remember(self, block: int, hidden_states: torch.Tensor, position: int) -> None:
+        past = self._inputs_at.get(block)
+        past = past[:, :position] if past is not None else hidden_states[:, :0]
+        self._inputs_at[block] = torch.cat([past, hidden_states.to(past.dtype)], dim=1)
+
+    def _remember_positions(self, inputs: BlockInputs, position: int) -> None:
+        if inputs.position_ids is not None:
+            past = self._position_ids[:, :position] if self._position_ids is not None else inputs.position_ids[:, :0]
+            self._position_ids = torch.cat([past, inputs.position_ids], dim=1)
+        if inputs.attention_mask is not None:
+            self._attention_mask = inputs.attention_mask
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        self.closed = True
+
+
+def _with_hidden(inputs: BlockInputs, hidden_states: torch.Tensor) -> BlockInputs:
+    return BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask)

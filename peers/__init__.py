@@ -1,0 +1,1 @@
+"""The contributor side of swarm: serving a range of blocks to clients."""

@@ -1,0 +1,176 @@
+"""The peer's RPC handlers: info, stateless forward, and inference sessions over one open stream.
+
+Every request is decoded and validated before compute; compute runs off the event loop in the
+peer's executor. A bad request gets a typed error reply and the peer goes on serving. This module
+does not announce anything or load blocks (see `peers.server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from peers.cache import CacheBudget
+from peers.validation import Limits, check_block_inputs, check_span
+from swarm import errors
+from swarm.blocks import BlockStack
+from swarm.protocol import BlockService
+from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
+from swarm.transport import FrameReader, decode_header, encode_error, encode_frame, name_tensors
+
+logger = logging.getLogger(__name__)
+
+INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
+Response = runtime_pb2.ExpertResponse
+
+
+class BlockServicer(BlockService):
+    """rpc_info, rpc_forward and rpc_inference for one BlockStack."""
+
+    def __init__(
+        self,
+        stack: BlockStack,
+        info: PeerInfo,
+        *,
+        cache_tokens: int,
+        session_idle_timeout_s: float,
+        cache_wait_s: float,
+    ):
+        self.stack = stack
+        self.info = info
+        self.limits = Limits(
+            hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length
+        )
+        self.cache = CacheBudget(cache_tokens)
+        self.session_idle_timeout_s = session_idle_timeout_s
+        self.cache_wait_s = cache_wait_s
+        self.open_sessions = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[Response]:
+        started = time.perf_counter()
+        try:
+            frame = await FrameReader(requests).read()
+            if frame is None:
+                return
+            header = decode_header(PEER_REQUEST, frame[0])
+            if not isinstance(header, ForwardRequest):
+                raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
+            span = check_span(header.start_block, header.end_block, (self.stack.start_block, self.stack.end_block))
+            inputs = check_block_inputs(name_tensors(header, frame[1], INPUT_TENSORS), self.limits)
+            outputs = await self._compute(inputs, None, span)
+        except Exception as exc:  # a bad request must never take the peer down
+            yield self._error_reply(exc, context, "forward")
+            return
+        logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
+        for message in encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response):
+            yield message
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[Response]:
+        reader = FrameReader(requests)
+        try:
+            opening = await self._read_opening(reader)
+        except Exception as exc:
+            yield self._error_reply(exc, context, "open")
+            return
+        span = (opening.start_block, opening.end_block)
+        try:
+            async with self.cache.reserve(opening.batch_size * opening.max_length, self.cache_wait_s):
+                self.open_sessions += 1
+                try:
+                    async for message in self._serve_session(reader, opening, span, context):
+                        yield message
+                finally:
+                    self.open_sessions -= 1
+        except errors.SwarmError as exc:  # no cache for this session
+            yield self._error_reply(exc, context, "open")
+
+    async def _read_opening(self, reader: FrameReader) -> OpenSession:
+        async with asyncio.timeout(self.session_idle_timeout_s):
+            frame = await reader.read()
+        if frame is None:
+            raise errors.InvalidRequestError("stream closed before the session was opened")
+        opening = decode_header(PEER_REQUEST, frame[0])
+        if not isinstance(opening, OpenSession):
+            raise errors.InvalidRequestError(f"an inference stream starts with 'open', got {opening.type!r}")
+        check_span(opening.start_block, opening.end_block, (self.stack.start_block, self.stack.end_block))
+        if opening.max_length > self.limits.max_length:
+            raise errors.SessionLengthError(f"max_length {opening.max_length} exceeds this peer's {self.limits.max_length}")
+        if opening.batch_size > self.limits.max_batch_size:
+            raise errors.InvalidRequestError(f"batch size {opening.batch_size} exceeds {self.limits.max_batch_size}")
+        return opening
+
+    async def _serve_session(self, reader, opening: OpenSession, span, context) -> AsyncIterator[Response]:
+        cache = self.stack.new_cache()
+        session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
+        (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
+        yield reply
+        while True:
+            try:
+                async with asyncio.timeout(self.session_idle_timeout_s):
+                    frame = await reader.read()
+            except TimeoutError:
+                logger.info("session %s idle for %.0f s: freeing its cache", opening.session_id[:8], self.session_idle_timeout_s)
+                return
+            except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
+                yield self._error_reply(exc, context, "step")
+                return
+            if frame is None:
+                return  # the client closed the session
+            started = time.perf_counter()
+            try:
+                outputs = await self._session_step(cache, frame, session_limits, span)
+            except Exception as exc:
+                yield self._error_reply(exc, context, "step")
+                continue
+            logger.debug(
+                "step peer=%s session=%s blocks=%d:%d tokens=%d ms=%.1f", _short(context), opening.session_id[:8],
+                *span, outputs.shape[1], 1000 * (time.perf_counter() - started),
+            )
+            for message in encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response):
+                yield message
+
+    async def _session_step(self, cache, frame, limits: Limits, span) -> torch.Tensor:
+        step = decode_header(PEER_REQUEST, frame[0])
+        if not isinstance(step, InferenceStep):
+            raise errors.InvalidRequestError(f"expected a step, got {step.type!r}")
+        cache_length = self.stack.cache_length(cache, span[0])
+        if step.position > cache_length:
+            raise errors.InvalidRequestError(f"step at position {step.position} but the cache holds {cache_length} tokens")
+        inputs = check_block_inputs(name_tensors(step, frame[1], INPUT_TENSORS), limits, past_length=step.position)
+        self.stack.rollback(cache, span, step.position)  # the client may regenerate from an earlier token
+        return await self._compute(inputs, cache, span)
+
+    async def _compute(self, inputs, cache, span) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, functools.partial(self.stack, inputs, cache, span))
+        return outputs.cpu()
+
+    def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
+        if isinstance(exc, errors.SwarmError):
+            logger.warning("refused %s from %s: %s", what, _short(context), str(exc)[:200])
+        else:
+            logger.exception("internal error serving %s from %s", what, _short(context))
+        return encode_error(exc, Response)
+
+
+def _short(context: P2PContext) -> str:
+    return str(context.remote_id)[-8:]

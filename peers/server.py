@@ -1,0 +1,165 @@
+"""A peer's lifecycle: join the DHT, load its blocks, serve them, announce them, leave cleanly.
+
+It wires the pieces together (models, BlockStack, BlockServicer, DHT announcements) and owns every
+background task and child process it starts; `run()` returns only after all of them stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import swarm
+from peers.handler import BlockServicer
+from swarm import models, network, protocol
+from swarm.blocks import BlockStack
+from swarm.config import PeerConfig
+from swarm.errors import ConfigError
+from swarm.messages import PeerInfo
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.source = models.resolve_model(config.model)
+        self.model_config = models.load_config(self.source)
+        self.dht_prefix = config.dht_prefix or self.source.dht_prefix
+        self.start_block, self.end_block = config.block_range()
+        num_blocks = self.model_config.num_hidden_layers
+        if self.end_block > num_blocks:
+            raise ConfigError(
+                f"--blocks {config.blocks}: {config.model} has {num_blocks} blocks (valid ranges lie within 0:{num_blocks})"
+            )
+        config.network.require_peers_or_new_swarm()
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.dht = None
+        self.servicer: BlockServicer | None = None
+        self.state = PeerState.JOINING
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT."""
+        net = self.config.network
+        loop = asyncio.get_running_loop()
+        self.dht = await loop.run_in_executor(
+            None,
+            lambda: network.start_dht(
+                initial_peers=net.initial_peers,
+                host_maddrs=net.host_maddrs,
+                announce_maddrs=net.announce_maddrs,
+                identity_path=net.identity_path,
+                loopback_only=net.is_loopback_only(),
+                startup_timeout_s=net.connect_timeout_s,
+            ),
+        )
+        try:
+            print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
+            self.peer_id = self.dht.peer_id.to_base58()
+            self._announce(wait=True)
+            stack = await loop.run_in_executor(None, self._load_blocks)
+            self.servicer = BlockServicer(
+                stack,
+                self._info(),
+                cache_tokens=self.config.cache_tokens,
+                session_idle_timeout_s=self.config.session_idle_timeout_s,
+                cache_wait_s=self.config.cache_wait_s,
+            )
+            p2p = await self.dht.replicate_p2p()
+            await protocol.register(p2p, self.servicer, self.dht_prefix)
+            self.state = PeerState.ONLINE
+            self._announce(wait=True)
+            logger.info("serving %s blocks %d:%d as %s", self.config.model, self.start_block, self.end_block, self.peer_id)
+            print(f"swarm: ready, serving {self.config.model} blocks {self.start_block}:{self.end_block}", flush=True)
+            await self._announce_until(stop)
+        finally:
+            await self._leave()
+
+    def _load_blocks(self) -> BlockStack:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        started = time.perf_counter()
+        layers = [
+            models.load_block(self.source, self.model_config, index, dtype=self.dtype, device=self.config.device)
+            for index in tqdm(range(self.start_block, self.end_block), desc="loading blocks", unit="block", leave=False)
+        ]
+        rotary = models.load_rotary(self.model_config, device=self.config.device)
+        logger.info("loaded blocks %d:%d (%s) in %.1f s", self.start_block, self.end_block, self.dtype, time.perf_counter() - started)
+        return BlockStack(self.model_config, layers, self.start_block, rotary)
+
+    def _info(self) -> PeerInfo:
+        return PeerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model=self.config.model,
+            dht_prefix=self.dht_prefix,
+            start_block=self.start_block,
+            end_block=self.end_block,
+            dtype=str(self.dtype).removeprefix("torch."),
+            version=swarm.__version__,
+            max_batch_size=self.config.max_batch_size,
+            max_length=self.config.max_length,
+        )
+
+    def _record(self) -> PeerRecord:
+        return PeerRecord(
+            protocol_version=PROTOCOL_VERSION,
+            state=self.state,
+            model=self.config.model,
+            start_block=self.start_block,
+            end_block=self.end_block,
+            throughput=float(self.config.throughput),
+            cache_tokens_left=self.servicer.cache.tokens_left if self.servicer else self.config.cache_tokens,
+            dtype=str(self.dtype).removeprefix("torch."),
+            version=swarm.__version__,
+            public_name=self.config.public_name,
+        )
+
+    def _announce(self, *, wait: bool, ttl_s: float | None = None) -> None:
+        network.announce(
+            self.dht,
+            dht_prefix=self.dht_prefix,
+            peer_id=self.peer_id,
+            record=self._record(),
+            num_blocks=self.model_config.num_hidden_layers,
+            ttl_s=ttl_s or self.config.announce_period_s * self.config.record_ttl_periods,
+            wait=wait,
+        )
+
+    async def _announce_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.config.announce_period_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            if not stop.is_set():
+                await asyncio.get_running_loop().run_in_executor(None, lambda: self._announce(wait=True))
+
+    async def _leave(self) -> None:
+        if self.dht is None:
+            return
+        try:
+            if hasattr(self, "peer_id"):
+                self.state = PeerState.OFFLINE
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: self._announce(wait=True, ttl_s=self.config.announce_period_s)
+                )
+            if self.servicer is not None:
+                self.servicer.shutdown()
+        except Exception:
+            logger.warning("could not announce going offline", exc_info=True)
+        finally:
+            self.dht.shutdown()
+            self.dht = None
+            logger.info("left the swarm")

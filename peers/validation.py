@@ -1,0 +1,81 @@
+"""Checks of a request's tensors against what this peer serves, before any compute.
+
+Pure functions over tensors and limits; they raise `InvalidRequestError` / `SessionLengthError` with
+a message the client can act on, and never touch the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarm.blocks import BlockInputs
+from swarm.errors import InvalidRequestError, SessionLengthError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    hidden_size: int
+    max_batch_size: int
+    max_length: int  # tokens per sequence, cache included
+
+
+def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tuple[int, int]:
+    if not served[0] <= start_block < end_block <= served[1]:
+        raise InvalidRequestError(
+            f"blocks {start_block}:{end_block} requested, this peer serves {served[0]}:{served[1]}"
+        )
+    return start_block, end_block
+
+
+def check_block_inputs(tensors: dict[str, torch.Tensor], limits: Limits, *, past_length: int = 0) -> BlockInputs:
+    """Validate hidden_states [batch, seq, hidden], position_ids [batch|1, seq], attention_mask [batch, past+seq]."""
+    hidden_states = tensors.get("hidden_states")
+    if hidden_states is None:
+        raise InvalidRequestError("hidden_states missing")
+    if hidden_states.dtype not in FLOAT_DTYPES:
+        raise InvalidRequestError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+    if hidden_states.ndim != 3 or hidden_states.shape[2] != limits.hidden_size:
+        raise InvalidRequestError(
+            f"hidden_states must be [batch, seq, {limits.hidden_size}], got {list(hidden_states.shape)}"
+        )
+    batch_size, seq_length, _ = hidden_states.shape
+    if not 1 <= batch_size <= limits.max_batch_size:
+        raise InvalidRequestError(f"batch size {batch_size} outside 1..{limits.max_batch_size}")
+    if seq_length < 1:
+        raise InvalidRequestError("empty sequence")
+    if past_length + seq_length > limits.max_length:
+        raise SessionLengthError(f"{past_length} + {seq_length} tokens exceed the limit of {limits.max_length}")
+    if not torch.isfinite(hidden_states).all():
+        raise InvalidRequestError("hidden_states contain NaN or infinite values")
+    position_ids = _check_position_ids(tensors.get("position_ids"), batch_size, seq_length, limits.max_length)
+    attention_mask = _check_attention_mask(tensors.get("attention_mask"), batch_size, past_length + seq_length)
+    return BlockInputs(hidden_states=hidden_states, position_ids=position_ids, attention_mask=attention_mask)
+
+
+def _check_position_ids(position_ids, batch_size: int, seq_length: int, max_length: int):
+    if position_ids is None:
+        return None
+    if position_ids.dtype != torch.int64 or position_ids.ndim != 2:
+        raise InvalidRequestError(f"position_ids must be int64 [batch, seq], got {position_ids.dtype} {list(position_ids.shape)}")
+    if position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_length:
+        raise InvalidRequestError(f"position_ids shape {list(position_ids.shape)} does not match [{batch_size}, {seq_length}]")
+    if position_ids.min() < 0 or position_ids.max() >= max_length:
+        raise InvalidRequestError(f"position_ids must lie in 0..{max_length - 1}")
+    return position_ids
+
+
+def _check_attention_mask(attention_mask, batch_size: int, total_length: int):
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.int64 or list(attention_mask.shape) != [batch_size, total_length]:
+        raise InvalidRequestError(
+            f"attention_mask must be int64 [{batch_size}, {total_length}], "
+            f"got {attention_mask.dtype} {list(attention_mask.shape)}"
+        )
+    if ((attention_mask != 0) & (attention_mask != 1)).any():
+        raise InvalidRequestError("attention_mask values must be 0 or 1")
+    return attention_mask

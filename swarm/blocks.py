@@ -1,0 +1,110 @@
+"""A contiguous slice of a model's decoder layers, run the way the model itself runs them.
+
+`BlockStack` computes rotary position embeddings and attention masks exactly as the model's own
+`XxxModel.forward` does (public transformers APIs only), for a stateless forward or one step of a
+session with its own `DynamicCache`. It does not validate inputs (peers do) and does no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+
+@dataclass
+class BlockInputs:
+    hidden_states: torch.Tensor  # [batch, seq, hidden]
+    position_ids: torch.Tensor | None = None  # [batch or 1, seq]
+    attention_mask: torch.Tensor | None = None  # [batch, past + seq], 1 = attend, 0 = padding
+
+
+class BlockStack(torch.nn.Module):
+    """Blocks [start_block, start_block + len(layers)) of one model, on one device and dtype."""
+
+    def __init__(self, config: PretrainedConfig, layers: list[torch.nn.Module], start_block: int, rotary: torch.nn.Module):
+        super().__init__()
+        self.config = config
+        self.layers = torch.nn.ModuleList(layers)
+        self.rotary = rotary
+        self.start_block = start_block
+        self.end_block = start_block + len(layers)
+        self.attention_types = [attention_type(config, index) for index in range(self.start_block, self.end_block)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.layers.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.layers.parameters()).device
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def cache_length(self, cache: DynamicCache, start_block: int) -> int:
+        # layers keep their global index: entries below start_block stay empty
+        return cache.get_seq_length(start_block)
+
+    def rollback(self, cache: DynamicCache, span: tuple[int, int], position: int) -> None:
+        """Forget cached tokens from `position` on, so the session can continue from there."""
+        excess = self.cache_length(cache, span[0]) - position
+        if excess > 0:
+            for index in range(*span):  # layers outside the span were never filled
+                cache.layers[index].crop(-excess)
+
+    @torch.inference_mode()
+    def forward(
+        self, inputs: BlockInputs, cache: DynamicCache | None = None, span: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Run blocks `span` (default: all); with `cache`, the inputs continue the cached sequence."""
+        start, end = span if span is not None else (self.start_block, self.end_block)
+        layers = self.layers[start - self.start_block : end - self.start_block]
+        kinds = self.attention_types[start - self.start_block : end - self.start_block]
+        hidden_states = inputs.hidden_states.to(self.device, self.dtype)  # [batch, seq, hidden]
+        past_length = self.cache_length(cache, start) if cache is not None else 0
+        position_ids = inputs.position_ids
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + hidden_states.shape[1]).unsqueeze(0)
+        position_ids = position_ids.to(self.device)  # [batch or 1, seq]
+        attention_mask = inputs.attention_mask
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        masks = self._masks(hidden_states, attention_mask, cache, position_ids, start, kinds)
+        position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
+        for layer, kind in zip(layers, kinds):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden_states
+
+    def _masks(self, hidden_states, attention_mask, cache, position_ids, start, kinds) -> dict:
+        masks = {}
+        for kind in set(kinds):
+            make_mask = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = make_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=start + kinds.index(kind),
+            )
+        return masks
+
+
+def attention_type(config: PretrainedConfig, block_index: int) -> str:
+    """'full_attention' or 'sliding_attention', as the model's own forward would choose for this layer."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[block_index]
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding_attention"
+    return "full_attention"

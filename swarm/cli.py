@@ -1,0 +1,51 @@
+"""Shared plumbing of the entrypoints: logging set-up, and running until SIGINT/SIGTERM.
+
+Only entrypoints call these; importing swarm modules never configures logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Awaitable, Callable
+
+from swarm.errors import SwarmError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("hivemind", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run `main(stop)`; SIGINT/SIGTERM set `stop`. Returns a process exit code."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except SwarmError as exc:
+        print(f"swarm: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"swarm: error: {message}", file=sys.stderr, flush=True)
+    return 2

@@ -1,0 +1,141 @@
+"""Configuration models, one per role, and their mapping from TOML files and environment variables.
+
+Command-line parsing lives in the entrypoints; they build these models. Nothing here starts anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swarm.errors import ConfigError
+
+LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class NetworkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join through")
+    new_swarm: bool = Field(False, description="start a new swarm instead of joining one")
+    host_maddrs: list[str] = Field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on"
+    )
+    announce_maddrs: list[str] = Field(default_factory=list, description="multiaddrs others should dial, if not the listened ones")
+    identity_path: Path | None = Field(None, description="private key file: a stable peer id across restarts")
+    connect_timeout_s: float = Field(15.0, gt=0, description="seconds to wait when joining the swarm")
+
+    def is_loopback_only(self) -> bool:
+        return all(_is_loopback_maddr(maddr) for maddr in self.host_maddrs)
+
+    def require_peers_or_new_swarm(self) -> None:
+        if not self.initial_peers and not self.new_swarm:
+            raise ConfigError("give --initial-peers MULTIADDR (a peer of an existing swarm) or --new-swarm")
+
+
+class PeerConfig(BaseModel):
+    """Everything `python -m swarm.peer` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="model name, Hugging Face id or local folder")
+    dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
+    blocks: str = Field(..., description="block range START:END to serve (END exclusive)")
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="dtype of the blocks")
+    cache_tokens: int = Field(16384, gt=0, description="KV-cache budget: tokens (batch x length) over all sessions")
+    max_length: int = Field(8192, gt=0, description="longest sequence a session may ask for, in tokens")
+    max_batch_size: int = Field(64, gt=0, description="largest batch a request may carry")
+    public_name: str | None = Field(None, max_length=128, description="name shown to others")
+    throughput: float = Field(1.0, ge=0, description="tokens/s announced (measured by a later version)")
+    announce_period_s: float = Field(10.0, gt=0, description="seconds between DHT announcements")
+    record_ttl_periods: float = Field(3.0, ge=1, description="records expire this many announce periods after a refresh")
+    session_idle_timeout_s: float = Field(300.0, gt=0, description="free a session's cache after this long without a step")
+    cache_wait_s: float = Field(10.0, ge=0, description="how long a new session waits for cache before 'overloaded'")
+    num_threads: int | None = Field(None, gt=0, description="torch threads for compute; default: torch's choice")
+
+    @field_validator("blocks")
+    @classmethod
+    def _check_blocks(cls, value: str) -> str:
+        parse_block_range(value)
+        return value
+
+    def block_range(self) -> tuple[int, int]:
+        return parse_block_range(self.blocks)
+
+
+class ClientConfig(BaseModel):
+    """How a client finds and talks to peers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join through")
+    dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
+    host_maddrs: list[str] = Field(default_factory=lambda: list(LOOPBACK_MADDRS), description="client's own listen addresses")
+    connect_timeout_s: float = Field(15.0, gt=0, description="seconds to join the swarm and open a stream")
+    step_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one forward or inference step")
+    max_retries: int = Field(3, ge=0, description="re-routes after a transient peer failure")
+    route_wait_s: float = Field(30.0, ge=0, description="how long to wait for every block to be served")
+    ping_timeout_s: float = Field(2.0, gt=0, description="latency probe timeout per peer")
+
+
+def parse_block_range(text: str) -> tuple[int, int]:
+    """'10:20' -> (10, 20). Counts and 'auto' are refused with a clear message."""
+    start_text, sep, end_text = text.partition(":")
+    if not sep:
+        raise ConfigError(
+            f"--blocks {text!r}: give a range START:END such as 0:10 (a count or 'auto' is not supported yet)"
+        )
+    try:
+        start, end = int(start_text), int(end_text)
+    except ValueError as exc:
+        raise ConfigError(f"--blocks {text!r}: START and END must be integers, e.g. 0:10") from exc
+    if start < 0 or end <= start:
+        raise ConfigError(f"--blocks {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+
+def env_overrides(prefix: str = "SWARM_") -> dict[str, Any]:
+    """SWARM_MODEL=..., SWARM_DEVICE=... -> {"model": ..., "device": ...} (top-level scalar fields only)."""
+    return {key[len(prefix):].lower(): value for key, value in os.environ.items() if key.startswith(prefix)}
+
+
+def build_config(model_type: type[BaseModel], *layers: dict[str, Any]) -> BaseModel:
+    """Merge layers (file, environment, command line; later wins) into one validated config."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    try:
+        return model_type.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(item) for item in first["loc"])
+        raise ConfigError(f"invalid configuration {where}: {first['msg']}") from exc
+
+
+def _is_loopback_maddr(maddr: str) -> bool:
+    parts = maddr.strip("/").split("/")
+    if len(parts) < 2 or parts[0] not in ("ip4", "ip6"):
+        return False
+    try:
+        return ipaddress.ip_address(parts[1]).is_loopback
+    except ValueError:
+        return False

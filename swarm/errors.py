@@ -1,0 +1,137 @@
+"""The one exception tree of swarm, and the wire error codes that map onto it.
+
+It does not translate library exceptions itself: `swarm.transport` does that in one place.
+
+    SwarmError
+    ├── ConfigError                 bad user input: CLI flags, block ranges, options
+    ├── ModelError
+    │   ├── ModelNotFoundError      unknown name, missing folder, missing weights
+    │   └── UnsupportedModelError   architecture outside SUPPORTED_MODEL_TYPES
+    ├── RemoteError                 a peer could not do what we asked
+    │   ├── PeerUnavailableError    transient: connection failed or dropped
+    │   ├── PeerTimeoutError        transient: no answer in time
+    │   ├── OverloadedError         transient: no cache or session slots left
+    │   ├── ProtocolMismatchError   the peer speaks another protocol version
+    │   └── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
+    ├── RoutingError
+    │   └── MissingBlocksError      no online peer serves some blocks
+    └── SessionError
+        ├── SessionLengthError      max_length of an inference session exceeded
+        └── UnknownSessionError     the peer has no such session
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base of every error swarm raises on purpose."""
+
+
+class ConfigError(SwarmError, ValueError):
+    """A configuration value or command-line flag is invalid."""
+
+
+class ModelError(SwarmError):
+    """A model cannot be resolved or loaded."""
+
+
+class ModelNotFoundError(ModelError):
+    """The model name, folder or weights do not exist."""
+
+
+class UnsupportedModelError(ModelError):
+    """The model's architecture is not one swarm can split into blocks."""
+
+
+class RemoteError(SwarmError):
+    """A peer failed to serve a request. `transient` errors are retried elsewhere."""
+
+    code = "remote_error"
+    transient = True
+
+
+class PeerUnavailableError(RemoteError):
+    code = "unavailable"
+
+
+class PeerTimeoutError(RemoteError):
+    code = "timeout"
+
+
+class OverloadedError(RemoteError):
+    code = "overloaded"
+
+
+class ProtocolMismatchError(RemoteError):
+    code = "protocol_mismatch"
+    transient = False
+
+
+class InvalidRequestError(RemoteError):
+    code = "invalid_request"
+    transient = False
+
+
+class RoutingError(SwarmError):
+    """No route through the swarm can be built."""
+
+
+class MissingBlocksError(RoutingError):
+    """Some blocks are served by no online peer."""
+
+    def __init__(self, missing_blocks: list[int], model: str = ""):
+        self.missing_blocks = list(missing_blocks)
+        spans = _format_spans(self.missing_blocks)
+        where = f" of {model}" if model else ""
+        super().__init__(f"no online peer serves blocks {spans}{where}")
+
+
+class SessionError(SwarmError):
+    """An inference session cannot continue."""
+
+    code = "session_error"
+    transient = False
+
+
+class SessionLengthError(SessionError, ValueError):
+    code = "session_length"
+
+
+class UnknownSessionError(SessionError):
+    code = "unknown_session"
+
+
+# Errors a peer may send back, by wire code. Anything else arrives as a plain RemoteError.
+WIRE_ERRORS: dict[str, type[SwarmError]] = {
+    cls.code: cls
+    for cls in (
+        PeerUnavailableError,
+        PeerTimeoutError,
+        OverloadedError,
+        ProtocolMismatchError,
+        InvalidRequestError,
+        SessionLengthError,
+        UnknownSessionError,
+    )
+}
+
+
+def error_from_wire(code: str, message: str) -> SwarmError:
+    """The local exception for an error code a peer answered with."""
+    return WIRE_ERRORS.get(code, RemoteError)(message)
+
+
+def _format_spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0:3, 5:6' (half-open ranges, as on the command line)."""
+    spans, start, prev = [], None, None
+    for index in sorted(indices):
+        if start is None:
+            start = prev = index
+        elif index == prev + 1:
+            prev = index
+        else:
+            spans.append(f"{start}:{prev + 1}")
+            start = prev = index
+    if start is not None:
+        spans.append(f"{start}:{prev + 1}")
+    return ", ".join(spans)

@@ -1,0 +1,143 @@
+"""A local swarm of subprocesses on 127.0.0.1: a bootstrap node and peers, started in their own
+process groups, awaited through their `swarm:` lines (never a fixed sleep), and stopped as groups.
+
+Used by the demo, the tests and the benchmarks. It does not pick models or block ranges.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+class LocalSwarmError(RuntimeError):
+    pass
+
+
+@dataclass
+class Node:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    maddrs: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_for(self, prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LocalSwarmError(f"{self.name}: no '{prefix}' line within {timeout_s} s; log: {self.log_tail()}")
+            try:
+                line = self.lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    raise LocalSwarmError(f"{self.name} exited with {self.process.returncode}; log: {self.log_tail()}")
+                continue
+            if line.startswith(prefix):
+                return line
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole process group, wait, then kill whatever is left of it."""
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # DHT child, p2pd: nothing may outlive the node
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(timeout_s=0, sig=signal.SIGKILL)
+
+
+class LocalSwarm:
+    """Start nodes with `start_bootstrap()` / `start_peer()`; `close()` stops them all."""
+
+    def __init__(self, log_dir: Path, *, env: dict[str, str] | None = None, startup_timeout_s: float = 180.0):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.startup_timeout_s = startup_timeout_s
+        self.nodes: list[Node] = []
+        self.initial_peers: list[str] = []
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start_bootstrap(self) -> Node:
+        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", "--host-maddrs", LOOPBACK])
+        self._await_listening(node)
+        self.initial_peers = node.maddrs
+        return node
+
+    def start_peer(self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True) -> Node:
+        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, "--host-maddrs", LOOPBACK]
+        args += ["--initial-peers", *self.initial_peers] if self.initial_peers else ["--new-swarm"]
+        node = self._spawn(f"peer-{blocks.replace(':', '-')}-{len(self.nodes)}", [*args, *extra_args])
+        if wait:
+            self.wait_ready(node)
+        return node
+
+    def wait_ready(self, node: Node) -> None:
+        self._await_listening(node)
+        node.wait_for("swarm: ready", self.startup_timeout_s)
+        if not self.initial_peers:
+            self.initial_peers = node.maddrs
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        self.nodes.clear()
+
+    def _await_listening(self, node: Node) -> None:
+        line = node.wait_for("swarm: listening on", self.startup_timeout_s)
+        node.maddrs = line.split("listening on", 1)[1].split()
+
+    def _spawn(self, name: str, args: list[str]) -> Node:
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "w")
+        process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=log_file, text=True, env=self.env, start_new_session=True
+        )
+        log_file.close()
+        node = Node(name, process, log_path)
+        threading.Thread(target=_pump, args=(process, node, log_path), daemon=True).start()
+        self.nodes.append(node)
+        return node
+
+
+def _pump(process: subprocess.Popen, node: Node, log_path: Path) -> None:
+    with open(log_path.with_suffix(".out"), "w") as out:
+        for line in process.stdout:
+            out.write(line)
+            out.flush()
+            node.lines.put(line.rstrip("\n"))

@@ -1,0 +1,115 @@
+"""Starting a hivemind DHT node with our defaults, and the DHT reads/writes of block records.
+
+The coroutines below run inside the DHT's own process (`DHT.run_coroutine` pickles them by name), so
+they are module-level functions and return plain Python values. Validation of what they return is
+the caller's job (`swarm.records.parse_peer_records`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Sequence
+
+import hivemind
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from swarm.records import MODELS_KEY, ModelRecord, PeerRecord, block_keys
+
+logger = logging.getLogger(__name__)
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] = (),
+    identity_path: str | None = None,
+    client_mode: bool = False,
+    loopback_only: bool = False,
+    startup_timeout_s: float = 15.0,
+) -> hivemind.DHT:
+    """Start a DHT node in its own process and wait until it has joined (or founded) the swarm."""
+    extra: dict[str, Any] = {}
+    if loopback_only:  # no NAT traversal or relays: nothing should ever leave this machine
+        extra.update(auto_nat=False, nat_port_map=False, use_relay=False, use_auto_relay=False)
+    if announce_maddrs:
+        extra["announce_maddrs"] = list(announce_maddrs)
+    if identity_path is not None:
+        extra["identity_path"] = str(identity_path)
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        client_mode=client_mode,
+        start=True,
+        startup_timeout=startup_timeout_s,
+        **extra,
+    )
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def announce(
+    dht: hivemind.DHT,
+    *,
+    dht_prefix: str,
+    peer_id: str,
+    record: PeerRecord,
+    num_blocks: int,
+    ttl_s: float,
+    wait: bool = True,
+) -> None:
+    """Store `record` under every block key the peer serves, plus the models index entry."""
+    model_record = ModelRecord(model=record.model, num_blocks=num_blocks, protocol_version=record.protocol_version)
+    coroutine = functools.partial(
+        _store_records,
+        keys=block_keys(dht_prefix, record.start_block, record.end_block),
+        subkey=peer_id,
+        value=record.to_wire(),
+        models_entry=(dht_prefix, model_record.model_dump(mode="json")),
+        ttl_s=ttl_s,
+    )
+    dht.run_coroutine(coroutine, return_future=not wait)
+
+
+async def _store_records(
+    dht: hivemind.DHT, node: DHTNode, *, keys: list[str], subkey: str, value: dict, models_entry: tuple, ttl_s: float
+) -> None:
+    expiration_time = get_dht_time() + ttl_s
+    prefix, model_value = models_entry
+    all_keys = [*keys, MODELS_KEY]
+    await node.store_many(
+        all_keys,
+        [value] * len(keys) + [model_value],
+        expiration_time=expiration_time,
+        subkeys=[subkey] * len(keys) + [prefix],
+        num_workers=len(all_keys),
+    )
+
+
+def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[Any, Any]]:
+    """Raw subkey -> value mappings for blocks 0..num_blocks-1 (unvalidated; may be hostile)."""
+    keys = block_keys(dht_prefix, 0, num_blocks)
+    found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=keys))
+    return [found.get(key, {}) for key in keys]
+
+
+def fetch_models(dht: hivemind.DHT) -> dict[Any, Any]:
+    """Raw models index: dht_prefix -> ModelRecord-shaped value (unvalidated)."""
+    return dht.run_coroutine(functools.partial(_get_subkey_values, keys=[MODELS_KEY])).get(MODELS_KEY, {})
+
+
+async def _get_subkey_values(dht: hivemind.DHT, node: DHTNode, *, keys: list[str]) -> dict[str, dict[Any, Any]]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=len(keys))
+    result: dict[str, dict[Any, Any]] = {}
+    now = get_dht_time()
+    for key, entry in found.items():
+        if entry is None or not hasattr(entry.value, "items"):
+            continue  # absent, or a plain value where subkeys belong: not ours to read
+        result[key] = {
+            subkey: item.value for subkey, item in entry.value.items() if item.expiration_time > now
+        }
+    return result

@@ -1,0 +1,81 @@
+"""`python -m swarm.peer`: serve a range of a model's blocks to the swarm.
+
+Parses flags (and an optional TOML file and SWARM_PEER_* environment variables) into a PeerConfig and
+runs `peers.server.Peer` until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from swarm.cli import fail, run_until_signal, setup_logging
+from swarm.config import PeerConfig, build_config, env_overrides, load_toml
+from swarm.errors import SwarmError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m swarm.peer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="TOML file with PeerConfig fields; flags override it")
+    parser.add_argument("--model", help="model name, Hugging Face id or local folder (default: smollm2-135m)")
+    parser.add_argument("--blocks", help="block range START:END to serve, END exclusive (e.g. 0:10)")
+    parser.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="peers of the swarm to join")
+    parser.add_argument("--new-swarm", action="store_true", help="start a new swarm (no initial peers)")
+    parser.add_argument("--host-maddrs", nargs="+", metavar="MULTIADDR", help="addresses to listen on")
+    parser.add_argument("--announce-maddrs", nargs="+", metavar="MULTIADDR", help="addresses others should dial")
+    parser.add_argument("--identity", type=Path, help="private key file for a stable peer id (created if missing)")
+    parser.add_argument("--device", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--cache-tokens", type=int, help="KV-cache budget in tokens over all sessions")
+    parser.add_argument("--max-length", type=int, help="longest sequence a session may use, in tokens")
+    parser.add_argument("--public-name", help="name shown to others")
+    parser.add_argument("--dht-prefix", help="DHT key prefix (default: derived from the model name)")
+    parser.add_argument("--announce-period", type=float, dest="announce_period_s", help="seconds between announcements")
+    parser.add_argument("--num-threads", type=int, help="torch compute threads")
+    parser.add_argument("--verbose", action="store_true", help="log every RPC (DEBUG)")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    file_layer = load_toml(args.config) if args.config else {}
+    flags = {
+        key: getattr(args, key)
+        for key in ("model", "blocks", "device", "dtype", "cache_tokens", "max_length", "public_name",
+                    "dht_prefix", "announce_period_s", "num_threads")
+        if getattr(args, key) is not None
+    }
+    network = {
+        key: value
+        for key, value in {
+            "initial_peers": args.initial_peers,
+            "new_swarm": args.new_swarm or None,
+            "host_maddrs": args.host_maddrs,
+            "announce_maddrs": args.announce_maddrs,
+            "identity_path": args.identity,
+        }.items()
+        if value is not None
+    }
+    if network:
+        flags["network"] = network
+    layers = [file_layer, env_overrides("SWARM_PEER_"), flags]
+    if not any("blocks" in layer for layer in layers):
+        raise SwarmError("--blocks START:END is required (e.g. --blocks 0:10)")
+    return build_config(PeerConfig, *layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        config = config_from_args(args)
+        from peers.server import Peer  # heavy imports only once the flags are known to be valid
+
+        peer = Peer(config)
+    except SwarmError as exc:
+        return fail(str(exc))
+    return run_until_signal(peer.run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

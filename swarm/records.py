@@ -1,0 +1,98 @@
+"""DHT keys and the typed record every peer announces for each block it serves.
+
+Layout: one DHT key per block, `<dht_prefix>.<block_index>`; one subkey per peer (its base58 peer id);
+the value is a `PeerRecord` dumped to plain JSON types. A models index key lists every model announced.
+This module only builds and validates records; it does no I/O (see `swarm.network`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MODELS_KEY = "swarm.models"  # subkey: dht_prefix, value: ModelRecord
+MAX_BLOCKS = 4096  # no supported model has more blocks than this
+
+
+class PeerState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class PeerRecord(BaseModel):
+    """What a peer says about itself under every block key it serves."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    protocol_version: int = Field(ge=0, description="wire protocol version of the peer")
+    state: PeerState
+    model: str = Field(max_length=256, description="the model name the peer was started with")
+    start_block: int = Field(ge=0, lt=MAX_BLOCKS, description="first block served")
+    end_block: int = Field(gt=0, le=MAX_BLOCKS, description="one past the last block served")
+    throughput: float = Field(ge=0, le=1e12, allow_inf_nan=False, description="tokens/s the peer can process")
+    cache_tokens_left: int = Field(ge=0, le=2**40, description="KV-cache budget left, in tokens")
+    dtype: str = Field(max_length=32, description="torch dtype of the blocks, e.g. float32")
+    version: str = Field(max_length=64, description="swarm package version")
+    public_name: str | None = Field(default=None, max_length=128, description="optional display name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enum_from_str(cls, data: Any) -> Any:
+        # strict mode refuses a plain string for an Enum; records arrive as plain JSON values
+        if isinstance(data, dict) and isinstance(data.get("state"), str):
+            try:
+                data = {**data, "state": PeerState(data["state"])}
+            except ValueError:
+                pass  # left to the field validator, which reports it
+        return data
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "PeerRecord":
+        if self.end_block <= self.start_block:
+            raise ValueError(f"empty block range {self.start_block}:{self.end_block}")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ModelRecord(BaseModel):
+    """Entry of the models index: which models the swarm serves, so viewers need no hard-coded list."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    model: str = Field(max_length=256)
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
+    protocol_version: int = Field(ge=0)
+
+
+def block_key(dht_prefix: str, block_index: int) -> str:
+    return f"{dht_prefix}.{block_index}"
+
+
+def block_keys(dht_prefix: str, start_block: int, end_block: int) -> list[str]:
+    return [block_key(dht_prefix, index) for index in range(start_block, end_block)]
+
+
+def parse_peer_records(raw: Mapping[Any, Any], *, where: str = "") -> dict[str, PeerRecord]:
+    """Validate the subkey -> value mapping read from one block key; invalid entries are dropped
+    with one warning each, never raised."""
+    records = {}
+    for peer_id, value in raw.items():
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
+            logger.warning("ignoring a record with an invalid peer id under %s", where or "a block key")
+            continue
+        try:
+            records[peer_id] = PeerRecord.model_validate(value)
+        except (ValidationError, TypeError, ValueError) as exc:
+            summary = str(exc).splitlines()[0][:200]
+            logger.warning("ignoring an invalid record from peer %s under %s: %s", peer_id[-8:], where, summary)
+    return records
+

@@ -1,0 +1,170 @@
+"""Frames over hivemind streams: a typed header plus named tensors, split into messages under the
+4 MiB cap, read back with every tensor checked before it is built. Also the one place where library
+exceptions (hivemind, asyncio) become `swarm.errors`.
+
+It does not decide what a tensor should look like for a model: peers check shapes themselves.
+Nothing here unpickles: tensors are raw little-endian buffers with a whitelisted dtype.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from typing import AsyncIterator, Iterator, Mapping, Sequence, TypeVar
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from swarm import errors
+from swarm.messages import ErrorReply
+
+CHUNK_BYTES = 2**21  # per message: well under hivemind's 4 MiB unary cap
+DEFAULT_MAX_FRAME_BYTES = 2**30
+MAX_TENSOR_DIMS = 4
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+}
+
+Proto = TypeVar("Proto", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
+Header = TypeVar("Header", bound=BaseModel)
+
+
+def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type: type[Proto]) -> Iterator[Proto]:
+    """Yield the messages of one frame; the last one carries the JSON header."""
+    batch: list[runtime_pb2.Tensor] = []
+    batch_bytes = 0
+    for tensor in tensors:
+        serialized = serialize_torch_tensor(tensor.detach().cpu().contiguous())
+        for part in split_for_streaming(serialized, CHUNK_BYTES):
+            if batch and batch_bytes + len(part.buffer) > CHUNK_BYTES:
+                yield proto_type(tensors=batch)
+                batch, batch_bytes = [], 0
+            batch.append(part)
+            batch_bytes += len(part.buffer)
+    yield proto_type(tensors=batch, metadata=header.model_dump_json().encode())
+
+
+def encode_error(exc: BaseException, proto_type: type[Proto]) -> Proto:
+    code = getattr(exc, "code", "internal")
+    (message,) = encode_frame(ErrorReply(code=code, message=str(exc)[:2000] or type(exc).__name__), [], proto_type)
+    return message
+
+
+class FrameReader:
+    """Reads frames from a stream of messages; at most `max_frame_bytes` of tensor data per frame."""
+
+    def __init__(self, stream: AsyncIterator[Proto], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._stream = stream.__aiter__()
+        self._max_frame_bytes = max_frame_bytes
+
+    async def read(self) -> tuple[bytes, list[torch.Tensor]] | None:
+        """The next frame's (header bytes, tensors), or None once the other side closed the stream."""
+        parts: list[runtime_pb2.Tensor] = []
+        frame_bytes = 0
+        async for message in self._stream:
+            for part in message.tensors:
+                frame_bytes += len(part.buffer)
+                if frame_bytes > self._max_frame_bytes:
+                    raise errors.InvalidRequestError(f"frame larger than {self._max_frame_bytes} bytes")
+                parts.append(part)
+            if message.metadata:
+                return bytes(message.metadata), _tensors_from_parts(parts)
+        if parts:
+            raise errors.InvalidRequestError("stream ended in the middle of a frame")
+        return None
+
+
+def decode_header(adapter: TypeAdapter | type[Header], metadata: bytes) -> BaseModel:
+    try:
+        if isinstance(adapter, TypeAdapter):
+            return adapter.validate_json(metadata)
+        return adapter.model_validate_json(metadata)
+    except ValidationError as exc:
+        raise errors.InvalidRequestError(f"invalid message: {_first_error(exc)}") from exc
+
+
+def name_tensors(header: BaseModel, tensors: list[torch.Tensor], allowed: Sequence[str]) -> dict[str, torch.Tensor]:
+    names = list(getattr(header, "tensor_names", []))
+    if len(names) != len(tensors) or len(set(names)) != len(names):
+        raise errors.InvalidRequestError(f"{len(tensors)} tensors do not match the names {names}")
+    unknown = set(names) - set(allowed)
+    if unknown:
+        raise errors.InvalidRequestError(f"unexpected tensors {sorted(unknown)}; allowed: {list(allowed)}")
+    return dict(zip(names, tensors))
+
+
+def _tensors_from_parts(parts: list[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    groups: list[list[runtime_pb2.Tensor]] = []
+    for part in parts:
+        if part.dtype:
+            groups.append([part])
+        elif groups:
+            groups[-1].append(part)
+        else:
+            raise errors.InvalidRequestError("tensor chunk without a header")
+    return [_decode_tensor(group) for group in groups]
+
+
+def _decode_tensor(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    head = group[0]
+    if head.compression != runtime_pb2.CompressionType.NONE:
+        raise errors.InvalidRequestError("compressed tensors are not accepted")
+    dtype = WIRE_DTYPES.get(head.dtype)
+    if dtype is None:
+        raise errors.InvalidRequestError(f"dtype {head.dtype[:32]!r} not accepted; use one of {list(WIRE_DTYPES)}")
+    shape = list(head.size)
+    if not 1 <= len(shape) <= MAX_TENSOR_DIMS:
+        raise errors.InvalidRequestError(f"tensors must have 1 to {MAX_TENSOR_DIMS} dimensions, got {len(shape)}")
+    if head.chunks not in (0, len(group)):
+        raise errors.InvalidRequestError(f"tensor announced {head.chunks} chunks but {len(group)} arrived")
+    buffer_bytes = sum(len(part.buffer) for part in group)
+    itemsizes = (2, 4) if dtype == torch.bfloat16 else (torch.empty((), dtype=dtype).element_size(),)
+    if buffer_bytes not in [math.prod(shape) * itemsize for itemsize in itemsizes]:  # hivemind may send bf16 as fp32
+        raise errors.InvalidRequestError(f"shape {shape} of {head.dtype} does not match {buffer_bytes} bytes")
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(head)
+    whole.buffer = b"".join(part.buffer for part in group)
+    whole.requires_grad = False
+    return deserialize_torch_tensor(whole)
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(item) for item in first.get("loc", ()))
+    return f"{where}: {first.get('msg', '')}"[:300]
+
+
+@contextlib.asynccontextmanager
+async def translated_errors(peer: str) -> AsyncIterator[None]:
+    """Turn library and network exceptions raised while talking to `peer` into swarm errors."""
+    try:
+        yield
+    except errors.SwarmError:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise errors.PeerTimeoutError(f"peer {peer} did not answer in time") from exc
+    except P2PHandlerError as exc:
+        raise errors.RemoteError(f"peer {peer} failed: {str(exc)[:300]}") from exc
+    except (P2PDaemonError, ConnectionError, EOFError, OSError, asyncio.IncompleteReadError) as exc:
+        raise errors.PeerUnavailableError(f"peer {peer} is unreachable: {type(exc).__name__}: {exc}"[:400]) from exc
+
+
+def raise_if_error(header: BaseModel) -> None:
+    if isinstance(header, ErrorReply):
+        raise errors.error_from_wire(header.code, header.message)
+
+
+def frame_tensors(mapping: Mapping[str, torch.Tensor | None]) -> tuple[list[str], list[torch.Tensor]]:
+    """Drop None entries; return the names and tensors in a stable order."""
+    names = [name for name, tensor in mapping.items() if tensor is not None]
+    return names, [mapping[name] for name in names]

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models saved to disk, and local swarms of subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from swarm.local import LocalSwarm  # noqa: E402
+
+TINY_BLOCKS = 4
+PEER_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def make_tiny_llama(path: Path, *, hidden_size: int = 64, max_position_embeddings: int = 512, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=TINY_BLOCKS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_swarm(tiny_model_path, tmp_path_factory):
+    """A bootstrap node and two peers serving blocks 0:2 and 2:4 of the tiny model."""
+    with LocalSwarm(tmp_path_factory.mktemp("tiny-swarm"), env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        for blocks in ("0:2", "2:4"):
+            swarm.start_peer(blocks, model=str(tiny_model_path), extra_args=["--announce-period", "2"])
+        yield swarm
+
+
+@pytest.fixture(scope="session")
+def smollm2_swarm(tmp_path_factory):
+    """A bootstrap node and three peers serving the default model, 10 blocks each."""
+    from swarm.models import resolve_model
+
+    resolve_model("smollm2-135m")  # convert once, before three peers race for it
+    with LocalSwarm(tmp_path_factory.mktemp("smollm2-swarm"), env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        for blocks in ("0:10", "10:20", "20:30"):
+            swarm.start_peer(blocks, model="smollm2-135m", wait=False)
+        for node in swarm.nodes[1:]:
+            swarm.wait_ready(node)
+        yield swarm

@@ -1,0 +1,98 @@
+"""BlockStack against the model's own forward, without sockets: slices, caches, padding, rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from swarm.blocks import BlockInputs, BlockStack
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=8)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=2)).eval()
+
+
+def stacks(model, cuts=(0, 1, 3, 4)) -> list[BlockStack]:
+    layers = list(model.model.layers)
+    return [BlockStack(model.config, layers[a:b], a, model.model.rotary_emb) for a, b in zip(cuts, cuts[1:])]
+
+
+def run_chain(model, chain, input_ids, attention_mask=None, caches=None):
+    hidden = model.model.embed_tokens(input_ids)
+    past = caches[0].get_seq_length(chain[0].start_block) if caches else 0
+    position_ids = None
+    if attention_mask is not None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    for index, stack in enumerate(chain):
+        hidden = stack(BlockInputs(hidden, position_ids, attention_mask), caches[index] if caches else None)
+    return model.lm_head(model.model.norm(hidden))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_chain_of_slices_equals_whole_model(kind):
+    model = build(kind)
+    input_ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    assert torch.allclose(run_chain(model, stacks(model), input_ids), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_chunked_prefill_and_decode_with_cache_equal_full_forward(kind):
+    model = build(kind)
+    input_ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    chain = stacks(model)
+    caches = [stack.new_cache() for stack in chain]
+    pieces = [input_ids[:, :10], input_ids[:, 10:17], *input_ids[:, 17:].split(1, dim=1)]
+    logits = torch.cat([run_chain(model, chain, piece, caches=caches) for piece in pieces], dim=1)
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_left_padding_mask_matches_model():
+    model = build("llama")
+    input_ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones_like(input_ids)
+    mask[0, :5] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=mask, position_ids=position_ids).logits
+    actual = run_chain(model, stacks(model), input_ids, attention_mask=mask)
+    assert torch.allclose(actual[mask.bool()], expected[mask.bool()], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_cache_rollback_then_regenerate(kind):
+    model = build(kind)
+    chain = stacks(model, cuts=(0, 2, 4))
+    caches = [stack.new_cache() for stack in chain]
+    input_ids = torch.randint(0, 128, (1, 7))
+    run_chain(model, chain, input_ids, caches=caches)
+    for stack, cache in zip(chain, caches):
+        stack.rollback(cache, (stack.start_block, stack.end_block), 6)
+        assert stack.cache_length(cache, stack.start_block) == 6
+    again = run_chain(model, chain, input_ids[:, 6:], caches=caches)
+    with torch.no_grad():
+        expected = model(input_ids).logits[:, 6:]
+    assert torch.allclose(again, expected, atol=1e-5)
+
+
+def test_sub_span_of_a_stack():
+    model = build("llama")
+    (stack,) = stacks(model, cuts=(0, 4))
+    hidden = torch.randn(1, 5, 64)
+    part = stack(BlockInputs(hidden), span=(1, 3))
+    (reference,) = stacks(model, cuts=(1, 3))
+    assert torch.allclose(part, reference(BlockInputs(hidden)), atol=1e-6)

@@ -1,0 +1,227 @@
+"""Unit tests without sockets: records, routing, wire framing, configuration, the cache budget."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from client.routing import PeerSpan, choose_route, missing_blocks, online_spans
+from peers.cache import CacheBudget
+from peers.validation import Limits, check_block_inputs, check_span
+from swarm import errors
+from swarm.config import PeerConfig, parse_block_range
+from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_peer_records
+from swarm.transport import CHUNK_BYTES, FrameReader, decode_header, encode_frame, name_tensors
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def record(start: int, end: int, state: str = "online", **overrides) -> dict:
+    value = dict(
+        protocol_version=PROTOCOL_VERSION, state=state, model="m", start_block=start, end_block=end,
+        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", public_name=None,
+    )
+    value.update(overrides)
+    return value
+
+
+# ---- records -----------------------------------------------------------------------------------
+def test_record_round_trip_and_unknown_fields_ignored():
+    parsed = PeerRecord.model_validate({**record(0, 4), "future_field": [1, 2]})
+    assert parsed.state == PeerState.ONLINE and parsed.end_block == 4
+    assert PeerRecord.model_validate(parsed.to_wire()) == parsed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        record(4, 2),
+        record(0, 4, throughput=math.nan),
+        record(0, 4, throughput=math.inf),
+        record(0, 4, throughput="fast"),
+        record(0, 4, state="sleeping"),
+        record(0, 10**9),
+        record(0, 4, public_name="x" * 10_000),
+        "not a dict",
+        None,
+        {"protocol_version": 1},
+    ],
+)
+def test_invalid_records_are_skipped_with_a_warning(bad, caplog):
+    raw = {"peer-good": record(0, 4), "peer-bad": bad}
+    parsed = parse_peer_records(raw, where="m.0")
+    assert list(parsed) == ["peer-good"]
+    assert "peer-bad"[-8:] in caplog.text
+
+
+# ---- routing -----------------------------------------------------------------------------------
+def spans(*items) -> dict[str, PeerSpan]:
+    return {peer_id: PeerSpan(peer_id, start, end) for peer_id, start, end in items}
+
+
+def test_route_prefers_fewest_hops():
+    swarm = spans(("a", 0, 10), ("b", 10, 20), ("c", 20, 30), ("big", 0, 20))
+    route = choose_route(swarm, 0, 30)
+    assert [(hop.peer_id, hop.start, hop.end) for hop in route] == [("big", 0, 20), ("c", 20, 30)]
+
+
+def test_route_breaks_ties_by_latency():
+    swarm = spans(("slow", 0, 4), ("fast", 0, 4))
+    route = choose_route(swarm, 0, 4, latency_s={"slow": 0.5, "fast": 0.01})
+    assert route[0].peer_id == "fast"
+
+
+def test_route_uses_part_of_a_span_and_avoids_banned_peers():
+    swarm = spans(("a", 0, 6), ("b", 4, 10), ("c", 0, 10))
+    route = choose_route(swarm, 5, 10, banned={"c"})
+    assert [(hop.peer_id, hop.start, hop.end) for hop in route] == [("a", 5, 6), ("b", 6, 10)] or [
+        (hop.peer_id, hop.start, hop.end) for hop in route
+    ] == [("b", 5, 10)]
+    assert len(route) == 1 and route[0].peer_id == "b"
+
+
+def test_missing_blocks_are_named():
+    swarm = spans(("a", 0, 3), ("b", 5, 8))
+    assert missing_blocks(swarm, 0, 10) == [3, 4, 8, 9]
+    with pytest.raises(errors.MissingBlocksError, match="3:5, 8:10"):
+        choose_route(swarm, 0, 10)
+
+
+def test_online_spans_skip_offline_joining_and_misplaced_records():
+    per_block = [
+        parse_peer_records({"a": record(0, 2), "off": record(0, 2, state="offline"), "j": record(0, 2, state="joining")}),
+        parse_peer_records({"a": record(0, 2), "liar": record(5, 6)}),
+    ]
+    assert set(online_spans(per_block)) == {"a"}
+
+
+def test_route_random_ties_spread_load():
+    swarm = spans(("x", 0, 4), ("y", 0, 4))
+    chosen = {choose_route(swarm, 0, 4, rng=random.Random(seed))[0].peer_id for seed in range(20)}
+    assert chosen == {"x", "y"}
+
+
+# ---- wire framing ------------------------------------------------------------------------------
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+def _read(messages, max_frame_bytes=2**30):
+    return asyncio.run(FrameReader(_aiter(messages), max_frame_bytes).read())
+
+
+def test_frame_round_trip_splits_large_tensors():
+    hidden = torch.randn(1, 3000, 576)  # 6.9 MB: above hivemind's 4 MiB message cap
+    positions = torch.arange(3000).unsqueeze(0)
+    header = ForwardRequest(start_block=0, end_block=3, tensor_names=["hidden_states", "position_ids"])
+    messages = list(encode_frame(header, [hidden, positions], runtime_pb2.ExpertRequest))
+    assert len(messages) > 2 and all(message.ByteSize() < 4 * 2**20 for message in messages)
+    metadata, tensors = _read(messages)
+    decoded = decode_header(PEER_REQUEST, metadata)
+    named = name_tensors(decoded, tensors, ["hidden_states", "position_ids"])
+    assert torch.equal(named["hidden_states"], hidden) and torch.equal(named["position_ids"], positions)
+
+
+def test_bf16_round_trip():
+    tensor = torch.randn(2, 3, 8).to(torch.bfloat16)
+    (message,) = encode_frame(InferenceStep(position=0, tensor_names=["hidden_states"]), [tensor], runtime_pb2.ExpertRequest)
+    assert torch.equal(_read([message])[1][0], tensor)
+
+
+def _tensor_message(**fields) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(tensors=[runtime_pb2.Tensor(**fields)], metadata=b"{}")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(buffer=b"\x00" * 12, size=[4], dtype="object"),
+        dict(buffer=b"\x00" * 12, size=[4], dtype="float32"),  # 12 bytes for 16 expected
+        dict(buffer=b"\x00" * 4, size=[1, 1, 1, 1, 1], dtype="float32"),
+        dict(buffer=b"\x00" * 4, size=[1], dtype="float32", compression=runtime_pb2.CompressionType.FLOAT16),
+        dict(buffer=b"\x00" * 4, size=[1], dtype="float32", chunks=3),
+        dict(buffer=b"\x00" * 8, size=[], dtype="float32"),
+    ],
+)
+def test_malformed_tensors_are_refused(fields):
+    with pytest.raises(errors.InvalidRequestError):
+        _read([_tensor_message(**fields)])
+
+
+def test_oversized_frames_and_bad_headers_are_refused():
+    with pytest.raises(errors.InvalidRequestError, match="larger"):
+        _read([_tensor_message(buffer=b"\x00" * 64, size=[16], dtype="float32")], max_frame_bytes=32)
+    for metadata in (b"not json", b'{"type": "forward"}', b'{"type": "rm -rf"}', b'{"type":"step","position":-1}'):
+        with pytest.raises(errors.InvalidRequestError):
+            decode_header(PEER_REQUEST, metadata)
+
+
+# ---- peer-side validation ----------------------------------------------------------------------
+LIMITS = Limits(hidden_size=8, max_batch_size=4, max_length=32)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {},
+        {"hidden_states": torch.zeros(1, 2, 9)},
+        {"hidden_states": torch.zeros(1, 2, 8, dtype=torch.int64)},
+        {"hidden_states": torch.zeros(5, 2, 8)},
+        {"hidden_states": torch.full((1, 2, 8), math.nan)},
+        {"hidden_states": torch.zeros(1, 2, 8), "position_ids": torch.zeros(1, 3, dtype=torch.int64)},
+        {"hidden_states": torch.zeros(1, 2, 8), "position_ids": torch.full((1, 2), 99, dtype=torch.int64)},
+        {"hidden_states": torch.zeros(1, 2, 8), "attention_mask": torch.ones(1, 3, dtype=torch.int64)},
+        {"hidden_states": torch.zeros(1, 2, 8), "attention_mask": torch.full((1, 2), 7, dtype=torch.int64)},
+    ],
+)
+def test_bad_inputs_are_refused(tensors):
+    with pytest.raises(errors.InvalidRequestError):
+        check_block_inputs(tensors, LIMITS)
+
+
+def test_session_length_and_span_limits():
+    with pytest.raises(errors.SessionLengthError):
+        check_block_inputs({"hidden_states": torch.zeros(1, 4, 8)}, LIMITS, past_length=30)
+    with pytest.raises(errors.InvalidRequestError, match="serves 2:4"):
+        check_span(0, 4, (2, 4))
+    inputs = check_block_inputs({"hidden_states": torch.zeros(2, 3, 8)}, LIMITS)
+    assert inputs.hidden_states.shape == (2, 3, 8)
+
+
+def test_cache_budget_waits_then_reports_overload():
+    async def scenario():
+        budget = CacheBudget(100)
+        async with budget.reserve(60, timeout_s=1):
+            assert budget.tokens_left == 40
+            with pytest.raises(errors.OverloadedError):
+                async with budget.reserve(50, timeout_s=0.05):
+                    pass
+        async with budget.reserve(100, timeout_s=0.05):
+            assert budget.tokens_left == 0
+        with pytest.raises(errors.SessionLengthError):
+            async with budget.reserve(101, timeout_s=0.05):
+                pass
+        assert budget.tokens_left == 100
+
+    asyncio.run(scenario())
+
+
+# ---- configuration -----------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["auto", "10", "5:3", "-1:4", "a:b", "3:3"])
+def test_bad_block_ranges_get_clear_errors(text):
+    with pytest.raises(errors.ConfigError, match="--blocks"):
+        parse_block_range(text)
+
+
+def test_peer_config_requires_peers_or_new_swarm():
+    config = PeerConfig(blocks="0:4")
+    assert config.block_range() == (0, 4)
+    with pytest.raises(errors.ConfigError, match="--initial-peers"):
+        config.network.require_peers_or_new_swarm()
