@@ -126,4 +126,5 @@ class RemoteSequence:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
         self.dht.shutdown()

@@ -24,6 +24,8 @@ from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
 logger = logging.getLogger(__name__)
 
+LEAVE_TIMEOUT_S = 5.0  # the offline announcement must not hold up a shutdown
+
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
@@ -48,6 +50,7 @@ class Peer:
         self.dht = None
         self.servicer: BlockServicer | None = None
         self.state = PeerState.JOINING
+        self.peer_id: str | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT."""
@@ -67,7 +70,7 @@ class Peer:
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
             self.peer_id = self.dht.peer_id.to_base58()
-            self._announce(wait=True)
+            await self._announce()
             stack = await loop.run_in_executor(None, self._load_blocks)
             self.servicer = BlockServicer(
                 stack,
@@ -79,7 +82,7 @@ class Peer:
             p2p = await self.dht.replicate_p2p()
             await protocol.register(p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
-            self._announce(wait=True)
+            await self._announce()
             logger.info("serving %s blocks %d:%d as %s", self.config.model, self.start_block, self.end_block, self.peer_id)
             print(f"swarm: ready, serving {self.config.model} blocks {self.start_block}:{self.end_block}", flush=True)
             await self._announce_until(stop)
@@ -125,7 +128,10 @@ class Peer:
             public_name=self.config.public_name,
         )
 
-    def _announce(self, *, wait: bool, ttl_s: float | None = None) -> None:
+    async def _announce(self, ttl_s: float | None = None, timeout_s: float | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._store_record, ttl_s, timeout_s)
+
+    def _store_record(self, ttl_s: float | None, timeout_s: float | None) -> None:
         network.announce(
             self.dht,
             dht_prefix=self.dht_prefix,
@@ -133,7 +139,7 @@ class Peer:
             record=self._record(),
             num_blocks=self.model_config.num_hidden_layers,
             ttl_s=ttl_s or self.config.announce_period_s * self.config.record_ttl_periods,
-            wait=wait,
+            timeout_s=timeout_s or self.config.announce_period_s * self.config.record_ttl_periods,
         )
 
     async def _announce_until(self, stop: asyncio.Event) -> None:
@@ -143,18 +149,20 @@ class Peer:
                     await stop.wait()
             except TimeoutError:
                 pass
-            if not stop.is_set():
-                await asyncio.get_running_loop().run_in_executor(None, lambda: self._announce(wait=True))
+            if stop.is_set():
+                break
+            try:
+                await self._announce()
+            except Exception as exc:  # the DHT may be slow or partitioned: keep serving, try next period
+                logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
 
     async def _leave(self) -> None:
         if self.dht is None:
             return
         try:
-            if hasattr(self, "peer_id"):
+            if self.peer_id is not None:
                 self.state = PeerState.OFFLINE
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: self._announce(wait=True, ttl_s=self.config.announce_period_s)
-                )
+                await self._announce(ttl_s=self.config.announce_period_s, timeout_s=LEAVE_TIMEOUT_S)
             if self.servicer is not None:
                 self.servicer.shutdown()
         except Exception:

@@ -57,11 +57,11 @@ class Node:
             return "(no log)"
 
     def stop(self, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
-        """Signal the whole process group, wait, then kill whatever is left of it."""
+        """Signal the node (it stops its own children), wait, then kill whatever is left of its group."""
         try:
-            os.killpg(self.process.pid, sig)
+            self.process.send_signal(sig)
         except ProcessLookupError:
-            return
+            pass
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -73,7 +73,12 @@ class Node:
         self.process.wait()
 
     def kill(self) -> None:
-        self.stop(timeout_s=0, sig=signal.SIGKILL)
+        """SIGKILL the whole group at once: the node vanishes without a goodbye."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
 class LocalSwarm:

@@ -60,7 +60,7 @@ def announce(
     record: PeerRecord,
     num_blocks: int,
     ttl_s: float,
-    wait: bool = True,
+    timeout_s: float | None = None,
 ) -> None:
     """Store `record` under every block key the peer serves, plus the models index entry."""
     model_record = ModelRecord(model=record.model, num_blocks=num_blocks, protocol_version=record.protocol_version)
@@ -72,7 +72,7 @@ def announce(
         models_entry=(dht_prefix, model_record.model_dump(mode="json")),
         ttl_s=ttl_s,
     )
-    dht.run_coroutine(coroutine, return_future=not wait)
+    dht.run_coroutine(coroutine, return_future=True).result(timeout=timeout_s)
 
 
 async def _store_records(
