@@ -28,8 +28,8 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop has in its cache
         self.streams: list[SpanStream] = []
-        self._inputs_at: dict[int, torch.Tensor] = {}  # block index -> hidden states that entered it [batch, pos, hidden]
-        self._position_ids: torch.Tensor | None = None  # [batch or 1, pos]
+        self._inputs_at: dict[int, History] = {}  # block index -> hidden states that entered it [batch, pos, hidden]
+        self._position_ids = History()  # [batch or 1, pos]
         self._attention_mask: torch.Tensor | None = None  # [batch, pos]
         self.closed = False
         self.history_ids: torch.Tensor | None = None  # token ids of the conversation, kept by generate()
@@ -90,10 +90,11 @@ class InferenceSession:
     async def _replay(self, streams: list[SpanStream]) -> None:
         if self.position == 0:
             return
-        hidden_states = self._inputs_at[streams[0].start][:, : self.position]
-        history = BlockInputs(hidden_states, self._position_ids, self._attention_mask)
+        hidden_states = self._inputs_at[streams[0].start].view(self.position)
+        history = BlockInputs(hidden_states, self._position_ids.view(self.position), self._attention_mask)
         for stream in streams:
-            self._inputs_at[stream.start] = hidden_states
+            self._inputs_at[stream.start] = History()
+            self._inputs_at[stream.start].write(hidden_states, 0)
             hidden_states = await stream.step(_with_hidden(history, hidden_states), 0)
 
     async def _open_streams(self, start: int, end: int) -> list[SpanStream]:
@@ -116,22 +117,16 @@ class InferenceSession:
 
     def _truncate(self, position: int) -> None:
         if position < self.position:
-            self.position = position
-            self._inputs_at = {block: hidden[:, :position] for block, hidden in self._inputs_at.items()}
-            if self._position_ids is not None:
-                self._position_ids = self._position_ids[:, :position]
+            self.position = position  # History buffers are overwritten from here on
             if self._attention_mask is not None:
                 self._attention_mask = self._attention_mask[:, :position]
 
     def _remember(self, block: int, hidden_states: torch.Tensor, position: int) -> None:
-        past = self._inputs_at.get(block)
-        past = past[:, :position] if past is not None else hidden_states[:, :0]
-        self._inputs_at[block] = torch.cat([past, hidden_states.to(past.dtype)], dim=1)
+        self._inputs_at.setdefault(block, History()).write(hidden_states, position)
 
     def _remember_positions(self, inputs: BlockInputs, position: int) -> None:
         if inputs.position_ids is not None:
-            past = self._position_ids[:, :position] if self._position_ids is not None else inputs.position_ids[:, :0]
-            self._position_ids = torch.cat([past, inputs.position_ids], dim=1)
+            self._position_ids.write(inputs.position_ids, position)
         if inputs.attention_mask is not None:
             self._attention_mask = inputs.attention_mask
 
@@ -139,6 +134,29 @@ class InferenceSession:
         for stream in self.streams:
             stream.close()
         self.closed = True
+
+
+class History:
+    """A sequence of tensors along dim 1 with amortised O(1) appends (no quadratic torch.cat)."""
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+        self.length = 0
+
+    def write(self, values: torch.Tensor, position: int) -> None:
+        """Store `values` at [position, position + n) and forget anything after it."""
+        end = position + values.shape[1]
+        if self._buffer is None or end > self._buffer.shape[1] or self._buffer.shape[0] != values.shape[0]:
+            capacity = max(end, 2 * (self._buffer.shape[1] if self._buffer is not None else 0), 16)
+            grown = values.new_empty(values.shape[0], capacity, *values.shape[2:])
+            if self._buffer is not None and position:
+                grown[:, :position] = self._buffer[:, :position]
+            self._buffer = grown
+        self._buffer[:, position:end] = values
+        self.length = end
+
+    def view(self, length: int) -> torch.Tensor | None:
+        return None if self._buffer is None else self._buffer[:, :length]
 
 
 def _with_hidden(inputs: BlockInputs, hidden_states: torch.Tensor) -> BlockInputs:

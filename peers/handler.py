@@ -43,6 +43,7 @@ class BlockServicer(BlockService):
         cache_tokens: int,
         session_idle_timeout_s: float,
         cache_wait_s: float,
+        executor: concurrent.futures.ThreadPoolExecutor,
     ):
         self.stack = stack
         self.info = info
@@ -53,10 +54,8 @@ class BlockServicer(BlockService):
         self.session_idle_timeout_s = session_idle_timeout_s
         self.cache_wait_s = cache_wait_s
         self.open_sessions = 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.executor = executor  # the peer's single compute thread
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
@@ -73,8 +72,8 @@ class BlockServicer(BlockService):
             if not isinstance(header, ForwardRequest):
                 raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
             span = check_span(header.start_block, header.end_block, (self.stack.start_block, self.stack.end_block))
-            inputs = check_block_inputs(name_tensors(header, frame[1], INPUT_TENSORS), self.limits)
-            outputs = await self._compute(inputs, None, span)
+            tensors = name_tensors(header, frame[1], INPUT_TENSORS)
+            outputs = await self._compute(tensors, self.limits, None, span, position=0)
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error_reply(exc, context, "forward")
             return
@@ -155,14 +154,19 @@ class BlockServicer(BlockService):
         cache_length = self.stack.cache_length(cache, span[0])
         if step.position > cache_length:
             raise errors.InvalidRequestError(f"step at position {step.position} but the cache holds {cache_length} tokens")
-        inputs = check_block_inputs(name_tensors(step, frame[1], INPUT_TENSORS), limits, past_length=step.position)
-        self.stack.rollback(cache, span, step.position)  # the client may regenerate from an earlier token
-        return await self._compute(inputs, cache, span)
+        tensors = name_tensors(step, frame[1], INPUT_TENSORS)
+        return await self._compute(tensors, limits, cache, span, position=step.position)
 
-    async def _compute(self, inputs, cache, span) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, functools.partial(self.stack, inputs, cache, span))
-        return outputs.cpu()
+    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int) -> torch.Tensor:
+        """Validate, roll back and run, all on the compute thread (one OpenMP pool per process)."""
+        job = functools.partial(self._compute_sync, tensors, limits, cache, span, position)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+
+    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int) -> torch.Tensor:
+        inputs = check_block_inputs(tensors, limits, past_length=position)
+        if cache is not None:
+            self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
+        return self.stack(inputs, cache, span).cpu()
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
         if isinstance(exc, errors.SwarmError):

