@@ -23,6 +23,7 @@ class PeerSpan:
     start: int
     end: int
     throughput: float = 1.0
+    public_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[
         for peer_id, record in records.items():
             if record.state != PeerState.ONLINE or not record.start_block <= block_index < record.end_block:
                 continue
-            spans.setdefault(peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput))
+            spans.setdefault(
+                peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name)
+            )
     return spans
 
 

@@ -34,18 +34,13 @@ class RemoteSequence:
         self.config = config
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
-        try:
-            self.dht = network.start_dht(
-                initial_peers=config.initial_peers,
-                host_maddrs=config.host_maddrs,
-                client_mode=True,
-                loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
-                startup_timeout_s=config.connect_timeout_s,
-            )
-        except Exception as exc:
-            raise errors.PeerUnavailableError(
-                f"could not join the swarm through {config.initial_peers}: {type(exc).__name__}: {exc}"
-            ) from exc
+        self.dht = network.start_dht(
+            initial_peers=config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            client_mode=True,
+            loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
+            startup_timeout_s=config.connect_timeout_s,
+        )
         self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
         self.spans: dict[str, routing.PeerSpan] = {}
         self.latency_s: dict[str, float] = {}
@@ -127,4 +122,4 @@ class RemoteSequence:
 
     def close(self) -> None:
         RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
-        self.dht.shutdown()
+        network.stop_dht(self.dht)

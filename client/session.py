@@ -37,7 +37,17 @@ class InferenceSession:
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
+        """(peer_id, start, end) of every hop, in order."""
         return [(stream.peer_id, stream.start, stream.end) for stream in self.streams]
+
+    def describe_route(self) -> list[str]:
+        """One human-readable line per hop: blocks, public name, short peer id."""
+        lines = []
+        for peer_id, start, end in self.route:
+            span = self.sequence.spans.get(peer_id)
+            name = span.public_name if span is not None and span.public_name else "(unnamed)"
+            lines.append(f"blocks {start:>3}:{end:<3} {name:<16} peer ...{peer_id[-12:]}")
+        return lines
 
     async def open(self) -> None:
         self.streams = await self._open_streams(0, self.sequence.num_blocks)

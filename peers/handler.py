@@ -109,7 +109,7 @@ class BlockServicer(BlockService):
             raise errors.InvalidRequestError("stream closed before the session was opened")
         opening = decode_header(PEER_REQUEST, frame[0])
         if not isinstance(opening, OpenSession):
-            raise errors.InvalidRequestError(f"an inference stream starts with 'open', got {opening.type!r}")
+            raise errors.UnknownSessionError(f"no open session: an inference stream starts with 'open', got {opening.type!r}")
         check_span(opening.start_block, opening.end_block, (self.stack.start_block, self.stack.end_block))
         if opening.max_length > self.limits.max_length:
             raise errors.SessionLengthError(f"max_length {opening.max_length} exceeds this peer's {self.limits.max_length}")

@@ -172,6 +172,6 @@ class Peer:
             logger.warning("could not announce going offline", exc_info=True)
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
-            self.dht.shutdown()
+            network.stop_dht(self.dht)
             self.dht = None
             logger.info("left the swarm")

@@ -6,6 +6,7 @@ Only entrypoints call these; importing swarm modules never configures logging.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -15,6 +16,7 @@ from swarm.errors import SwarmError
 
 
 def setup_logging(verbose: bool = False) -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack: hangs are diagnosable
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

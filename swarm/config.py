@@ -128,7 +128,8 @@ def build_config(model_type: type[BaseModel], *layers: dict[str, Any]) -> BaseMo
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(item) for item in first["loc"])
-        raise ConfigError(f"invalid configuration {where}: {first['msg']}") from exc
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(message if message.startswith("--") else f"invalid configuration {where}: {message}") from exc
 
 
 def _is_loopback_maddr(maddr: str) -> bool:

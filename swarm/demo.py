@@ -33,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     with LocalSwarm(log_dir, env={"OMP_NUM_THREADS": "1"}) as swarm:
         print("swarm demo: starting a bootstrap node and 3 peers on 127.0.0.1 ...", flush=True)
         swarm.start_bootstrap()
-        names = {}
         for index, blocks in enumerate(("0:10", "10:20", "20:30")):
-            names[blocks] = f"peer-{index + 1}"
-            swarm.start_peer(blocks, model=DEFAULT_MODEL, extra_args=["--public-name", names[blocks]], wait=False)
+            name = f"demo-peer-{index + 1}"
+            swarm.start_peer(blocks, model=DEFAULT_MODEL, extra_args=["--public-name", name], wait=False)
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
         print(f"swarm demo: swarm ready (logs in {log_dir})", flush=True)
@@ -54,14 +53,14 @@ def run_client(initial_peers: list[str], prompt: str, max_new_tokens: int) -> No
             started = time.perf_counter()
             output = client.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
             elapsed_s = time.perf_counter() - started
-            route = session.route
+            route = session.describe_route()
         new_tokens = output.shape[1] - input_ids.shape[1]
         text = client.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     print("\n=== prompt ===\n" + prompt)
     print("=== completion ===\n" + text.strip())
     print("=== route ===")
-    for peer_id, start, end in route:
-        print(f"  blocks {start:>2}:{end:<2}  peer ...{peer_id[-12:]}")
+    for line in route:
+        print("  " + line)
     print(f"=== speed ===\n  {new_tokens} tokens in {elapsed_s:.2f} s: {new_tokens / elapsed_s:.1f} tokens/s (prefill included)\n", flush=True)
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(dht))}", flush=True)
             await stop.wait()
         finally:
-            dht.shutdown()
+            network.stop_dht(dht)
 
     try:
         return run_until_signal(serve)

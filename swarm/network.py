@@ -15,6 +15,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.errors import ConfigError, PeerUnavailableError
 from swarm.records import MODELS_KEY, ModelRecord, PeerRecord, block_keys
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,29 @@ def start_dht(
         extra["announce_maddrs"] = list(announce_maddrs)
     if identity_path is not None:
         extra["identity_path"] = str(identity_path)
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        client_mode=client_mode,
-        start=True,
-        startup_timeout=startup_timeout_s,
-        **extra,
-    )
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            client_mode=client_mode,
+            start=True,
+            startup_timeout=startup_timeout_s,
+            **extra,
+        )
+    except Exception as exc:  # hivemind reports a failed start in many types; say what it means for us
+        message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if initial_peers:
+            raise PeerUnavailableError(f"could not join the swarm through {list(initial_peers)}: {message}") from exc
+        raise ConfigError(f"could not start a DHT node on {list(host_maddrs)}: {message}") from exc
+
+
+def stop_dht(dht: hivemind.DHT, timeout_s: float = 5.0) -> None:
+    """Shut the DHT process down; kill it if it does not stop (e.g. after a Ctrl-C reached it too)."""
+    dht.shutdown()
+    dht.join(timeout_s)
+    if dht.is_alive():
+        dht.kill()
+        dht.join()
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

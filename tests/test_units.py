@@ -225,3 +225,15 @@ def test_peer_config_requires_peers_or_new_swarm():
     assert config.block_range() == (0, 4)
     with pytest.raises(errors.ConfigError, match="--initial-peers"):
         config.network.require_peers_or_new_swarm()
+
+
+def test_peer_config_layers_file_environment_and_flags(tmp_path, monkeypatch):
+    from swarm.peer import config_from_args, parse_args
+
+    config_file = tmp_path / "peer.toml"
+    config_file.write_text('blocks = "0:10"\npublic_name = "from-file"\ncache_tokens = 100\n[network]\nnew_swarm = true\n')
+    monkeypatch.setenv("SWARM_PEER_PUBLIC_NAME", "from-env")
+    config = config_from_args(parse_args(["--config", str(config_file), "--cache-tokens", "7"]))
+    assert (config.blocks, config.public_name, config.cache_tokens, config.network.new_swarm) == ("0:10", "from-env", 7, True)
+    with pytest.raises(errors.ConfigError, match="cache_tokens"):
+        config_from_args(parse_args(["--config", str(config_file), "--cache-tokens", "-1"]))

@@ -1,0 +1,128 @@
+"""Bad requests to a live peer get typed errors, and the peer keeps serving correct ones exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from client.remote import SpanStream, call_forward, call_info
+from swarm import errors, protocol
+from swarm.blocks import BlockInputs
+from swarm.messages import PEER_REPLY, InferenceStep
+from swarm.transport import FrameReader, decode_header
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_swarm, tiny_model_path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=tiny_swarm.initial_peers)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def first_peer(model) -> str:
+    RemoteExpertWorker.run_coroutine(model.sequence.update())
+    return next(peer_id for peer_id, span in model.sequence.spans.items() if span.start == 0)
+
+
+def forward(model, peer_id, start, end, inputs):
+    seq = model.sequence
+    return RemoteExpertWorker.run_coroutine(call_forward(seq.p2p, peer_id, seq.dht_prefix, start, end, inputs, 30))
+
+
+def raw_forward(model, peer_id, messages) -> Exception:
+    """Send hand-made messages; return the error the peer answered with."""
+    seq = model.sequence
+
+    async def call():
+        async def requests():
+            for message in messages:
+                yield message
+
+        replies = await protocol.stub(seq.p2p, PeerID.from_base58(peer_id), seq.dht_prefix).rpc_forward(requests())
+        metadata, _ = await FrameReader(replies).read()
+        header = decode_header(PEER_REPLY, metadata)
+        return errors.error_from_wire(header.code, header.message)
+
+    return RemoteExpertWorker.run_coroutine(call())
+
+
+BAD_INPUTS = {
+    "wrong hidden size": BlockInputs(torch.zeros(1, 3, 65)),
+    "2-d hidden states": BlockInputs(torch.zeros(3, 64)),
+    "integer hidden states": BlockInputs(torch.zeros(1, 3, 64, dtype=torch.int64)),
+    "NaN": BlockInputs(torch.full((1, 3, 64), math.nan)),
+    "infinity": BlockInputs(torch.full((1, 3, 64), math.inf)),
+    "position ids of another length": BlockInputs(torch.zeros(1, 3, 64), torch.zeros(1, 4, dtype=torch.int64)),
+    "negative positions": BlockInputs(torch.zeros(1, 3, 64), torch.full((1, 3), -5, dtype=torch.int64)),
+    "mask of another length": BlockInputs(torch.zeros(1, 3, 64), None, torch.ones(1, 7, dtype=torch.int64)),
+    "huge batch": BlockInputs(torch.zeros(1000, 1, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_tensors_are_refused(model, first_peer, name):
+    with pytest.raises(errors.InvalidRequestError):
+        forward(model, first_peer, 0, 2, BAD_INPUTS[name])
+
+
+def test_blocks_the_peer_does_not_serve(model, first_peer):
+    with pytest.raises(errors.InvalidRequestError, match="serves 0:2"):
+        forward(model, first_peer, 0, 4, BlockInputs(torch.zeros(1, 3, 64)))
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [runtime_pb2.ExpertRequest(metadata=b"\x00\xffgarbage")],
+        [runtime_pb2.ExpertRequest(metadata=b'{"type": "forward", "start_block": 0, "end_block": 2, "evil": 1}')],
+        [runtime_pb2.ExpertRequest(tensors=[runtime_pb2.Tensor(buffer=b"abc", size=[1, 1, 64], dtype="float32")], metadata=b"{}")],
+        [runtime_pb2.ExpertRequest(tensors=[runtime_pb2.Tensor(buffer=b"abcd", size=[1], dtype="object")], metadata=b"{}")],
+    ],
+    ids=["garbage-bytes", "unknown-field", "short-buffer", "object-dtype"],
+)
+def test_garbage_is_refused(model, first_peer, messages):
+    assert isinstance(raw_forward(model, first_peer, messages), errors.InvalidRequestError)
+
+
+def test_session_errors_are_typed(model, first_peer):
+    seq = model.sequence
+
+    async def scenario():
+        stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        stream._send(InferenceStep(position=0), [])
+        with pytest.raises(errors.UnknownSessionError):
+            await stream.open("s", 8, 1)  # the peer sees a step before any open
+        stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        await stream.open("s2", max_length=8, batch_size=1)
+        await stream.step(BlockInputs(torch.zeros(1, 6, 64)), 0)
+        with pytest.raises(errors.SessionLengthError):
+            await stream.step(BlockInputs(torch.zeros(1, 3, 64)), 6)
+        with pytest.raises(errors.InvalidRequestError, match="cache holds 6"):
+            await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 9)
+        await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 6)  # the session survives its errors
+        stream.close()
+        too_long = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        with pytest.raises(errors.SessionLengthError):
+            await too_long.open("s3", max_length=10**6, batch_size=1)
+
+    RemoteExpertWorker.run_coroutine(scenario())
+
+
+def test_peer_still_serves_exactly_after_bad_requests(model, first_peer, tiny_model_path):
+    info = RemoteExpertWorker.run_coroutine(call_info(model.sequence.p2p, first_peer, model.sequence.dht_prefix, 5))
+    assert (info.start_block, info.end_block) == (0, 2)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    input_ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+    assert torch.allclose(model(input_ids).logits, expected, atol=1e-5)
