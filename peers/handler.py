@@ -29,6 +29,7 @@ from swarm.transport import FrameReader, decode_header, encode_error, encode_fra
 logger = logging.getLogger(__name__)
 
 INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
+DRAIN_TIMEOUT_S = 5.0
 Response = runtime_pb2.ExpertResponse
 
 
@@ -64,8 +65,9 @@ class BlockServicer(BlockService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[Response]:
         started = time.perf_counter()
+        reader = FrameReader(requests)
         try:
-            frame = await FrameReader(requests).read()
+            frame = await reader.read()
             if frame is None:
                 return
             header = decode_header(PEER_REQUEST, frame[0])
@@ -76,10 +78,12 @@ class BlockServicer(BlockService):
             outputs = await self._compute(tensors, self.limits, None, span, position=0)
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error_reply(exc, context, "forward")
+            await _drain(reader)
             return
         logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
         for message in encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response):
             yield message
+        await _drain(reader)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -89,6 +93,7 @@ class BlockServicer(BlockService):
             opening = await self._read_opening(reader)
         except Exception as exc:
             yield self._error_reply(exc, context, "open")
+            await _drain(reader)
             return
         span = (opening.start_block, opening.end_block)
         try:
@@ -101,6 +106,7 @@ class BlockServicer(BlockService):
                     self.open_sessions -= 1
         except errors.SwarmError as exc:  # no cache for this session
             yield self._error_reply(exc, context, "open")
+            await _drain(reader)
 
     async def _read_opening(self, reader: FrameReader) -> OpenSession:
         async with asyncio.timeout(self.session_idle_timeout_s):
@@ -131,6 +137,7 @@ class BlockServicer(BlockService):
                 return
             except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
                 yield self._error_reply(exc, context, "step")
+                await _drain(reader)
                 return
             if frame is None:
                 return  # the client closed the session
@@ -174,6 +181,17 @@ class BlockServicer(BlockService):
         else:
             logger.exception("internal error serving %s from %s", what, _short(context))
         return encode_error(exc, Response)
+
+
+async def _drain(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Read the client's stream to its end before closing ours: closing first would break the pipe
+    under the client's last write, and it would lose our reply (asyncio fails buffered reads then)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while await reader.read() is not None:
+                pass
+    except (TimeoutError, errors.SwarmError):
+        pass
 
 
 def _short(context: P2PContext) -> str:
