@@ -4,7 +4,10 @@ Measures, in one run and on the same weights: prefill time of a 128-token prompt
 tokens/s over 64 new tokens (medians of --repeats runs), for local transformers in this process and
 through the swarm; prints the ratios and each peer's memory (RSS of its process group).
 
-    .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 3] [--threads 2]
+    .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 3] [--threads 2] [--peer-threads 1]
+
+On a machine with fewer cores than processes (here: 2 cores for a client and 3 peers), peers with
+one thread each run fastest: a second OpenMP thread per peer only adds contention.
 """
 
 from __future__ import annotations
@@ -44,16 +47,19 @@ def measure(generate, input_ids, repeats: int) -> tuple[float, float]:
     return statistics.median(prefill_s), statistics.median(decode_tps)
 
 
-def group_rss_mib(pid: int) -> float:
+def group_memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS of the peer process, PSS of its whole group: DHT process and p2pd included, shared pages split)."""
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
-        return sum(process.memory_info().rss for process in processes) / 2**20
-    except psutil.NoSuchProcess:
-        return float("nan")
+        pss = sum(process.memory_full_info().pss for process in processes)
+        return root.memory_info().rss / 2**20, pss / 2**20
+    except psutil.Error:
+        return float("nan"), float("nan")
 
 
-def swarm_run(model_name: str, splits: list[str], input_ids, repeats: int, threads: int) -> tuple[float, float, list[float]]:
+def swarm_run(model_name: str, splits: list[str], input_ids, repeats: int, threads: int) -> tuple[float, float, list[tuple[float, float]]]:
+    """Start a bootstrap node and one peer per split (`threads` torch threads each); measure through them."""
     from client import AutoDistributedModelForCausalLM
 
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
@@ -71,7 +77,7 @@ def swarm_run(model_name: str, splits: list[str], input_ids, repeats: int, threa
             prefill_s, decode_tps = measure(generate, input_ids, repeats)
         finally:
             model.close()
-        rss = [group_rss_mib(node.pid) for node in swarm.nodes[1:]]
+        rss = [group_memory_mib(node.pid) for node in swarm.nodes[1:]]
     return prefill_s, decode_tps, rss
 
 
@@ -79,7 +85,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per process (local and each peer)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (local model, client)")
+    parser.add_argument("--peer-threads", type=int, default=1, help="torch threads of each peer")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -107,12 +114,12 @@ def main() -> int:
         "swarm, 3 peers": [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{num_blocks}"],
     }
     print(f"model {args.model} ({num_blocks} blocks), prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-          f"{args.threads} threads per process, medians of {args.repeats}")
-    print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'ratio vs local':>15}  peer RSS MiB")
+          f"{args.threads} threads local/client, {args.peer_threads} per peer, medians of {args.repeats}")
+    print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'ratio vs local':>15}  per peer: RSS / group PSS MiB")
     print(f"{'local':<16} {1000 * local_prefill:>10.0f} {local_tps:>13.1f} {1.0:>15.2f}  (this process: {local_rss:.0f})")
     for name, splits in runs.items():
-        prefill_s, tps, rss = swarm_run(args.model, splits, input_ids, args.repeats, args.threads)
-        rss_text = ", ".join(f"{value:.0f}" for value in rss)
+        prefill_s, tps, rss = swarm_run(args.model, splits, input_ids, args.repeats, args.peer_threads)
+        rss_text = ", ".join(f"{main:.0f} / {group:.0f}" for main, group in rss)
         print(f"{name:<16} {1000 * prefill_s:>10.0f} {tps:>13.1f} {tps / local_tps:>15.2f}  {rss_text}", flush=True)
     return 0
 
