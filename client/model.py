@@ -22,6 +22,9 @@ from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig
 
 
+DEFAULT_SESSION_LENGTH = 2048
+
+
 class RemoteCache(Cache):
     """generate()'s view of the peers' KV cache: only its length, which is the session's position."""
 
@@ -54,7 +57,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = parts.lm_head
         self.sequence = sequence
         self._active_session: InferenceSession | None = None
-        self._default_max_length = getattr(config, "max_position_embeddings", 2048)
+        # peers refuse sessions longer than their --max-length (default 8192) and reserve cache for the
+        # whole length, so an open-ended session asks for a moderate default, not the model's maximum
+        self._default_max_length = min(getattr(config, "max_position_embeddings", DEFAULT_SESSION_LENGTH), DEFAULT_SESSION_LENGTH)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.embed_tokens

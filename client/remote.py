@@ -50,18 +50,29 @@ async def call_forward(
 
     async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
         replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_forward(requests())
-        return await _read_result(FrameReader(replies), peer_id)
+        return await _read_result(FrameReader(replies), peer_id, inputs.hidden_states.shape)
 
 
-async def _read_result(reader: FrameReader, peer_id: str) -> torch.Tensor:
-    frame = await reader.read()
-    if frame is None:
-        raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
-    header = decode_header(PEER_REPLY, frame[0])
+async def _read_result(reader: FrameReader, peer_id: str, expected_shape: torch.Size) -> torch.Tensor:
+    """The hidden states a peer answered with, checked: a malformed reply bans the peer, never crashes us."""
+    try:
+        frame = await reader.read()
+        if frame is None:
+            raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
+        header = decode_header(PEER_REPLY, frame[0])
+    except errors.InvalidRequestError as exc:  # FrameReader speaks of requests; here the peer is at fault
+        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} sent a malformed reply: {exc}") from exc
     raise_if_error(header)
     if not isinstance(header, Result) or header.tensor_names != ["hidden_states"] or len(frame[1]) != 1:
-        raise errors.ProtocolMismatchError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
-    return frame[1][0]
+        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
+    (hidden_states,) = frame[1]
+    if hidden_states.shape != expected_shape or not hidden_states.is_floating_point():
+        raise errors.PeerMisbehavedError(
+            f"peer {peer_id[-8:]} returned {hidden_states.dtype} {list(hidden_states.shape)}, expected {list(expected_shape)}"
+        )
+    if not torch.isfinite(hidden_states).all():
+        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} returned NaN or infinite hidden states")
+    return hidden_states
 
 
 class SpanStream:
@@ -73,11 +84,13 @@ class SpanStream:
         self.timeout_s = timeout_s
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._reader: FrameReader | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self, session_id: str, max_length: int, batch_size: int) -> None:
         header = OpenSession(
             session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length, batch_size=batch_size
         )
+        self._loop = asyncio.get_running_loop()
         self._send(header, [])
         async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
             replies = await protocol.stub(self.p2p, PeerID.from_base58(self.peer_id), self.namespace).rpc_inference(
@@ -90,16 +103,19 @@ class SpanStream:
             reply = decode_header(PEER_REPLY, frame[0])
             raise_if_error(reply)
             if not isinstance(reply, SessionOpened):
-                raise errors.ProtocolMismatchError(f"peer {self.peer_id[-8:]} did not open the session")
+                raise errors.PeerMisbehavedError(f"peer {self.peer_id[-8:]} did not open the session")
 
     async def step(self, inputs: BlockInputs, position: int) -> torch.Tensor:
         names, tensors = _input_tensors(inputs)
         self._send(InferenceStep(position=position, tensor_names=names), tensors)
         async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
-            return await _read_result(self._reader, self.peer_id)
+            return await _read_result(self._reader, self.peer_id, inputs.hidden_states.shape)
 
     def close(self) -> None:
-        self._outbox.put_nowait(None)
+        """End the stream (from any thread): the peer frees the session's cache at once."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, None)
 
     def _send(self, header, tensors) -> None:
         for message in encode_frame(header, tensors, Request):

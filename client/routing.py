@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from swarm.errors import MissingBlocksError
-from swarm.records import PeerRecord, PeerState
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[
         for peer_id, record in records.items():
             if record.state != PeerState.ONLINE or not record.start_block <= block_index < record.end_block:
                 continue
+            if record.protocol_version != PROTOCOL_VERSION:
+                continue  # a peer of another protocol version cannot serve us
             spans.setdefault(
                 peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name)
             )

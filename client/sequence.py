@@ -7,6 +7,7 @@ Route choice itself is the pure `client.routing.choose_route`; this class gather
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -107,7 +108,7 @@ class RemoteSequence:
     async def _retrying_hop(self, position: int, hidden_states: torch.Tensor, inputs: BlockInputs):
         for attempt in range(self.config.max_retries + 1):
             hop = (await self.route(position))[0]
-            step_inputs = BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask)
+            step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
             try:
                 output = await call_forward(
                     self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, step_inputs, self.config.step_timeout_s

@@ -7,6 +7,7 @@ to rebuild their cache, and continues. It does not compute anything locally (see
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 
@@ -87,12 +88,17 @@ class InferenceSession:
         failed.close()
         self.sequence.ban(failed.peer_id)
         for attempt in range(self.sequence.config.max_retries + 1):
+            replacement = []
             try:
                 replacement = await self._open_streams(failed.start, failed.end)
                 await self._replay(replacement)
                 self.streams[index : index + 1] = replacement
                 return
             except errors.RemoteError as exc:
+                for stream in replacement:
+                    stream.close()
+                if getattr(exc, "peer_id", None):
+                    self.sequence.ban(exc.peer_id)
                 if not exc.transient or attempt == self.sequence.config.max_retries:
                     raise
                 logger.warning("replacement failed (%s), retry %d", exc, attempt + 1)
@@ -105,7 +111,11 @@ class InferenceSession:
         for stream in streams:
             self._inputs_at[stream.start] = History()
             self._inputs_at[stream.start].write(hidden_states, 0)
-            hidden_states = await stream.step(_with_hidden(history, hidden_states), 0)
+            try:
+                hidden_states = await stream.step(_with_hidden(history, hidden_states), 0)
+            except errors.RemoteError as exc:
+                exc.peer_id = stream.peer_id  # so the caller bans the peer that failed the replay
+                raise
 
     async def _open_streams(self, start: int, end: int) -> list[SpanStream]:
         streams = []
@@ -151,9 +161,8 @@ class History:
 
     def __init__(self):
         self._buffer: torch.Tensor | None = None
-        self.length = 0
 
-    def write(self, values: torch.Tensor, position: int) -> None:
+    def write(self, values: torch.Tensor, position: int) -> None:  # values: [batch, n, ...]
         """Store `values` at [position, position + n) and forget anything after it."""
         end = position + values.shape[1]
         if self._buffer is None or end > self._buffer.shape[1] or self._buffer.shape[0] != values.shape[0]:
@@ -163,11 +172,10 @@ class History:
                 grown[:, :position] = self._buffer[:, :position]
             self._buffer = grown
         self._buffer[:, position:end] = values
-        self.length = end
 
     def view(self, length: int) -> torch.Tensor | None:
         return None if self._buffer is None else self._buffer[:, :length]
 
 
 def _with_hidden(inputs: BlockInputs, hidden_states: torch.Tensor) -> BlockInputs:
-    return BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask)
+    return dataclasses.replace(inputs, hidden_states=hidden_states)

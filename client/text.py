@@ -9,7 +9,7 @@ import threading
 from typing import Iterator
 
 import torch
-from transformers import AutoTokenizer, TextIteratorStreamer
+from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from client.model import AutoDistributedModelForCausalLM
 from swarm import models
@@ -58,20 +58,25 @@ class SwarmClient:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._sampling(max_new_tokens, temperature, top_p, seed)
         failure: list[BaseException] = []
+        abandoned = threading.Event()  # set when the caller stops iterating: generation stops too
+        stop = StoppingCriteriaList([_StopWhenSet(abandoned)])
 
         def run() -> None:
             try:
-                self.model.generate(input_ids, streamer=streamer, **kwargs)
+                self.model.generate(input_ids, streamer=streamer, stopping_criteria=stop, **kwargs)
             except BaseException as exc:  # re-raised in the caller's thread below
                 failure.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            abandoned.set()
+            worker.join()
         if failure:
             raise failure[0]
 
@@ -99,3 +104,11 @@ class SwarmClient:
         if temperature == 0:
             return dict(max_new_tokens=max_new_tokens, do_sample=False)
         return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)

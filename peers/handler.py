@@ -54,7 +54,6 @@ class BlockServicer(BlockService):
         self.cache = CacheBudget(cache_tokens)
         self.session_idle_timeout_s = session_idle_timeout_s
         self.cache_wait_s = cache_wait_s
-        self.open_sessions = 0
         self.executor = executor  # the peer's single compute thread
 
 
@@ -67,7 +66,8 @@ class BlockServicer(BlockService):
         started = time.perf_counter()
         reader = FrameReader(requests)
         try:
-            frame = await reader.read()
+            async with asyncio.timeout(self.session_idle_timeout_s):
+                frame = await reader.read()
             if frame is None:
                 return
             header = decode_header(PEER_REQUEST, frame[0])
@@ -81,7 +81,7 @@ class BlockServicer(BlockService):
             await _drain(reader)
             return
         logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
-        for message in encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response):
+        for message in _result_messages(outputs):
             yield message
         await _drain(reader)
 
@@ -98,12 +98,8 @@ class BlockServicer(BlockService):
         span = (opening.start_block, opening.end_block)
         try:
             async with self.cache.reserve(opening.batch_size * opening.max_length, self.cache_wait_s):
-                self.open_sessions += 1
-                try:
-                    async for message in self._serve_session(reader, opening, span, context):
-                        yield message
-                finally:
-                    self.open_sessions -= 1
+                async for message in self._serve_session(reader, opening, span, context):
+                    yield message
         except errors.SwarmError as exc:  # no cache for this session
             yield self._error_reply(exc, context, "open")
             await _drain(reader)
@@ -144,14 +140,18 @@ class BlockServicer(BlockService):
             started = time.perf_counter()
             try:
                 outputs = await self._session_step(cache, frame, session_limits, span)
-            except Exception as exc:
+            except errors.SwarmError as exc:  # refused before any compute: the cache is intact
                 yield self._error_reply(exc, context, "step")
                 continue
+            except Exception as exc:  # failed mid-compute: the cache may be half-updated, end the session
+                yield self._error_reply(exc, context, "step")
+                await _drain(reader)
+                return
             logger.debug(
                 "step peer=%s session=%s blocks=%d:%d tokens=%d ms=%.1f", _short(context), opening.session_id[:8],
                 *span, outputs.shape[1], 1000 * (time.perf_counter() - started),
             )
-            for message in encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response):
+            for message in _result_messages(outputs):
                 yield message
 
     async def _session_step(self, cache, frame, limits: Limits, span) -> torch.Tensor:
@@ -172,15 +172,24 @@ class BlockServicer(BlockService):
     def _compute_sync(self, tensors, limits: Limits, cache, span, position: int) -> torch.Tensor:
         inputs = check_block_inputs(tensors, limits, past_length=position)
         if cache is not None:
-            self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
+            try:
+                self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
+            except ValueError as exc:
+                raise errors.InvalidRequestError(str(exc)) from exc
         return self.stack(inputs, cache, span).cpu()
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
+        if isinstance(exc, TimeoutError):
+            exc = errors.PeerTimeoutError(f"no {what} request within {self.session_idle_timeout_s} s")
         if isinstance(exc, errors.SwarmError):
             logger.warning("refused %s from %s: %s", what, _short(context), str(exc)[:200])
-        else:
-            logger.exception("internal error serving %s from %s", what, _short(context))
-        return encode_error(exc, Response)
+            return encode_error(exc, Response)
+        logger.exception("internal error serving %s from %s", what, _short(context))
+        return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal")
+
+
+def _result_messages(outputs: torch.Tensor):
+    return encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)
 
 
 async def _drain(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:

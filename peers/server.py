@@ -48,16 +48,20 @@ class Peer:
             )
         config.network.require_peers_or_new_swarm()
         self.dtype = resolve_dtype(config.dtype, config.device)
+        self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.dht = None
         self.servicer: BlockServicer | None = None
         self.state = PeerState.JOINING
         self.peer_id: str | None = None
+        self.p2p = None
         # every torch call of the peer runs on this one thread: a second thread would start a second
         # OpenMP pool, whose spinning workers slow the first one down (measured: ~10-20% per step)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT."""
+        """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT.
+
+        A compute step still running at that moment is abandoned with the process."""
         net = self.config.network
         loop = asyncio.get_running_loop()
         self.dht = await loop.run_in_executor(
@@ -84,8 +88,8 @@ class Peer:
                 cache_wait_s=self.config.cache_wait_s,
                 executor=self.executor,
             )
-            p2p = await self.dht.replicate_p2p()
-            await protocol.register(p2p, self.servicer, self.dht_prefix)
+            self.p2p = await self.dht.replicate_p2p()
+            await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
             await self._announce()
             logger.info("serving %s blocks %d:%d as %s", self.config.model, self.start_block, self.end_block, self.peer_id)
@@ -113,7 +117,7 @@ class Peer:
             dht_prefix=self.dht_prefix,
             start_block=self.start_block,
             end_block=self.end_block,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=self.dtype_name,
             version=swarm.__version__,
             max_batch_size=self.config.max_batch_size,
             max_length=self.config.max_length,
@@ -128,7 +132,7 @@ class Peer:
             end_block=self.end_block,
             throughput=float(self.config.throughput),
             cache_tokens_left=self.servicer.cache.tokens_left if self.servicer else self.config.cache_tokens,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=self.dtype_name,
             version=swarm.__version__,
             public_name=self.config.public_name,
         )
@@ -162,14 +166,18 @@ class Peer:
                 logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
 
     async def _leave(self) -> None:
+        """Announce offline, stop taking requests, then stop the compute thread and the DHT process."""
         if self.dht is None:
             return
         try:
             if self.peer_id is not None:
                 self.state = PeerState.OFFLINE
                 await self._announce(ttl_s=self.config.announce_period_s, timeout_s=LEAVE_TIMEOUT_S)
+            if self.p2p is not None:
+                await protocol.unregister(self.p2p, self.dht_prefix)
+                await self.p2p.shutdown()
         except Exception:
-            logger.warning("could not announce going offline", exc_info=True)
+            logger.warning("could not leave cleanly (the DHT process may be gone already)", exc_info=True)
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             network.stop_dht(self.dht)

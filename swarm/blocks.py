@@ -49,11 +49,17 @@ class BlockStack(torch.nn.Module):
         return cache.get_seq_length(start_block)
 
     def rollback(self, cache: DynamicCache, span: tuple[int, int], position: int) -> None:
-        """Forget cached tokens from `position` on, so the session can continue from there."""
-        excess = self.cache_length(cache, span[0]) - position
-        if excess > 0:
-            for index in range(*span):  # layers outside the span were never filled
+        """Forget cached tokens from `position` on, so the session can continue from there.
+
+        Raises ValueError where a sliding-window layer no longer holds the tokens to go back to."""
+        for index in range(*span):  # layers outside the span were never filled
+            excess = cache.get_seq_length(index) - position
+            if excess <= 0:
+                continue
+            try:
                 cache.layers[index].crop(-excess)
+            except RuntimeError as exc:
+                raise ValueError(f"cannot roll block {index} back to position {position}: {exc}") from exc
 
     @torch.inference_mode()
     def forward(

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from swarm import network
-from swarm.cli import fail, run_until_signal, setup_logging
+from swarm.cli import run_until_signal, setup_logging
 from swarm.config import NetworkConfig
-from swarm.errors import SwarmError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             network.stop_dht(dht)
 
-    try:
-        return run_until_signal(serve)
-    except SwarmError as exc:
-        return fail(str(exc))
+    return run_until_signal(serve)
 
 
 if __name__ == "__main__":

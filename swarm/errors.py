@@ -11,8 +11,10 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   ├── PeerUnavailableError    transient: connection failed or dropped
     │   ├── PeerTimeoutError        transient: no answer in time
     │   ├── OverloadedError         transient: no cache or session slots left
+    │   ├── PeerMisbehavedError     transient: the peer's reply was malformed or implausible
     │   ├── ProtocolMismatchError   the peer speaks another protocol version
     │   └── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
+    │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
     │   └── MissingBlocksError      no online peer serves some blocks
     └── SessionError
@@ -60,6 +62,10 @@ class PeerTimeoutError(RemoteError):
 
 class OverloadedError(RemoteError):
     code = "overloaded"
+
+
+class PeerMisbehavedError(RemoteError):
+    code = "bad_reply"
 
 
 class ProtocolMismatchError(RemoteError):

@@ -1,6 +1,6 @@
 """Wire messages: the typed headers that travel with tensors between clients and peers.
 
-Every frame on the wire is one of these pydantic models (JSON) plus named tensors (see `swarm.wire`).
+Every frame on the wire is one of these pydantic models (JSON) plus named tensors (see `swarm.transport`).
 This module says what a message may contain; it does not check tensors against a model (peers do).
 """
 

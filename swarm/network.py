@@ -113,11 +113,6 @@ def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> 
     return [found.get(key, {}) for key in keys]
 
 
-def fetch_models(dht: hivemind.DHT) -> dict[Any, Any]:
-    """Raw models index: dht_prefix -> ModelRecord-shaped value (unvalidated)."""
-    return dht.run_coroutine(functools.partial(_get_subkey_values, keys=[MODELS_KEY])).get(MODELS_KEY, {})
-
-
 async def _get_subkey_values(dht: hivemind.DHT, node: DHTNode, *, keys: list[str]) -> dict[str, dict[Any, Any]]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=len(keys))
     result: dict[str, dict[Any, Any]] = {}

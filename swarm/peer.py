@@ -12,7 +12,7 @@ from pathlib import Path
 
 from swarm.cli import fail, run_until_signal, setup_logging
 from swarm.config import PeerConfig, build_config, env_overrides, load_toml
-from swarm.errors import SwarmError
+from swarm.errors import ConfigError, SwarmError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         flags["network"] = network
     layers = [file_layer, env_overrides("SWARM_PEER_"), flags]
     if not any("blocks" in layer for layer in layers):
-        raise SwarmError("--blocks START:END is required (e.g. --blocks 0:10)")
+        raise ConfigError("--blocks START:END is required (e.g. --blocks 0:10)")
     return build_config(PeerConfig, *layers)
 
 

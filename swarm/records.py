@@ -11,6 +11,7 @@ import enum
 import logging
 from typing import Any, Mapping
 
+from hivemind.p2p import PeerID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,22 @@ def block_keys(dht_prefix: str, start_block: int, end_block: int) -> list[str]:
     return [block_key(dht_prefix, index) for index in range(start_block, end_block)]
 
 
+def is_peer_id(value: Any) -> bool:
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        return False
+    try:
+        PeerID.from_base58(value)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_peer_records(raw: Mapping[Any, Any], *, where: str = "") -> dict[str, PeerRecord]:
     """Validate the subkey -> value mapping read from one block key; invalid entries are dropped
     with one warning each, never raised."""
     records = {}
     for peer_id, value in raw.items():
-        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
+        if not is_peer_id(peer_id):
             logger.warning("ignoring a record with an invalid peer id under %s", where or "a block key")
             continue
         try:

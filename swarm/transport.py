@@ -1,6 +1,6 @@
 """Frames over hivemind streams: a typed header plus named tensors, split into messages under the
-4 MiB cap, read back with every tensor checked before it is built. Also the one place where library
-exceptions (hivemind, asyncio) become `swarm.errors`.
+4 MiB cap, read back with every tensor checked before it is built. Also where the exceptions of
+talking to a peer (hivemind, asyncio) become `swarm.errors` (starting a DHT node: `swarm.network`).
 
 It does not decide what a tensor should look like for a model: peers check shapes themselves.
 Nothing here unpickles: tensors are raw little-endian buffers with a whitelisted dtype.
@@ -25,6 +25,8 @@ from swarm.messages import ErrorReply
 
 CHUNK_BYTES = 2**21  # per message: well under hivemind's 4 MiB unary cap
 DEFAULT_MAX_FRAME_BYTES = 2**30
+MAX_HEADER_BYTES = 2**16
+MAX_PARTS_PER_FRAME = 4096
 MAX_TENSOR_DIMS = 4
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -52,8 +54,8 @@ def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type:
     yield proto_type(tensors=batch, metadata=header.model_dump_json().encode())
 
 
-def encode_error(exc: BaseException, proto_type: type[Proto]) -> Proto:
-    code = getattr(exc, "code", "internal")
+def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None = None) -> Proto:
+    code = code or getattr(exc, "code", "internal")
     (message,) = encode_frame(ErrorReply(code=code, message=str(exc)[:2000] or type(exc).__name__), [], proto_type)
     return message
 
@@ -70,12 +72,16 @@ class FrameReader:
         parts: list[runtime_pb2.Tensor] = []
         frame_bytes = 0
         async for message in self._stream:
+            if len(parts) + len(message.tensors) > MAX_PARTS_PER_FRAME:
+                raise errors.InvalidRequestError(f"more than {MAX_PARTS_PER_FRAME} tensor parts in one frame")
             for part in message.tensors:
                 frame_bytes += len(part.buffer)
                 if frame_bytes > self._max_frame_bytes:
                     raise errors.InvalidRequestError(f"frame larger than {self._max_frame_bytes} bytes")
                 parts.append(part)
             if message.metadata:
+                if len(message.metadata) > MAX_HEADER_BYTES:
+                    raise errors.InvalidRequestError(f"message header larger than {MAX_HEADER_BYTES} bytes")
                 return bytes(message.metadata), _tensors_from_parts(parts)
         if parts:
             raise errors.InvalidRequestError("stream ended in the middle of a frame")
@@ -155,7 +161,7 @@ async def translated_errors(peer: str) -> AsyncIterator[None]:
         raise errors.PeerTimeoutError(f"peer {peer} did not answer in time") from exc
     except P2PHandlerError as exc:
         raise errors.RemoteError(f"peer {peer} failed: {str(exc)[:300]}") from exc
-    except (P2PDaemonError, ConnectionError, EOFError, OSError, asyncio.IncompleteReadError) as exc:
+    except (P2PDaemonError, ConnectionError, EOFError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
         raise errors.PeerUnavailableError(f"peer {peer} is unreachable: {type(exc).__name__}: {exc}"[:400]) from exc
 
 

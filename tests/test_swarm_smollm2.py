@@ -106,5 +106,8 @@ def test_text_client_generate_and_stream(smollm2_swarm):
         assert "Paris" in text
         pieces = list(client.stream("The capital of France is", max_new_tokens=8))
         assert "".join(pieces) == text
+        abandoned = client.stream("Once upon a time", max_new_tokens=500)
+        assert next(abandoned)
+        abandoned.close()  # stops the generation behind it instead of running 500 tokens
         sampled = [client.generate("Once upon a time", max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5) for _ in range(2)]
         assert sampled[0] == sampled[1]

@@ -54,10 +54,10 @@ def test_record_round_trip_and_unknown_fields_ignored():
     ],
 )
 def test_invalid_records_are_skipped_with_a_warning(bad, caplog):
-    raw = {"peer-good": record(0, 4), "peer-bad": bad}
+    raw = {"PeerGood": record(0, 4), "PeerBad": bad, "not-base58-0OIl": record(0, 4)}
     parsed = parse_peer_records(raw, where="m.0")
-    assert list(parsed) == ["peer-good"]
-    assert "peer-bad"[-8:] in caplog.text
+    assert list(parsed) == ["PeerGood"]
+    assert "PeerBad" in caplog.text and "invalid peer id" in caplog.text
 
 
 # ---- routing -----------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_missing_blocks_are_named():
 def test_online_spans_skip_offline_joining_and_misplaced_records():
     per_block = [
         parse_peer_records({"a": record(0, 2), "off": record(0, 2, state="offline"), "j": record(0, 2, state="joining")}),
-        parse_peer_records({"a": record(0, 2), "liar": record(5, 6)}),
+        parse_peer_records({"a": record(0, 2), "Fibber": record(5, 6), "Old": record(0, 2, protocol_version=PROTOCOL_VERSION + 1)}),
     ]
     assert set(online_spans(per_block)) == {"a"}
 
@@ -158,6 +158,8 @@ def test_malformed_tensors_are_refused(fields):
 def test_oversized_frames_and_bad_headers_are_refused():
     with pytest.raises(errors.InvalidRequestError, match="larger"):
         _read([_tensor_message(buffer=b"\x00" * 64, size=[16], dtype="float32")], max_frame_bytes=32)
+    with pytest.raises(errors.InvalidRequestError, match="header larger"):
+        _read([runtime_pb2.ExpertRequest(metadata=b"{" + b" " * 2**17 + b"}")])
     for metadata in (b"not json", b'{"type": "forward"}', b'{"type": "rm -rf"}', b'{"type":"step","position":-1}'):
         with pytest.raises(errors.InvalidRequestError):
             decode_header(PEER_REQUEST, metadata)
