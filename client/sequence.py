@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 BAN_BASE_S = 5.0
 BAN_MAX_S = 300.0
 REFRESH_PERIOD_S = 10.0
+MAX_PINGS_PER_UPDATE = 64  # a flood of fake records must not make us dial thousands of peers at once
 
 
 class RemoteSequence:
@@ -68,7 +69,7 @@ class RemoteSequence:
                 logger.warning("peer %s did not answer a ping: %s", peer_id[-8:], exc)
                 self.ban(peer_id)
 
-        await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids))
+        await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids[:MAX_PINGS_PER_UPDATE]))
 
     def ban(self, peer_id: str) -> None:
         """Avoid a peer for a while after a transient failure; the ban doubles with each failure."""

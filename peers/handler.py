@@ -75,13 +75,13 @@ class BlockServicer(BlockService):
                 raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
             span = check_span(header.start_block, header.end_block, (self.stack.start_block, self.stack.end_block))
             tensors = name_tensors(header, frame[1], INPUT_TENSORS)
-            outputs = await self._compute(tensors, self.limits, None, span, position=0)
+            reply = await self._compute(tensors, self.limits, None, span, position=0)
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error_reply(exc, context, "forward")
             await _drain(reader)
             return
         logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
-        for message in _result_messages(outputs):
+        for message in reply:
             yield message
         await _drain(reader)
 
@@ -139,7 +139,7 @@ class BlockServicer(BlockService):
                 return  # the client closed the session
             started = time.perf_counter()
             try:
-                outputs = await self._session_step(cache, frame, session_limits, span)
+                reply = await self._session_step(cache, frame, session_limits, span)
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
                 yield self._error_reply(exc, context, "step")
                 continue
@@ -148,13 +148,13 @@ class BlockServicer(BlockService):
                 await _drain(reader)
                 return
             logger.debug(
-                "step peer=%s session=%s blocks=%d:%d tokens=%d ms=%.1f", _short(context), opening.session_id[:8],
-                *span, outputs.shape[1], 1000 * (time.perf_counter() - started),
+                "step peer=%s session=%s blocks=%d:%d ms=%.1f", _short(context), opening.session_id[:8],
+                *span, 1000 * (time.perf_counter() - started),
             )
-            for message in _result_messages(outputs):
+            for message in reply:
                 yield message
 
-    async def _session_step(self, cache, frame, limits: Limits, span) -> torch.Tensor:
+    async def _session_step(self, cache, frame, limits: Limits, span) -> list[Response]:
         step = decode_header(PEER_REQUEST, frame[0])
         if not isinstance(step, InferenceStep):
             raise errors.InvalidRequestError(f"expected a step, got {step.type!r}")
@@ -164,19 +164,19 @@ class BlockServicer(BlockService):
         tensors = name_tensors(step, frame[1], INPUT_TENSORS)
         return await self._compute(tensors, limits, cache, span, position=step.position)
 
-    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int) -> torch.Tensor:
+    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int) -> list[Response]:
         """Validate, roll back and run, all on the compute thread (one OpenMP pool per process)."""
         job = functools.partial(self._compute_sync, tensors, limits, cache, span, position)
         return await asyncio.get_running_loop().run_in_executor(self.executor, job)
 
-    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int) -> torch.Tensor:
+    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int) -> list[Response]:
         inputs = check_block_inputs(tensors, limits, past_length=position)
         if cache is not None:
             try:
                 self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
             except ValueError as exc:
                 raise errors.InvalidRequestError(str(exc)) from exc
-        return self.stack(inputs, cache, span).cpu()
+        return list(_result_messages(self.stack(inputs, cache, span).cpu()))  # framing off the event loop too
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
         if isinstance(exc, TimeoutError):

@@ -62,19 +62,8 @@ class Peer:
         """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT.
 
         A compute step still running at that moment is abandoned with the process."""
-        net = self.config.network
         loop = asyncio.get_running_loop()
-        self.dht = await loop.run_in_executor(
-            None,
-            lambda: network.start_dht(
-                initial_peers=net.initial_peers,
-                host_maddrs=net.host_maddrs,
-                announce_maddrs=net.announce_maddrs,
-                identity_path=net.identity_path,
-                loopback_only=net.is_loopback_only(),
-                startup_timeout_s=net.connect_timeout_s,
-            ),
-        )
+        self.dht = await loop.run_in_executor(None, network.start_node, self.config.network)
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
             self.peer_id = self.dht.peer_id.to_base58()

@@ -29,17 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        dht = await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: network.start_dht(
-                initial_peers=config.initial_peers,
-                host_maddrs=config.host_maddrs,
-                announce_maddrs=config.announce_maddrs,
-                identity_path=config.identity_path,
-                loopback_only=config.is_loopback_only(),
-                startup_timeout_s=config.connect_timeout_s,
-            ),
-        )
+        dht = await asyncio.get_running_loop().run_in_executor(None, network.start_node, config)
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(dht))}", flush=True)
             await stop.wait()

@@ -15,6 +15,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, PeerUnavailableError
 from swarm.records import MODELS_KEY, ModelRecord, PeerRecord, block_keys
 
@@ -53,6 +54,18 @@ def start_dht(
         if initial_peers:
             raise PeerUnavailableError(f"could not join the swarm through {list(initial_peers)}: {message}") from exc
         raise ConfigError(f"could not start a DHT node on {list(host_maddrs)}: {message}") from exc
+
+
+def start_node(config: NetworkConfig) -> hivemind.DHT:
+    """A serving node (peer or bootstrap) as its NetworkConfig says."""
+    return start_dht(
+        initial_peers=config.initial_peers,
+        host_maddrs=config.host_maddrs,
+        announce_maddrs=config.announce_maddrs,
+        identity_path=config.identity_path,
+        loopback_only=config.is_loopback_only(),
+        startup_timeout_s=config.connect_timeout_s,
+    )
 
 
 def stop_dht(dht: hivemind.DHT, timeout_s: float = 5.0) -> None:
