@@ -106,7 +106,6 @@ def main() -> int:
 
     local_prefill, local_tps = measure(local_generate, input_ids, args.repeats)
     local_rss = psutil.Process().memory_info().rss / 2**20
-    del local
 
     third = num_blocks // 3
     runs = {

@@ -30,7 +30,6 @@ def stacks(model, cuts=(0, 1, 3, 4)) -> list[BlockStack]:
 
 def run_chain(model, chain, input_ids, attention_mask=None, caches=None):
     hidden = model.model.embed_tokens(input_ids)
-    past = caches[0].get_seq_length(chain[0].start_block) if caches else 0
     position_ids = None
     if attention_mask is not None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]

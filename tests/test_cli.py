@@ -36,7 +36,7 @@ def run_peer(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 def test_bad_flags_get_one_clear_error(tiny_model_path, args, message):
     result = run_peer("--model", str(tiny_model_path), *args)
     assert result.returncode == 2
-    assert f"swarm: error: " in result.stderr and message in result.stderr
+    assert "swarm: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -17,7 +17,7 @@ from swarm import errors
 from swarm.config import PeerConfig, parse_block_range
 from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_peer_records
-from swarm.transport import CHUNK_BYTES, FrameReader, decode_header, encode_frame, name_tensors
+from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
 
 pytestmark = pytest.mark.timeout(60)
 
