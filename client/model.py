@@ -90,7 +90,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             inputs = kwargs.pop("input_ids", None)
         if session is None:
             total = _total_length(inputs, kwargs, self.generation_config)
-            session = InferenceSession(self.sequence, max_length=total, batch_size=_batch_size(inputs, kwargs))
+            session = InferenceSession(self.sequence, max_length=total)  # batch size: set at the first step
             try:
                 return super().generate(inputs, past_key_values=RemoteCache(session), **kwargs)
             finally:
@@ -177,11 +177,6 @@ class AutoDistributedModelForCausalLM:
         if (source.path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(source.path)
         return model.eval()
-
-
-def _batch_size(inputs, kwargs) -> int:
-    reference = inputs if inputs is not None else kwargs.get("inputs_embeds")
-    return 1 if reference is None else reference.shape[0]
 
 
 def _total_length(inputs, kwargs, generation_config) -> int:
