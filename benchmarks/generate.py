@@ -2,7 +2,9 @@
 
 Measures, in one run and on the same weights: prefill time of a 128-token prompt and greedy decode
 tokens/s over 64 new tokens (medians of --repeats runs), for local transformers in this process and
-through the swarm; prints the ratios and each peer's memory (RSS of its process group).
+through the swarm; prints the ratios and each peer's memory (RSS of its process group). The
+"relay" row turns off peer-to-peer pushes, so every activation goes through the client: the
+difference to the row below it is what the pushes save.
 
     .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 3] [--threads 2] [--peer-threads 1]
 
@@ -58,9 +60,14 @@ def group_memory_mib(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def swarm_run(model_name: str, splits: list[str], input_ids, repeats: int, threads: int) -> tuple[float, float, list[tuple[float, float]]]:
-    """Start a bootstrap node and one peer per split (`threads` torch threads each); measure through them."""
+def swarm_run(
+    model_name: str, splits: list[str], input_ids, repeats: int, threads: int, push: bool
+) -> tuple[float, float, list[tuple[float, float]]]:
+    """Start a bootstrap node and one peer per split (`threads` torch threads each); measure through them.
+
+    `push`: peers send their output straight to the next peer (else only the client relays it)."""
     from client import AutoDistributedModelForCausalLM
+    from swarm.config import ClientConfig
 
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     with LocalSwarm(log_dir, env={"OMP_NUM_THREADS": str(threads)}) as swarm:
@@ -69,7 +76,9 @@ def swarm_run(model_name: str, splits: list[str], input_ids, repeats: int, threa
             swarm.start_peer(blocks, model=model_name, extra_args=["--num-threads", str(threads)], wait=False)
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
-        model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=swarm.initial_peers)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_name, initial_peers=swarm.initial_peers, client_config=ClientConfig(push_steps=push)
+        )
         try:
             def generate(ids, new_tokens):
                 return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -108,16 +117,18 @@ def main() -> int:
     local_rss = psutil.Process().memory_info().rss / 2**20
 
     third = num_blocks // 3
-    runs = {
-        "swarm, 1 peer": [f"0:{num_blocks}"],
-        "swarm, 3 peers": [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{num_blocks}"],
+    thirds = [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{num_blocks}"]
+    runs = {  # name: (peers' blocks, push)
+        "swarm, 1 peer": ([f"0:{num_blocks}"], True),
+        "3 peers, relay": (thirds, False),
+        "swarm, 3 peers": (thirds, True),
     }
     print(f"model {args.model} ({num_blocks} blocks), prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
           f"{args.threads} threads local/client, {args.peer_threads} per peer, medians of {args.repeats}")
     print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'ratio vs local':>15}  per peer: RSS / group PSS MiB")
     print(f"{'local':<16} {1000 * local_prefill:>10.0f} {local_tps:>13.1f} {1.0:>15.2f}  (this process: {local_rss:.0f})")
-    for name, splits in runs.items():
-        prefill_s, tps, rss = swarm_run(args.model, splits, input_ids, args.repeats, args.peer_threads)
+    for name, (splits, push) in runs.items():
+        prefill_s, tps, rss = swarm_run(args.model, splits, input_ids, args.repeats, args.peer_threads, push)
         rss_text = ", ".join(f"{main:.0f} / {group:.0f}" for main, group in rss)
         print(f"{name:<16} {1000 * prefill_s:>10.0f} {tps:>13.1f} {tps / local_tps:>15.2f}  {rss_text}", flush=True)
     return 0

@@ -53,7 +53,9 @@ async def call_forward(
         return await _read_result(FrameReader(replies), peer_id, inputs.hidden_states.shape)
 
 
-async def _read_result(reader: FrameReader, peer_id: str, expected_shape: torch.Size) -> torch.Tensor:
+async def _read_result(
+    reader: FrameReader, peer_id: str, expected_shape: torch.Size, step_id: int | None = None
+) -> torch.Tensor:
     """The hidden states a peer answered with, checked: a malformed reply bans the peer, never crashes us."""
     try:
         frame = await reader.read()
@@ -65,6 +67,8 @@ async def _read_result(reader: FrameReader, peer_id: str, expected_shape: torch.
     raise_if_error(header)
     if not isinstance(header, Result) or header.tensor_names != ["hidden_states"] or len(frame[1]) != 1:
         raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
+    if header.step_id != step_id:
+        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered step {header.step_id}, expected {step_id}")
     (hidden_states,) = frame[1]
     if hidden_states.shape != expected_shape or not hidden_states.is_floating_point():
         raise errors.PeerMisbehavedError(
@@ -82,14 +86,17 @@ class SpanStream:
         self.p2p, self.peer_id, self.namespace = p2p, peer_id, namespace
         self.start, self.end = start, end
         self.timeout_s = timeout_s
+        self.push_from: str | None = None  # the previous hop, allowed to push steps into this one
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._reader: FrameReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def open(self, session_id: str, max_length: int, batch_size: int) -> None:
+    async def open(self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None) -> None:
         header = OpenSession(
-            session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length, batch_size=batch_size
+            session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length,
+            batch_size=batch_size, push_from=push_from,
         )
+        self.push_from = push_from
         self._loop = asyncio.get_running_loop()
         self._send(header, [])
         async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
@@ -105,11 +112,14 @@ class SpanStream:
             if not isinstance(reply, SessionOpened):
                 raise errors.PeerMisbehavedError(f"peer {self.peer_id[-8:]} did not open the session")
 
-    async def step(self, inputs: BlockInputs, position: int) -> torch.Tensor:
+    async def step(self, inputs: BlockInputs, position: int, step_id: int, push_to: list[str] = ()) -> torch.Tensor:
+        """Send a step (the peer may have it already, pushed by the previous hop) and read its result.
+
+        `push_to`: the following hops, to which this peer sends its output directly."""
         names, tensors = _input_tensors(inputs)
-        self._send(InferenceStep(position=position, tensor_names=names), tensors)
+        self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
         async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
-            return await _read_result(self._reader, self.peer_id, inputs.hidden_states.shape)
+            return await _read_result(self._reader, self.peer_id, inputs.hidden_states.shape, step_id)
 
     def close(self) -> None:
         """End the stream (from any thread): the peer frees the session's cache at once."""

@@ -8,6 +8,7 @@ to rebuild their cache, and continues. It does not compute anything locally (see
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import uuid
 
@@ -17,6 +18,7 @@ from client.remote import SpanStream
 from client.sequence import RemoteSequence
 from swarm import errors
 from swarm.blocks import BlockInputs
+from swarm.messages import MAX_PUSH_HOPS
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class InferenceSession:
         self.batch_size = batch_size
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop has in its cache
+        self._step_ids = itertools.count()
         self.streams: list[SpanStream] = []
         self._inputs_at: dict[int, History] = {}  # block index -> hidden states that entered it [batch, pos, hidden]
         self._position_ids = History()  # [batch or 1, pos]
@@ -51,7 +54,7 @@ class InferenceSession:
         return lines
 
     async def open(self) -> None:
-        self.streams = await self._open_streams(0, self.sequence.num_blocks)
+        self.streams = await self._open_streams(0, self.sequence.num_blocks, push_from=None)
 
     async def step(self, inputs: BlockInputs, position: int | None = None) -> torch.Tensor:
         """Run new tokens through all blocks; `position` < self.position rolls the session back first."""
@@ -66,23 +69,36 @@ class InferenceSession:
                 f"{position + new_tokens} tokens exceed this session's max_length={self.max_length}"
             )
         self._truncate(position)
-        hidden_states, index = inputs.hidden_states, 0
+        hidden_states, index, step_id = inputs.hidden_states, 0, next(self._step_ids)
         while index < len(self.streams):
             stream = self.streams[index]
             self._remember(stream.start, hidden_states, position)
             try:
-                hidden_states = await stream.step(_with_hidden(inputs, hidden_states), position)
+                hidden_states = await stream.step(_with_hidden(inputs, hidden_states), position, step_id, self._push_chain(index))
                 index += 1
             except errors.RemoteError as exc:
                 if not exc.transient:
                     raise
-                await self._replace(index, exc)
+                await self._replace(index, exc, step_id)
         self._remember_positions(inputs, position)
         self.position = position + new_tokens
         return hidden_states
 
-    async def _replace(self, index: int, cause: Exception) -> None:
-        """Swap streams[index] for new peer(s) over the same blocks and replay the history into them."""
+    def _push_chain(self, index: int) -> list[str]:
+        """The hops after streams[index] that take pushes from their predecessor, up to the first that does not."""
+        chain = []
+        if self.sequence.config.push_steps:
+            for previous, stream in zip(self.streams[index:], self.streams[index + 1 :]):
+                if stream.push_from != previous.peer_id or len(chain) == MAX_PUSH_HOPS:
+                    break
+                chain.append(stream.peer_id)
+        return chain
+
+    async def _replace(self, index: int, cause: Exception, step_id: int) -> None:
+        """Swap streams[index] for new peer(s) over the same blocks and replay the history into them.
+
+        The replay counts as step `step_id - 1`, the last one the session completed, so that step
+        `step_id` then runs on the new peers; hops after them may have it already, pushed to them."""
         failed = self.streams[index]
         logger.warning("peer %s failed for blocks %d:%d (%s): re-routing", failed.peer_id[-8:], failed.start, failed.end, cause)
         failed.close()
@@ -90,8 +106,9 @@ class InferenceSession:
         for attempt in range(self.sequence.config.max_retries + 1):
             replacement = []
             try:
-                replacement = await self._open_streams(failed.start, failed.end)
-                await self._replay(replacement)
+                previous = self.streams[index - 1].peer_id if index > 0 else None
+                replacement = await self._open_streams(failed.start, failed.end, push_from=previous)
+                await self._replay(replacement, step_id - 1)
                 self.streams[index : index + 1] = replacement
                 return
             except errors.RemoteError as exc:
@@ -103,7 +120,7 @@ class InferenceSession:
                     raise
                 logger.warning("replacement failed (%s), retry %d", exc, attempt + 1)
 
-    async def _replay(self, streams: list[SpanStream]) -> None:
+    async def _replay(self, streams: list[SpanStream], step_id: int) -> None:
         if self.position == 0:
             return
         hidden_states = self._inputs_at[streams[0].start].view(self.position)
@@ -112,12 +129,13 @@ class InferenceSession:
             self._inputs_at[stream.start] = History()
             self._inputs_at[stream.start].write(hidden_states, 0)
             try:
-                hidden_states = await stream.step(_with_hidden(history, hidden_states), 0)
+                hidden_states = await stream.step(_with_hidden(history, hidden_states), 0, step_id)
             except errors.RemoteError as exc:
                 exc.peer_id = stream.peer_id  # so the caller bans the peer that failed the replay
                 raise
 
-    async def _open_streams(self, start: int, end: int) -> list[SpanStream]:
+    async def _open_streams(self, start: int, end: int, *, push_from: str | None) -> list[SpanStream]:
+        """Streams through [start, end); the first takes pushes from `push_from`, each next one from its predecessor."""
         streams = []
         try:
             for hop in await self.sequence.route(start, end):
@@ -126,7 +144,8 @@ class InferenceSession:
                     self.sequence.config.step_timeout_s,
                 )
                 streams.append(stream)
-                await stream.open(self.session_id, self.max_length, self.batch_size)
+                await stream.open(self.session_id, self.max_length, self.batch_size, push_from=push_from)
+                push_from = hop.peer_id
         except errors.RemoteError as exc:
             for stream in streams:
                 stream.close()

@@ -1,36 +1,62 @@
-"""The peer's RPC handlers: info, stateless forward, and inference sessions over one open stream.
+"""The peer's RPC handlers: info, stateless forward, inference sessions over one open stream, and
+pushes of a session's steps from the previous hop.
 
 Every request is decoded and validated before compute; compute runs off the event loop in the
 peer's executor. A bad request gets a typed error reply and the peer goes on serving. This module
 does not announce anything or load blocks (see `peers.server`).
+
+A session's steps reach it two ways: from its client, and pushed by the peer serving the blocks
+just before it (`rpc_push`), which sends its output straight on instead of making the client relay
+it. The client sends every step anyway; whichever copy arrives first runs, the other is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import time
 from typing import AsyncIterator
 
 import torch
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
+from swarm import protocol
+from swarm.blocks import BlockInputs
 from swarm.protocol import BlockService
-from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
-from swarm.transport import FrameReader, decode_header, encode_error, encode_frame, name_tensors
+from swarm.messages import (
+    PEER_REQUEST, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
+)
+from swarm.transport import (
+    FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message, translated_errors,
+)
 
 logger = logging.getLogger(__name__)
 
 INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
 DRAIN_TIMEOUT_S = 5.0
+PUSH_TIMEOUT_S = 5.0
+INBOX_FRAMES = 4  # per session: a client sends one step and waits; pushes beyond this are dropped
+Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
+
+
+@dataclasses.dataclass
+class _Inbox:
+    """The frames of one session: ("client", frame | None | exception) and ("push", (PushStep, tensors))."""
+
+    push_from: str | None
+    queue: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(maxsize=INBOX_FRAMES))
+    draining: bool = False  # the session ended: the client's frames are read and dropped
+    steps: int = 0
+    pushed_steps: int = 0  # of which the previous hop's push arrived first
 
 
 class BlockServicer(BlockService):
@@ -45,9 +71,12 @@ class BlockServicer(BlockService):
         session_idle_timeout_s: float,
         cache_wait_s: float,
         executor: concurrent.futures.ThreadPoolExecutor,
+        p2p: P2P | None = None,
     ):
         self.stack = stack
         self.info = info
+        self.p2p = p2p  # to push steps to the next hop; None: never push
+        self.peer_id = str(p2p.peer_id) if p2p is not None else None
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length
         )
@@ -55,7 +84,8 @@ class BlockServicer(BlockService):
         self.session_idle_timeout_s = session_idle_timeout_s
         self.cache_wait_s = cache_wait_s
         self.executor = executor  # the peer's single compute thread
-
+        self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
+        self._pushes: set[asyncio.Task] = set()
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
@@ -75,15 +105,15 @@ class BlockServicer(BlockService):
                 raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
             span = check_span(header.start_block, header.end_block, (self.stack.start_block, self.stack.end_block))
             tensors = name_tensors(header, frame[1], INPUT_TENSORS)
-            reply = await self._compute(tensors, self.limits, None, span, position=0)
+            reply, _ = await self._compute(tensors, self.limits, None, span, position=0)
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error_reply(exc, context, "forward")
-            await _drain(reader)
+            await _drain_reader(reader)
             return
         logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
         for message in reply:
             yield message
-        await _drain(reader)
+        await _drain_reader(reader)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -93,7 +123,7 @@ class BlockServicer(BlockService):
             opening = await self._read_opening(reader)
         except Exception as exc:
             yield self._error_reply(exc, context, "open")
-            await _drain(reader)
+            await _drain_reader(reader)
             return
         span = (opening.start_block, opening.end_block)
         try:
@@ -102,7 +132,7 @@ class BlockServicer(BlockService):
                     yield message
         except errors.SwarmError as exc:  # no cache for this session
             yield self._error_reply(exc, context, "open")
-            await _drain(reader)
+            await _drain_reader(reader)
 
     async def _read_opening(self, reader: FrameReader) -> OpenSession:
         async with asyncio.timeout(self.session_idle_timeout_s):
@@ -120,63 +150,145 @@ class BlockServicer(BlockService):
         return opening
 
     async def _serve_session(self, reader, opening: OpenSession, span, context) -> AsyncIterator[Response]:
+        key = (opening.session_id, span[0])
+        if key in self._inboxes:
+            raise errors.InvalidRequestError("this session is already open on these blocks")
+        inbox = self._inboxes[key] = _Inbox(push_from=opening.push_from)
+        pump = asyncio.create_task(_pump(reader, inbox))
+        try:
+            async for message in self._session_steps(inbox, pump, opening, span, context):
+                yield message
+        finally:
+            del self._inboxes[key]
+            pump.cancel()
+            logger.info(
+                "session %s on blocks %d:%d ended after %d steps (%d pushed by the previous hop)",
+                opening.session_id[:8], *span, inbox.steps, inbox.pushed_steps,
+            )
+
+    async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context) -> AsyncIterator[Response]:
         cache = self.stack.new_cache()
         session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
         (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
         yield reply
+        last_step_id = -1
         while True:
             try:
                 async with asyncio.timeout(self.session_idle_timeout_s):
-                    frame = await reader.read()
+                    source, item = await inbox.queue.get()
             except TimeoutError:
                 logger.info("session %s idle for %.0f s: freeing its cache", opening.session_id[:8], self.session_idle_timeout_s)
                 return
-            except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
-                yield self._error_reply(exc, context, "step")
-                await _drain(reader)
-                return
-            if frame is None:
+            if item is None:
                 return  # the client closed the session
+            if isinstance(item, errors.SwarmError):  # a malformed frame: end the session, keep serving others
+                yield self._error_reply(item, context, "step")
+                await _drain(inbox, pump)
+                return
+            if isinstance(item, BaseException):
+                return  # the client's stream broke: it is gone
             started = time.perf_counter()
             try:
-                reply = await self._session_step(cache, frame, session_limits, span)
+                step, tensors = _step_of(source, item)
+                if step.step_id <= last_step_id:
+                    continue  # the other copy of this step ran already
+                reply, push = await self._session_step(opening.session_id, cache, step, tensors, session_limits, span)
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
+                if source == "push":  # the client sends this step too; let its copy run
+                    logger.warning("dropped a pushed step of session %s: %s", opening.session_id[:8], str(exc)[:200])
+                    continue
                 yield self._error_reply(exc, context, "step")
                 continue
             except Exception as exc:  # failed mid-compute: the cache may be half-updated, end the session
                 yield self._error_reply(exc, context, "step")
-                await _drain(reader)
+                await _drain(inbox, pump)
                 return
+            last_step_id = step.step_id
+            inbox.steps += 1
+            inbox.pushed_steps += source == "push"
+            if push is not None:
+                self._push(opening.session_id, step.push_to[0], push)
             logger.debug(
-                "step peer=%s session=%s blocks=%d:%d ms=%.1f", _short(context), opening.session_id[:8],
-                *span, 1000 * (time.perf_counter() - started),
+                "step peer=%s session=%s blocks=%d:%d from=%s ms=%.1f", _short(context), opening.session_id[:8],
+                *span, source, 1000 * (time.perf_counter() - started),
             )
             for message in reply:
                 yield message
 
-    async def _session_step(self, cache, frame, limits: Limits, span) -> list[Response]:
-        step = decode_header(PEER_REQUEST, frame[0])
-        if not isinstance(step, InferenceStep):
-            raise errors.InvalidRequestError(f"expected a step, got {step.type!r}")
+    async def _session_step(self, session_id: str, cache, step: InferenceStep | PushStep, tensors, limits: Limits, span):
         cache_length = self.stack.cache_length(cache, span[0])
         if step.position > cache_length:
             raise errors.InvalidRequestError(f"step at position {step.position} but the cache holds {cache_length} tokens")
-        tensors = name_tensors(step, frame[1], INPUT_TENSORS)
-        return await self._compute(tensors, limits, cache, span, position=step.position)
+        return await self._compute(tensors, limits, cache, span, position=step.position, step=(session_id, step))
 
-    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int) -> list[Response]:
-        """Validate, roll back and run, all on the compute thread (one OpenMP pool per process)."""
-        job = functools.partial(self._compute_sync, tensors, limits, cache, span, position)
+    # ---- pushes between consecutive hops ----------------------------------------------------
+    async def rpc_push(self, request: Request, context: P2PContext) -> Response:
+        try:
+            metadata, tensors = await read_message(request)
+            header = decode_header(PEER_REQUEST, metadata)
+            if not isinstance(header, PushStep):
+                raise errors.InvalidRequestError(f"rpc_push expects a push, got {header.type!r}")
+            self._deliver(header, name_tensors(header, tensors, INPUT_TENSORS), str(context.remote_id))
+        except Exception as exc:
+            return self._error_reply(exc, context, "push")
+        return Response()
+
+    def _deliver(self, header: PushStep, tensors: dict[str, torch.Tensor], sender: str) -> None:
+        inbox = self._inboxes.get((header.session_id, header.start_block))
+        if inbox is None or inbox.push_from != sender:
+            raise errors.UnknownSessionError("no session here takes pushes from this peer")
+        if not inbox.draining:
+            try:
+                inbox.queue.put_nowait(("push", (header, tensors)))
+            except asyncio.QueueFull:
+                pass  # best effort: the client's copy of the step will come
+
+    def _push(self, session_id: str, target: str, header_and_tensors) -> None:
+        """Send a step's output to the next hop, in the background; failures only cost the client's relay."""
+        header, tensors, message = header_and_tensors
+        if target == self.peer_id:  # the next hop is this peer too
+            try:
+                self._deliver(header, tensors, self.peer_id)
+            except errors.SwarmError:
+                pass
+            return
+        task = asyncio.create_task(self._send_push(target, message, session_id))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _send_push(self, target: str, message: Request, session_id: str) -> None:
+        try:
+            async with translated_errors(target[-8:]), asyncio.timeout(PUSH_TIMEOUT_S):
+                reply = await protocol.stub(self.p2p, PeerID.from_base58(target), self.info.dht_prefix).rpc_push(message)
+            if reply.metadata:
+                logger.debug("push of session %s to %s refused: %s", session_id[:8], target[-8:], reply.metadata[:200])
+        except (errors.SwarmError, ValueError) as exc:
+            logger.debug("push of session %s to %s failed: %s", session_id[:8], target[-8:], exc)
+
+    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int, step=None):
+        """Validate, roll back and run, all on the compute thread (one OpenMP pool per process).
+
+        Returns the reply messages and, for a session step with hops after this one that fits in one
+        message, what to push to the next hop (header, tensors, message); else None."""
+        job = functools.partial(self._compute_sync, tensors, limits, cache, span, position, step)
         return await asyncio.get_running_loop().run_in_executor(self.executor, job)
 
-    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int) -> list[Response]:
+    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int, step):
         inputs = check_block_inputs(tensors, limits, past_length=position)
         if cache is not None:
             try:
                 self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
             except ValueError as exc:
                 raise errors.InvalidRequestError(str(exc)) from exc
-        return list(_result_messages(self.stack(inputs, cache, span).cpu()))  # framing off the event loop too
+        outputs = self.stack(inputs, cache, span).cpu()
+        if step is None:
+            return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)), None
+        session_id, step = step
+        reply = list(encode_frame(Result(tensor_names=["hidden_states"], step_id=step.step_id), [outputs], Response))
+        push = None
+        if step.push_to and self.p2p is not None:
+            push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs))
+        return reply, push
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
         if isinstance(exc, TimeoutError):
@@ -188,11 +300,45 @@ class BlockServicer(BlockService):
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal")
 
 
-def _result_messages(outputs: torch.Tensor):
-    return encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)
+def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs):
+    """The PushStep carrying this step's output to the next hop, if it fits in one message."""
+    names, tensors = frame_tensors(
+        {"hidden_states": outputs.hidden_states, "position_ids": outputs.position_ids, "attention_mask": outputs.attention_mask}
+    )
+    header = PushStep(
+        session_id=session_id,
+        start_block=next_block, position=step.position, step_id=step.step_id, push_to=step.push_to[1:], tensor_names=names,
+    )
+    messages = list(encode_frame(header, tensors, Request))
+    if len(messages) != 1:
+        return None  # a long prefill: the client relays it
+    return header, dict(zip(names, tensors)), messages[0]
 
 
-async def _drain(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+def _step_of(source: str, item) -> tuple[InferenceStep | PushStep, dict[str, torch.Tensor]]:
+    if source == "push":
+        return item
+    header = decode_header(PEER_REQUEST, item[0])
+    if not isinstance(header, InferenceStep):
+        raise errors.InvalidRequestError(f"expected a step, got {header.type!r}")
+    return header, name_tensors(header, item[1], INPUT_TENSORS)
+
+
+async def _pump(reader: FrameReader, inbox: _Inbox) -> None:
+    """Move the client's frames into the session's inbox; after the session ended, read and drop them."""
+    try:
+        while True:
+            frame = await reader.read()
+            if not inbox.draining:
+                await inbox.queue.put(("client", frame))
+            if frame is None:
+                return
+    except Exception as exc:  # a malformed frame or a broken stream
+        if not inbox.draining:
+            await inbox.queue.put(("client", exc))
+
+
+async def _drain_reader(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
     """Read the client's stream to its end before closing ours: closing first would break the pipe
     under the client's last write, and it would lose our reply (asyncio fails buffered reads then)."""
     try:
@@ -200,6 +346,18 @@ async def _drain(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> Non
             while await reader.read() is not None:
                 pass
     except (TimeoutError, errors.SwarmError):
+        pass
+
+
+async def _drain(inbox: _Inbox, pump: asyncio.Task, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """_drain_reader for a session whose frames a pump reads."""
+    inbox.draining = True
+    while not inbox.queue.empty():
+        inbox.queue.get_nowait()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(pump)
+    except Exception:  # timed out, or the stream broke: nothing more to read
         pass
 
 

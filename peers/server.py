@@ -69,6 +69,7 @@ class Peer:
             self.peer_id = self.dht.peer_id.to_base58()
             await self._announce()
             stack = await loop.run_in_executor(self.executor, self._load_blocks)
+            self.p2p = await self.dht.replicate_p2p()
             self.servicer = BlockServicer(
                 stack,
                 self._info(),
@@ -76,8 +77,8 @@ class Peer:
                 session_idle_timeout_s=self.config.session_idle_timeout_s,
                 cache_wait_s=self.config.cache_wait_s,
                 executor=self.executor,
+                p2p=self.p2p,
             )
-            self.p2p = await self.dht.replicate_p2p()
             await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
             await self._announce()

@@ -83,6 +83,9 @@ class ClientConfig(BaseModel):
     max_retries: int = Field(3, ge=0, description="re-routes after a transient peer failure")
     route_wait_s: float = Field(30.0, ge=0, description="how long to wait for every block to be served")
     ping_timeout_s: float = Field(2.0, gt=0, description="latency probe timeout per peer")
+    push_steps: bool = Field(
+        True, description="let each peer of a session send its output straight to the next one (the client relays it too)"
+    )
 
 
 def parse_block_range(text: str) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from swarm.records import MAX_BLOCKS
 
 MAX_SESSION_ID_CHARS = 64
 MAX_TENSORS_PER_FRAME = 8
+MAX_PUSH_HOPS = 32
+PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class _Message(BaseModel):
@@ -41,6 +43,9 @@ class OpenSession(_Message):
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
     max_length: int = Field(gt=0, le=2**20, description="tokens per sequence the session may reach")
     batch_size: int = Field(gt=0, le=1024)
+    push_from: PeerIdText | None = Field(
+        default=None, description="the previous hop's peer id: the only peer allowed to push steps into this session"
+    )
 
 
 class InferenceStep(_Message):
@@ -50,6 +55,23 @@ class InferenceStep(_Message):
 
     type: Literal["step"] = "step"
     position: int = Field(ge=0, le=2**20)
+    step_id: int = Field(ge=0, description="increases with every step of the session; a step seen twice runs once")
+    push_to: list[PeerIdText] = Field(
+        default_factory=list, max_length=MAX_PUSH_HOPS,
+        description="the following hops' peer ids: send this step's output straight to the first, which passes it on",
+    )
+
+
+class PushStep(_Message):
+    """A step pushed by the previous hop of a session (rpc_push): its output, so this peer need not
+    wait for the client to relay it. The client sends the same step too; whichever arrives first runs."""
+
+    type: Literal["push"] = "push"
+    session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
+    start_block: int = Field(ge=0, lt=MAX_BLOCKS, description="the receiving hop's first block")
+    position: int = Field(ge=0, le=2**20)
+    step_id: int = Field(ge=0)
+    push_to: list[PeerIdText] = Field(default_factory=list, max_length=MAX_PUSH_HOPS)
 
 
 class SessionOpened(_Message):
@@ -61,6 +83,7 @@ class Result(_Message):
     """Output of a forward or a step: the hidden states after the last requested block."""
 
     type: Literal["result"] = "result"
+    step_id: int | None = Field(default=None, description="the session step this answers (None for a forward)")
 
 
 class ErrorReply(_Message):
@@ -87,7 +110,7 @@ class PeerInfo(BaseModel):
     max_length: int = Field(gt=0)
 
 
-PeerRequest = Annotated[Union[ForwardRequest, OpenSession, InferenceStep], Field(discriminator="type")]
+PeerRequest = Annotated[Union[ForwardRequest, OpenSession, InferenceStep, PushStep], Field(discriminator="type")]
 PeerReply = Annotated[Union[SessionOpened, Result, ErrorReply], Field(discriminator="type")]
 
 PEER_REQUEST = TypeAdapter(PeerRequest)

@@ -27,7 +27,11 @@ class BlockService(ServicerBase):
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """OpenSession, then InferenceStep frames; each answered by one reply frame."""
+        """OpenSession, then InferenceStep frames; each step answered by one reply frame."""
+        raise NotImplementedError
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """One PushStep frame in one message, from the previous hop of a session; an empty reply or an ErrorReply."""
         raise NotImplementedError
 
 

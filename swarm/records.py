@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MODELS_KEY = "swarm.models"  # subkey: dht_prefix, value: ModelRecord
 MAX_BLOCKS = 4096  # no supported model has more blocks than this
 

@@ -88,6 +88,18 @@ class FrameReader:
         return None
 
 
+async def read_message(message: Proto, max_frame_bytes: int = 2 * CHUNK_BYTES) -> tuple[bytes, list[torch.Tensor]]:
+    """A whole frame sent as one message (a unary call), checked like a streamed one."""
+
+    async def single() -> AsyncIterator[Proto]:
+        yield message
+
+    frame = await FrameReader(single(), max_frame_bytes).read()
+    if frame is None:
+        raise errors.InvalidRequestError("empty message")
+    return frame
+
+
 def decode_header(adapter: TypeAdapter | type[Header], metadata: bytes) -> BaseModel:
     try:
         if isinstance(adapter, TypeAdapter):

@@ -12,11 +12,11 @@ from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client.remote import SpanStream, call_forward, call_info
+from client.remote import SpanStream, _input_tensors, call_forward, call_info
 from swarm import errors, protocol
 from swarm.blocks import BlockInputs
-from swarm.messages import PEER_REPLY, InferenceStep
-from swarm.transport import FrameReader, decode_header
+from swarm.messages import PEER_REPLY, InferenceStep, PushStep
+from swarm.transport import FrameReader, decode_header, encode_frame, raise_if_error
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -99,17 +99,17 @@ def test_session_errors_are_typed(model, first_peer):
 
     async def scenario():
         stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
-        stream._send(InferenceStep(position=0), [])
+        stream._send(InferenceStep(position=0, step_id=0), [])
         with pytest.raises(errors.UnknownSessionError):
             await stream.open("s", 8, 1)  # the peer sees a step before any open
         stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
         await stream.open("s2", max_length=8, batch_size=1)
-        await stream.step(BlockInputs(torch.zeros(1, 6, 64)), 0)
+        await stream.step(BlockInputs(torch.zeros(1, 6, 64)), 0, step_id=0)
         with pytest.raises(errors.SessionLengthError):
-            await stream.step(BlockInputs(torch.zeros(1, 3, 64)), 6)
+            await stream.step(BlockInputs(torch.zeros(1, 3, 64)), 6, step_id=1)
         with pytest.raises(errors.InvalidRequestError, match="cache holds 6"):
-            await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 9)
-        await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 6)  # the session survives its errors
+            await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 9, step_id=2)
+        await stream.step(BlockInputs(torch.zeros(1, 1, 64)), 6, step_id=3)  # the session survives its errors
         stream.close()
         too_long = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
         with pytest.raises(errors.SessionLengthError):
@@ -126,3 +126,34 @@ def test_peer_still_serves_exactly_after_bad_requests(model, first_peer, tiny_mo
     with torch.no_grad():
         expected = reference(input_ids).logits
     assert torch.allclose(model(input_ids).logits, expected, atol=1e-5)
+
+
+def test_steps_run_once_and_pushes_come_only_from_the_previous_hop(model, first_peer):
+    seq = model.sequence
+    step = BlockInputs(torch.randn(1, 1, 64))
+
+    async def scenario():
+        stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        await stream.open("dedup", max_length=8, batch_size=1, push_from="QmSomeOtherPeerThatIsNotTheClient")
+        first = await stream.step(step, 0, step_id=1)
+        names, tensors = _input_tensors(step)
+        stream._send(InferenceStep(position=1, step_id=1, tensor_names=names), tensors)  # a copy: skipped, no reply
+        second = await stream.step(step, 1, step_id=2)  # answered with step 2, not with the copy of step 1
+        assert not torch.equal(first, second)  # the cache grew by one token only once
+        push = PushStep(session_id="dedup", start_block=0, position=2, step_id=3, tensor_names=names)
+        (message,) = encode_frame(push, tensors, runtime_pb2.ExpertRequest)
+        reply = await protocol.stub(seq.p2p, PeerID.from_base58(first_peer), seq.dht_prefix).rpc_push(message)
+        with pytest.raises(errors.UnknownSessionError):  # we are not the peer this session takes pushes from
+            raise_if_error(decode_header(PEER_REPLY, reply.metadata))
+        assert torch.equal(await stream.step(step, 2, step_id=3), await _replayed(stream, step, first_peer))
+        stream.close()
+
+    async def _replayed(stream, step, peer_id):  # the same three steps in a fresh session
+        fresh = SpanStream(seq.p2p, peer_id, seq.dht_prefix, 0, 2, 30)
+        await fresh.open("fresh", max_length=8, batch_size=1)
+        for position in range(3):
+            output = await fresh.step(step, position, step_id=position)
+        fresh.close()
+        return output
+
+    RemoteExpertWorker.run_coroutine(scenario())

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from swarm.config import ClientConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,3 +102,41 @@ def test_streamer_receives_every_token(model):
     input_ids = prompts(1, 5, seed=3)
     output = model.generate(input_ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0, streamer=streamer)
     assert streamer.tokens == [*output[0].tolist(), "end"]
+
+
+def session_summary(node, session_id: str, timeout_s: float = 15.0) -> re.Match:
+    """The line a peer logs when a session ends: steps run, and how many the previous hop pushed."""
+    pattern = re.compile(rf"session {session_id[:8]} on blocks \d+:\d+ ended after (\d+) steps \((\d+) pushed")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        match = pattern.search(node.log_path.read_text(errors="replace"))
+        if match:
+            return match
+        time.sleep(0.1)
+    raise AssertionError(f"{node.name} logged no end of session {session_id[:8]}: {node.log_tail()}")
+
+
+def test_peers_push_each_step_to_the_next_peer(model, reference, tiny_swarm):
+    input_ids = prompts(1, 5, seed=11)
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with model.inference_session(max_length=64) as session:
+        actual = model.generate(input_ids, **kwargs)
+    assert torch.equal(actual, reference.generate(input_ids, **kwargs))
+    steps, pushed = map(int, session_summary(tiny_swarm.nodes[2], session.session_id).groups())  # the peer on 2:4
+    assert steps == 16 and pushed > 0
+
+
+def test_relaying_through_the_client_alone_is_exact(tiny_swarm, tiny_model_path, reference):
+    config = ClientConfig(push_steps=False)
+    relayed = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_model_path), initial_peers=tiny_swarm.initial_peers, client_config=config
+    )
+    try:
+        input_ids = prompts(1, 5, seed=12)
+        kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with relayed.inference_session(max_length=64) as session:
+            actual = relayed.generate(input_ids, **kwargs)
+        assert torch.equal(actual, reference.generate(input_ids, **kwargs))
+        assert session_summary(tiny_swarm.nodes[2], session.session_id).groups() == ("16", "0")
+    finally:
+        relayed.close()

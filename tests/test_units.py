@@ -131,7 +131,7 @@ def test_frame_round_trip_splits_large_tensors():
 
 def test_bf16_round_trip():
     tensor = torch.randn(2, 3, 8).to(torch.bfloat16)
-    (message,) = encode_frame(InferenceStep(position=0, tensor_names=["hidden_states"]), [tensor], runtime_pb2.ExpertRequest)
+    (message,) = encode_frame(InferenceStep(position=0, step_id=0, tensor_names=["hidden_states"]), [tensor], runtime_pb2.ExpertRequest)
     assert torch.equal(_read([message])[1][0], tensor)
 
 
