@@ -1,0 +1,78 @@
+"""Block selection and rebalancing on hand-made swarm states (pure functions, no sockets)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from swarm.balance import Span, block_throughputs, choose_start, gaps, plan_move, swarm_spans
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
+
+
+def spans(*items) -> dict[str, Span]:
+    """items: (peer_id, start, end, throughput[, state])"""
+    return {item[0]: Span(*item) for item in items}
+
+
+def test_block_throughputs_sum_joining_and_online_peers():
+    state = spans(("a", 0, 2, 1.0), ("b", 1, 3, 2.0, PeerState.JOINING))
+    assert block_throughputs(state.values(), 4) == [1.0, 3.0, 2.0, 0.0]
+    assert gaps(block_throughputs(state.values(), 4)) == [3]
+
+
+def test_a_joining_peer_fills_the_gap_first():
+    assert choose_start([5.0, 5.0, 0.0, 0.0, 5.0, 5.0], 2) == 2
+    assert choose_start([5.0, 0.0, 5.0, 5.0, 0.0, 0.0], 3) == 3  # two missing blocks beat one
+    assert choose_start([0.0] * 6, 6) == 0
+
+
+def test_a_joining_peer_takes_the_weakest_window():
+    assert choose_start([3.0, 3.0, 1.0, 2.0, 3.0, 3.0], 2) in (1, 2)
+    assert choose_start([3.0, 3.0, 1.0, 1.5, 3.0, 3.0], 2) == 2
+
+
+def test_ties_are_broken_at_random():
+    starts = {choose_start([1.0] * 8, 2, random.Random(seed)) for seed in range(50)}
+    assert len(starts) > 3  # peers joining at once spread out instead of piling onto block 0
+
+
+def test_window_must_fit():
+    with pytest.raises(ValueError):
+        choose_start([1.0, 1.0], 3)
+
+
+def test_the_only_server_of_a_block_stays():
+    state = spans(("a", 0, 2, 1.0), ("b", 2, 4, 1.0), ("c", 2, 4, 1.0))
+    assert plan_move(state, 6, "a", threshold=0.1).start is None  # blocks 4:6 are missing, but a would open 0:2
+    assert plan_move(state, 6, "c", threshold=0.1).start == 4  # c is redundant: it covers the gap
+
+
+def test_a_redundant_peer_covers_a_gap_left_by_a_departure():
+    state = spans(("a", 0, 2, 1.0), ("b", 0, 2, 1.0), ("d", 4, 6, 1.0))  # the peer on 2:4 left
+    move = plan_move(state, 6, "b", threshold=0.1)
+    assert move.start == 2 and "nobody serves" in move.reason
+
+
+def test_no_move_below_the_threshold_and_no_move_back():
+    state = spans(("a", 0, 2, 1.0), ("b", 0, 2, 1.0), ("c", 2, 4, 1.5))
+    assert plan_move(state, 4, "b", threshold=0.1).start is None  # weakest 1.5 either way
+    state = spans(("a", 0, 2, 1.0), ("b", 0, 2, 1.0), ("c", 2, 4, 1.0))
+    assert plan_move(state, 4, "b", threshold=0.1).start is None  # 2/1 -> 1/2: the weakest stays 1
+    uneven = spans(("a", 0, 2, 3.0), ("b", 0, 2, 3.0), ("c", 2, 4, 1.0))
+    move = plan_move(uneven, 4, "b", threshold=0.1)
+    assert move.start == 2  # weakest 1 -> 3
+    moved = {**uneven, "b": Span("b", 2, 4, 3.0)}
+    assert plan_move(moved, 4, "b", threshold=0.1).start is None  # and it does not come back
+
+
+def test_joining_peers_count_where_they_are_going():
+    online = PeerRecord(
+        protocol_version=PROTOCOL_VERSION, state=PeerState.ONLINE, model="m", start_block=0, end_block=2,
+        throughput=1.0, cache_tokens_left=1, dtype="float32", version="0",
+    )
+    joining = online.model_copy(update={"state": PeerState.JOINING, "start_block": 2, "end_block": 4})
+    offline = online.model_copy(update={"state": PeerState.OFFLINE})
+    records = [{"x": online, "y": offline}, {"x": online}, {"x": joining}, {"x": joining, "y": online}]
+    result = swarm_spans(records)
+    assert result == {"x": Span("x", 2, 4, 1.0, PeerState.JOINING)}  # y's online record sits outside its range
