@@ -86,6 +86,33 @@ class BlockServicer(BlockService):
         self.executor = executor  # the peer's single compute thread
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
         self._pushes: set[asyncio.Task] = set()
+        self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
+        self.handoff_grace_s = 0.0
+        self.closing = False  # shutting down: running steps finish, new ones are refused
+        self._running = 0  # compute jobs queued or running
+
+    # ---- moving and leaving -----------------------------------------------------------------
+    def switch(self, stack: BlockStack, info: PeerInfo, handoff_grace_s: float) -> None:
+        """Serve `stack` from now on. Sessions opened on the old one may go on for `handoff_grace_s`,
+        then their steps are refused with a transient error, so their clients re-route."""
+        self.stack, self.info = stack, info
+        self._switched_at = time.monotonic()
+        self.handoff_grace_s = handoff_grace_s
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no step is queued or running (True), or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._running
+
+    def _check_serving(self, stack: BlockStack) -> None:
+        if self.closing:
+            raise errors.PeerUnavailableError("this peer is shutting down")
+        if stack is not self.stack and time.monotonic() > self._switched_at + self.handoff_grace_s:
+            raise errors.BlocksNotServedError(
+                f"this peer moved to blocks {self.stack.start_block}:{self.stack.end_block}"
+            )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
@@ -103,9 +130,11 @@ class BlockServicer(BlockService):
             header = decode_header(PEER_REQUEST, frame[0])
             if not isinstance(header, ForwardRequest):
                 raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
-            span = check_span(header.start_block, header.end_block, (self.stack.start_block, self.stack.end_block))
+            stack = self.stack
+            self._check_serving(stack)
+            span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
             tensors = name_tensors(header, frame[1], INPUT_TENSORS)
-            reply, _ = await self._compute(tensors, self.limits, None, span, position=0)
+            reply, _ = await self._compute(stack, tensors, self.limits, None, span, position=0)
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error_reply(exc, context, "forward")
             await _drain_reader(reader)
@@ -142,6 +171,8 @@ class BlockServicer(BlockService):
         opening = decode_header(PEER_REQUEST, frame[0])
         if not isinstance(opening, OpenSession):
             raise errors.UnknownSessionError(f"no open session: an inference stream starts with 'open', got {opening.type!r}")
+        if self.closing:
+            raise errors.PeerUnavailableError("this peer is shutting down")
         check_span(opening.start_block, opening.end_block, (self.stack.start_block, self.stack.end_block))
         if opening.max_length > self.limits.max_length:
             raise errors.SessionLengthError(f"max_length {opening.max_length} exceeds this peer's {self.limits.max_length}")
@@ -167,7 +198,8 @@ class BlockServicer(BlockService):
             )
 
     async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context) -> AsyncIterator[Response]:
-        cache = self.stack.new_cache()
+        stack = self.stack  # the session stays on these blocks, even if the peer moves meanwhile
+        cache = stack.new_cache()
         session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
         (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
         yield reply
@@ -192,7 +224,8 @@ class BlockServicer(BlockService):
                 step, tensors = _step_of(source, item)
                 if step.step_id <= last_step_id:
                     continue  # the other copy of this step ran already
-                reply, push = await self._session_step(opening.session_id, cache, step, tensors, session_limits, span)
+                self._check_serving(stack)
+                reply, push = await self._session_step(opening.session_id, stack, cache, step, tensors, session_limits, span)
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
                 if source == "push":  # the client sends this step too; let its copy run
                     logger.warning("dropped a pushed step of session %s: %s", opening.session_id[:8], str(exc)[:200])
@@ -206,7 +239,7 @@ class BlockServicer(BlockService):
             last_step_id = step.step_id
             inbox.steps += 1
             inbox.pushed_steps += source == "push"
-            if push is not None:
+            if push is not None and self.p2p is not None:
                 self._push(opening.session_id, step.push_to[0], push)
             logger.debug(
                 "step peer=%s session=%s blocks=%d:%d from=%s ms=%.1f", _short(context), opening.session_id[:8],
@@ -215,11 +248,11 @@ class BlockServicer(BlockService):
             for message in reply:
                 yield message
 
-    async def _session_step(self, session_id: str, cache, step: InferenceStep | PushStep, tensors, limits: Limits, span):
-        cache_length = self.stack.cache_length(cache, span[0])
+    async def _session_step(self, session_id: str, stack, cache, step: InferenceStep | PushStep, tensors, limits: Limits, span):
+        cache_length = stack.cache_length(cache, span[0])
         if step.position > cache_length:
             raise errors.InvalidRequestError(f"step at position {step.position} but the cache holds {cache_length} tokens")
-        return await self._compute(tensors, limits, cache, span, position=step.position, step=(session_id, step))
+        return await self._compute(stack, tensors, limits, cache, span, position=step.position, step=(session_id, step))
 
     # ---- pushes between consecutive hops ----------------------------------------------------
     async def rpc_push(self, request: Request, context: P2PContext) -> Response:
@@ -265,28 +298,33 @@ class BlockServicer(BlockService):
         except (errors.SwarmError, ValueError) as exc:
             logger.debug("push of session %s to %s failed: %s", session_id[:8], target[-8:], exc)
 
-    async def _compute(self, tensors, limits: Limits, cache, span, *, position: int, step=None):
+    async def _compute(self, stack: BlockStack, tensors, limits: Limits, cache, span, *, position: int, step=None):
         """Validate, roll back and run, all on the compute thread (one OpenMP pool per process).
 
         Returns the reply messages and, for a session step with hops after this one that fits in one
         message, what to push to the next hop (header, tensors, message); else None."""
-        job = functools.partial(self._compute_sync, tensors, limits, cache, span, position, step)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        job = functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step)
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+        finally:
+            self._running -= 1
 
-    def _compute_sync(self, tensors, limits: Limits, cache, span, position: int, step):
+    @staticmethod
+    def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step):
         inputs = check_block_inputs(tensors, limits, past_length=position)
         if cache is not None:
             try:
-                self.stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
+                stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
             except ValueError as exc:
                 raise errors.InvalidRequestError(str(exc)) from exc
-        outputs = self.stack(inputs, cache, span).cpu()
+        outputs = stack(inputs, cache, span).cpu()
         if step is None:
             return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)), None
         session_id, step = step
         reply = list(encode_frame(Result(tensor_names=["hidden_states"], step_id=step.step_id), [outputs], Response))
         push = None
-        if step.push_to and self.p2p is not None:
+        if step.push_to:
             push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs))
         return reply, push
 

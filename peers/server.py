@@ -1,22 +1,27 @@
-"""A peer's lifecycle: join the DHT, load its blocks, serve them, announce them, leave cleanly.
+"""A peer's lifecycle: join the DHT, choose and load its blocks, serve and announce them, move
+when the swarm needs it elsewhere, leave cleanly.
 
-It wires the pieces together (models, BlockStack, BlockServicer, DHT announcements) and owns every
-background task and child process it starts; `run()` returns only after all of them stopped.
+It wires the pieces together (models, BlockStack, BlockServicer, DHT announcements, placement) and
+owns every background task and child process it starts; `run()` returns only after all of them
+stopped. Where blocks should go is decided by `swarm.balance`; this module acts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
+import random
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 import swarm
+from peers import placement
 from peers.handler import BlockServicer
-from swarm import models, network, protocol
+from swarm import balance, hw, models, network, protocol
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
@@ -28,51 +33,57 @@ logger = logging.getLogger(__name__)
 LEAVE_TIMEOUT_S = 5.0  # the offline announcement must not hold up a shutdown
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return getattr(torch, name)
-
-
 class Peer:
     def __init__(self, config: PeerConfig):
         self.config = config
         self.source = models.resolve_model(config.model)
         self.model_config = models.load_config(self.source)
         self.dht_prefix = config.dht_prefix or self.source.dht_prefix
-        self.start_block, self.end_block = config.block_range()
-        num_blocks = self.model_config.num_hidden_layers
-        if self.end_block > num_blocks:
+        self.num_blocks = self.model_config.num_hidden_layers
+        spec = config.blocks_spec()
+        self.fixed_range = spec if isinstance(spec, tuple) else None
+        if self.fixed_range and self.fixed_range[1] > self.num_blocks:
             raise ConfigError(
-                f"--blocks {config.blocks}: {config.model} has {num_blocks} blocks (valid ranges lie within 0:{num_blocks})"
+                f"--blocks {config.blocks}: {config.model} has {self.num_blocks} blocks (valid ranges lie within 0:{self.num_blocks})"
             )
+        if isinstance(spec, int) and spec > self.num_blocks:
+            raise ConfigError(f"--blocks {spec}: {config.model} has {self.num_blocks} blocks")
         config.network.require_peers_or_new_swarm()
-        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.dtype = hw.resolve_dtype(config.dtype, config.device)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
+        self.block_count = spec if isinstance(spec, int) else None  # "auto": chosen from memory in run()
+        self.start_block, self.end_block = self.fixed_range or (0, 0)
+        self.moving_to: tuple[int, int] | None = None  # a range being loaded, announced as joining
+        self.throughput = 0.0
         self.dht = None
         self.servicer: BlockServicer | None = None
         self.state = PeerState.JOINING
         self.peer_id: str | None = None
         self.p2p = None
+        self.rng = random.Random()
         # every torch call of the peer runs on this one thread: a second thread would start a second
         # OpenMP pool, whose spinning workers slow the first one down (measured: ~10-20% per step)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then leave: announce offline, remove handlers, stop the DHT.
-
-        A compute step still running at that moment is abandoned with the process."""
+        """Serve until `stop` is set, then leave: announce offline, let running steps finish (up to
+        shutdown_grace_s), remove handlers, stop the DHT."""
         loop = asyncio.get_running_loop()
         self.dht = await loop.run_in_executor(None, network.start_node, self.config.network)
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
             self.peer_id = self.dht.peer_id.to_base58()
+            self.throughput = await loop.run_in_executor(self.executor, self._measure_throughput)
+            if self.fixed_range is None:
+                await self._choose_blocks(stop)
+                if stop.is_set():
+                    return
             await self._announce()
-            stack = await loop.run_in_executor(self.executor, self._load_blocks)
+            stack = await loop.run_in_executor(self.executor, self._load_blocks, self.start_block, self.end_block, None)
             self.p2p = await self.dht.replicate_p2p()
             self.servicer = BlockServicer(
                 stack,
-                self._info(),
+                self._info(self.start_block, self.end_block),
                 cache_tokens=self.config.cache_tokens,
                 session_idle_timeout_s=self.config.session_idle_timeout_s,
                 cache_wait_s=self.config.cache_wait_s,
@@ -84,61 +95,153 @@ class Peer:
             await self._announce()
             logger.info("serving %s blocks %d:%d as %s", self.config.model, self.start_block, self.end_block, self.peer_id)
             print(f"swarm: ready, serving {self.config.model} blocks {self.start_block}:{self.end_block}", flush=True)
-            await self._announce_until(stop)
+            tasks = [asyncio.create_task(self._announce_until(stop))]
+            if self.fixed_range is None:
+                tasks.append(asyncio.create_task(self._rebalance_until(stop)))
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
         finally:
             await self._leave()
 
-    def _load_blocks(self) -> BlockStack:
+    # ---- choosing blocks -----------------------------------------------------------------------
+    def _measure_throughput(self) -> float:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        return hw.block_throughput(
+            self.source, self.model_config, device=self.config.device, dtype=self.dtype, mode=self.config.throughput
+        )
+
+    async def _choose_blocks(self, stop: asyncio.Event) -> None:
+        """How many blocks (from memory, for 'auto') and where (the weakest window of the swarm)."""
+        if self.block_count is None:
+            self.block_count, explanation = placement.auto_block_count(
+                self.model_config, dtype=self.dtype, device=self.config.device, cache_tokens=self.config.cache_tokens,
+                max_length=self.config.max_length, max_memory_gb=self.config.max_memory_gb,
+            )
+        else:
+            explanation = f"--blocks {self.block_count}"
+        jitter = self.rng.uniform(0, self.config.join_jitter_s)  # peers started together read different states
+        try:
+            async with asyncio.timeout(jitter):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        spans = await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks)
+        spans.pop(self.peer_id, None)  # our own record from an earlier life, if any
+        throughputs = balance.block_throughputs(spans.values(), self.num_blocks)
+        start = balance.choose_start(throughputs, self.block_count, self.rng)
+        self.start_block, self.end_block = start, start + self.block_count
+        logger.info(
+            "taking blocks %d:%d (%s); %s", self.start_block, self.end_block, explanation,
+            placement.describe_choice(throughputs, start, self.block_count),
+        )
+
+    # ---- moving --------------------------------------------------------------------------------
+    async def _rebalance_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.config.rebalance_period_s * self.rng.uniform(0.5, 1.5)):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            try:
+                await self._maybe_move()
+            except Exception as exc:  # the DHT may be slow, or loading failed: keep serving where we are
+                logger.warning("rebalancing failed: %s: %s", type(exc).__name__, exc)
+                self.moving_to = None
+
+    async def _maybe_move(self) -> None:
+        spans = await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks)
+        me = balance.Span(self.peer_id, self.start_block, self.end_block, self.throughput)
+        spans[self.peer_id] = me  # as we are now, whatever the DHT still holds
+        move = balance.plan_move(spans, self.num_blocks, self.peer_id, threshold=self.config.balance_threshold, rng=self.rng)
+        if move.start is None:
+            logger.debug("staying on blocks %d:%d: %s", self.start_block, self.end_block, move.reason)
+            return
+        await self._move(move.start, move.start + me.length, move.reason)
+
+    async def _move(self, start: int, end: int, reason: str) -> None:
+        """Warm handoff: announce and load the new blocks while serving the old ones, switch, then
+        announce the old ones offline. Sessions on the old blocks finish within handoff_grace_s."""
+        old_start, old_end = self.start_block, self.end_block
+        logger.info("moving from blocks %d:%d to %d:%d: %s", old_start, old_end, start, end, reason)
+        self.moving_to = (start, end)
+        await self._announce()
+        loop = asyncio.get_running_loop()
+        stack = await loop.run_in_executor(self.executor, self._load_blocks, start, end, self.servicer.stack)
+        self.servicer.switch(stack, self._info(start, end), self.config.handoff_grace_s)
+        self.start_block, self.end_block, self.moving_to = start, end, None
+        await self._announce()
+        left = set(range(old_start, old_end)) - set(range(start, end))
+        if left:
+            await self._announce_record(self._record(PeerState.OFFLINE, old_start, old_end), keys_of=(min(left), max(left) + 1))
+        logger.info("now serving blocks %d:%d", start, end)
+        print(f"swarm: moved, serving {self.config.model} blocks {start}:{end}", flush=True)
+
+    def _load_blocks(self, start: int, end: int, reuse: BlockStack | None) -> BlockStack:
+        """Blocks start:end; those `reuse` holds already are shared, not loaded again."""
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         started = time.perf_counter()
-        layers = [
-            models.load_block(self.source, self.model_config, index, dtype=self.dtype, device=self.config.device)
-            for index in tqdm(range(self.start_block, self.end_block), desc="loading blocks", unit="block", leave=False)
-        ]
-        rotary = models.load_rotary(self.model_config, device=self.config.device)
-        logger.info("loaded blocks %d:%d (%s) in %.1f s", self.start_block, self.end_block, self.dtype, time.perf_counter() - started)
-        return BlockStack(self.model_config, layers, self.start_block, rotary)
+        layers = []
+        for index in tqdm(range(start, end), desc="loading blocks", unit="block", leave=False):
+            if reuse is not None and reuse.start_block <= index < reuse.end_block:
+                layers.append(reuse.layers[index - reuse.start_block])
+            else:
+                layers.append(models.load_block(self.source, self.model_config, index, dtype=self.dtype, device=self.config.device))
+        rotary = reuse.rotary if reuse is not None else models.load_rotary(self.model_config, device=self.config.device)
+        logger.info("loaded blocks %d:%d (%s) in %.1f s", start, end, self.dtype, time.perf_counter() - started)
+        return BlockStack(self.model_config, layers, start, rotary)
 
-    def _info(self) -> PeerInfo:
+    # ---- announcing ----------------------------------------------------------------------------
+    def _info(self, start: int, end: int) -> PeerInfo:
         return PeerInfo(
             protocol_version=PROTOCOL_VERSION,
             model=self.config.model,
             dht_prefix=self.dht_prefix,
-            start_block=self.start_block,
-            end_block=self.end_block,
+            start_block=start,
+            end_block=end,
             dtype=self.dtype_name,
             version=swarm.__version__,
             max_batch_size=self.config.max_batch_size,
             max_length=self.config.max_length,
         )
 
-    def _record(self) -> PeerRecord:
+    def _record(self, state: PeerState, start: int, end: int) -> PeerRecord:
         return PeerRecord(
             protocol_version=PROTOCOL_VERSION,
-            state=self.state,
+            state=state,
             model=self.config.model,
-            start_block=self.start_block,
-            end_block=self.end_block,
-            throughput=float(self.config.throughput),
+            start_block=start,
+            end_block=end,
+            throughput=float(self.throughput),
             cache_tokens_left=self.servicer.cache.tokens_left if self.servicer else self.config.cache_tokens,
             dtype=self.dtype_name,
             version=swarm.__version__,
             public_name=self.config.public_name,
         )
 
-    async def _announce(self, ttl_s: float | None = None, timeout_s: float | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._store_record, ttl_s, timeout_s)
+    async def _announce(self, timeout_s: float | None = None) -> None:
+        """Our current record (and, while moving, a joining record for where we are going)."""
+        await self._announce_record(self._record(self.state, self.start_block, self.end_block), timeout_s=timeout_s)
+        if self.moving_to is not None:
+            await self._announce_record(self._record(PeerState.JOINING, *self.moving_to), timeout_s=timeout_s)
 
-    def _store_record(self, ttl_s: float | None, timeout_s: float | None) -> None:
-        network.announce(
-            self.dht,
-            dht_prefix=self.dht_prefix,
-            peer_id=self.peer_id,
-            record=self._record(),
-            num_blocks=self.model_config.num_hidden_layers,
-            ttl_s=ttl_s or self.config.announce_period_s * self.config.record_ttl_periods,
-            timeout_s=timeout_s or self.config.announce_period_s * self.config.record_ttl_periods,
+    async def _announce_record(self, record: PeerRecord, *, keys_of: tuple[int, int] | None = None, timeout_s: float | None = None) -> None:
+        # every record lives as long: the DHT keeps the value with the latest expiration, so a shorter-lived
+        # offline record would be ignored while the online one it replaces is still alive
+        ttl_s = self.config.announce_period_s * self.config.record_ttl_periods
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                network.announce, self.dht, dht_prefix=self.dht_prefix, peer_id=self.peer_id, record=record,
+                num_blocks=self.num_blocks, ttl_s=ttl_s, timeout_s=timeout_s or ttl_s, keys_of=keys_of,
+            ),
         )
 
     async def _announce_until(self, stop: asyncio.Event) -> None:
@@ -155,14 +258,22 @@ class Peer:
             except Exception as exc:  # the DHT may be slow or partitioned: keep serving, try next period
                 logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
 
+    # ---- leaving -------------------------------------------------------------------------------
     async def _leave(self) -> None:
-        """Announce offline, stop taking requests, then stop the compute thread and the DHT process."""
+        """Announce offline at once, refuse new steps, let running ones finish (shutdown_grace_s),
+        then stop taking requests, the compute thread and the DHT process."""
         if self.dht is None:
             return
         try:
-            if self.peer_id is not None:
+            if self.peer_id is not None and self.end_block > self.start_block:
                 self.state = PeerState.OFFLINE
-                await self._announce(ttl_s=self.config.announce_period_s, timeout_s=LEAVE_TIMEOUT_S)
+                await self._announce_record(self._record(self.state, self.start_block, self.end_block), timeout_s=LEAVE_TIMEOUT_S)
+                if self.moving_to is not None:  # a move cut short: nobody should count on it
+                    await self._announce_record(self._record(self.state, *self.moving_to), timeout_s=LEAVE_TIMEOUT_S)
+            if self.servicer is not None:
+                self.servicer.closing = True
+                if not await self.servicer.wait_idle(self.config.shutdown_grace_s):
+                    logger.warning("a step was still running after %.1f s: leaving anyway", self.config.shutdown_grace_s)
             if self.p2p is not None:
                 await protocol.unregister(self.p2p, self.dht_prefix)
                 await self.p2p.shutdown()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.blocks import BlockInputs
-from swarm.errors import InvalidRequestError, SessionLengthError
+from swarm.errors import BlocksNotServedError, InvalidRequestError, SessionLengthError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -24,10 +24,12 @@ class Limits:
 
 
 def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tuple[int, int]:
+    """A non-empty range inside what this peer serves; outside it is a transient error (the client's
+    view of the swarm may be older than this peer's last move: it re-routes)."""
+    if not start_block < end_block:
+        raise InvalidRequestError(f"empty block range {start_block}:{end_block}")
     if not served[0] <= start_block < end_block <= served[1]:
-        raise InvalidRequestError(
-            f"blocks {start_block}:{end_block} requested, this peer serves {served[0]}:{served[1]}"
-        )
+        raise BlocksNotServedError(f"blocks {start_block}:{end_block} requested, this peer serves {served[0]}:{served[1]}")
     return start_block, end_block
 
 

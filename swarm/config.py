@@ -45,7 +45,9 @@ class PeerConfig(BaseModel):
 
     model: str = Field("smollm2-135m", description="model name, Hugging Face id or local folder")
     dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
-    blocks: str = Field(..., description="block range START:END to serve (END exclusive)")
+    blocks: str = Field(
+        "auto", description="blocks to serve: a range START:END (END exclusive), a count N placed where the swarm needs it, or auto"
+    )
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="dtype of the blocks")
@@ -53,21 +55,39 @@ class PeerConfig(BaseModel):
     max_length: int = Field(8192, gt=0, description="longest sequence a session may ask for, in tokens")
     max_batch_size: int = Field(64, gt=0, description="largest batch a request may carry")
     public_name: str | None = Field(None, max_length=128, description="name shown to others")
-    throughput: float = Field(1.0, ge=0, description="tokens/s announced (measured by a later version)")
+    throughput: str = Field(
+        "auto", description="tokens/s through one block to announce: auto (measured once, cached), eval (re-measure), or a number"
+    )
+    max_memory_gb: float | None = Field(
+        None, gt=0, description="memory --blocks auto may use for blocks and KV cache; default: what the device has free"
+    )
+    rebalance_period_s: float = Field(300.0, gt=0, description="mean seconds between checks whether to move (jittered)")
+    balance_threshold: float = Field(0.1, ge=0, description="move only if the weakest block's throughput rises by this fraction")
+    join_jitter_s: float = Field(5.0, ge=0, description="random wait before choosing blocks, so peers starting together spread out")
+    handoff_grace_s: float = Field(30.0, ge=0, description="after a move, sessions on the old blocks may go on this long")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="on SIGINT/SIGTERM, wait this long for running steps to finish")
     announce_period_s: float = Field(10.0, gt=0, description="seconds between DHT announcements")
     record_ttl_periods: float = Field(3.0, ge=1, description="records expire this many announce periods after a refresh")
     session_idle_timeout_s: float = Field(300.0, gt=0, description="free a session's cache after this long without a step")
     cache_wait_s: float = Field(10.0, ge=0, description="how long a new session waits for cache before 'overloaded'")
     num_threads: int | None = Field(None, gt=0, description="torch threads for compute; default: torch's choice")
 
-    @field_validator("blocks")
+    @field_validator("blocks", mode="before")
     @classmethod
-    def _check_blocks(cls, value: str) -> str:
-        parse_block_range(value)
+    def _check_blocks(cls, value: Any) -> str:
+        value = str(value)  # a TOML file may say blocks = 8
+        parse_blocks(value)
         return value
 
-    def block_range(self) -> tuple[int, int]:
-        return parse_block_range(self.blocks)
+    @field_validator("throughput", mode="before")
+    @classmethod
+    def _check_throughput(cls, value: Any) -> str:
+        value = str(value)
+        parse_throughput(value)
+        return value
+
+    def blocks_spec(self) -> tuple[int, int] | int | Literal["auto"]:
+        return parse_blocks(self.blocks)
 
 
 class ClientConfig(BaseModel):
@@ -88,13 +108,20 @@ class ClientConfig(BaseModel):
     )
 
 
-def parse_block_range(text: str) -> tuple[int, int]:
-    """'10:20' -> (10, 20). Counts and 'auto' are refused with a clear message."""
+def parse_blocks(text: str) -> tuple[int, int] | int | Literal["auto"]:
+    """'10:20' -> (10, 20); '8' -> 8 blocks placed automatically; 'auto' -> as many as fit, placed automatically."""
+    text = text.strip()
+    if text == "auto":
+        return "auto"
     start_text, sep, end_text = text.partition(":")
     if not sep:
-        raise ConfigError(
-            f"--blocks {text!r}: give a range START:END such as 0:10 (a count or 'auto' is not supported yet)"
-        )
+        try:
+            count = int(text)
+        except ValueError:
+            raise ConfigError(f"--blocks {text!r}: give a range START:END (e.g. 0:10), a count N (e.g. 8) or 'auto'") from None
+        if count <= 0:
+            raise ConfigError(f"--blocks {text!r}: the count must be positive")
+        return count
     try:
         start, end = int(start_text), int(end_text)
     except ValueError as exc:
@@ -102,6 +129,22 @@ def parse_block_range(text: str) -> tuple[int, int]:
     if start < 0 or end <= start:
         raise ConfigError(f"--blocks {text!r}: need 0 <= START < END")
     return start, end
+
+
+def parse_throughput(text: str) -> Literal["auto", "eval"] | float:
+    """'auto' (measured once, then cached), 'eval' (measured again) or a number of tokens/s >= 0."""
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ConfigError(
+            f"--throughput {text!r}: give 'auto' (measure once, then cached), 'eval' (measure again) "
+            "or a number of tokens/s >= 0 such as 12.5"
+        )
+    return value
 
 
 def load_toml(path: Path) -> dict[str, Any]:

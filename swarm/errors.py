@@ -12,6 +12,7 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   ├── PeerTimeoutError        transient: no answer in time
     │   ├── OverloadedError         transient: no cache or session slots left
     │   ├── PeerMisbehavedError     transient: the peer's reply was malformed or implausible
+    │   ├── BlocksNotServedError    transient: the peer does not serve those blocks (any more: it moved)
     │   ├── ProtocolMismatchError   the peer speaks another protocol version
     │   └── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
@@ -68,6 +69,10 @@ class PeerMisbehavedError(RemoteError):
     code = "bad_reply"
 
 
+class BlocksNotServedError(RemoteError):
+    code = "not_served"
+
+
 class ProtocolMismatchError(RemoteError):
     code = "protocol_mismatch"
     transient = False
@@ -114,6 +119,7 @@ WIRE_ERRORS: dict[str, type[SwarmError]] = {
         PeerUnavailableError,
         PeerTimeoutError,
         OverloadedError,
+        BlocksNotServedError,
         ProtocolMismatchError,
         InvalidRequestError,
         SessionLengthError,

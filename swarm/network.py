@@ -90,12 +90,15 @@ def announce(
     num_blocks: int,
     ttl_s: float,
     timeout_s: float | None = None,
+    keys_of: tuple[int, int] | None = None,
 ) -> None:
-    """Store `record` under every block key the peer serves, plus the models index entry."""
+    """Store `record` under every block key of its range (or of the blocks `keys_of`), plus the
+    models index entry."""
     model_record = ModelRecord(model=record.model, num_blocks=num_blocks, protocol_version=record.protocol_version)
+    start, end = keys_of or (record.start_block, record.end_block)
     coroutine = functools.partial(
         _store_records,
-        keys=block_keys(dht_prefix, record.start_block, record.end_block),
+        keys=block_keys(dht_prefix, start, end),
         subkey=peer_id,
         value=record.to_wire(),
         models_entry=(dht_prefix, model_record.model_dump(mode="json")),
@@ -117,6 +120,12 @@ async def _store_records(
         subkeys=[subkey] * len(keys) + [prefix],
         num_workers=len(all_keys),
     )
+
+
+def fetch_models(dht: hivemind.DHT) -> dict[Any, Any]:
+    """Raw DHT prefix -> value mapping of the models index (unvalidated; may be hostile)."""
+    found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=[MODELS_KEY]))
+    return found.get(MODELS_KEY, {})
 
 
 def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[Any, Any]]:

@@ -1,4 +1,5 @@
-"""`python -m swarm.peer`: serve a range of a model's blocks to the swarm.
+"""`python -m swarm.peer`: serve a range of a model's blocks to the swarm (`--blocks auto` by default:
+as many as fit, where the swarm needs them most, moving as the swarm changes).
 
 Parses flags (and an optional TOML file and SWARM_PEER_* environment variables) into a PeerConfig and
 runs `peers.server.Peer` until SIGINT/SIGTERM.
@@ -12,14 +13,16 @@ from pathlib import Path
 
 from swarm.cli import fail, run_until_signal, setup_logging
 from swarm.config import PeerConfig, build_config, env_overrides, load_toml
-from swarm.errors import ConfigError, SwarmError
+from swarm.errors import SwarmError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m swarm.peer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="TOML file with PeerConfig fields; flags override it")
     parser.add_argument("--model", help="model name, Hugging Face id or local folder (default: smollm2-135m)")
-    parser.add_argument("--blocks", help="block range START:END to serve, END exclusive (e.g. 0:10)")
+    parser.add_argument(
+        "--blocks", help="START:END (END exclusive), a count N placed where the swarm needs it, or auto (default)"
+    )
     parser.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="peers of the swarm to join")
     parser.add_argument("--new-swarm", action="store_true", help="start a new swarm (no initial peers)")
     parser.add_argument("--host-maddrs", nargs="+", metavar="MULTIADDR", help="addresses to listen on")
@@ -33,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dht-prefix", help="DHT key prefix (default: derived from the model name)")
     parser.add_argument("--announce-period", type=float, dest="announce_period_s", help="seconds between announcements")
     parser.add_argument("--num-threads", type=int, help="torch compute threads")
+    parser.add_argument("--throughput", help="tokens/s through one block: auto (measure once, cached; default), eval, or a number")
+    parser.add_argument("--max-memory-gb", type=float, help="memory --blocks auto may fill (default: what the device has free)")
+    parser.add_argument("--rebalance-period", type=float, dest="rebalance_period_s", help="mean seconds between rebalance checks")
+    parser.add_argument("--balance-threshold", type=float, help="move when the weakest block gains this fraction (default 0.1)")
+    parser.add_argument("--join-jitter", type=float, dest="join_jitter_s", help="max random wait before choosing blocks")
+    parser.add_argument("--handoff-grace", type=float, dest="handoff_grace_s", help="seconds old sessions go on after a move")
+    parser.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds to let running steps finish on exit")
     parser.add_argument("--verbose", action="store_true", help="log every RPC (DEBUG)")
     return parser.parse_args(argv)
 
@@ -42,7 +52,8 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     flags = {
         key: getattr(args, key)
         for key in ("model", "blocks", "device", "dtype", "cache_tokens", "max_length", "public_name",
-                    "dht_prefix", "announce_period_s", "num_threads")
+                    "dht_prefix", "announce_period_s", "num_threads", "throughput", "max_memory_gb", "rebalance_period_s",
+                    "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s")
         if getattr(args, key) is not None
     }
     network = {
@@ -58,10 +69,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     }
     if network:
         flags["network"] = network
-    layers = [file_layer, env_overrides("SWARM_PEER_"), flags]
-    if not any("blocks" in layer for layer in layers):
-        raise ConfigError("--blocks START:END is required (e.g. --blocks 0:10)")
-    return build_config(PeerConfig, *layers)
+    return build_config(PeerConfig, file_layer, env_overrides("SWARM_PEER_"), flags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,17 +14,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from swarm.local import LocalSwarm  # noqa: E402
 
 TINY_BLOCKS = 4
-PEER_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# peers announce a given throughput instead of measuring it (and caching it in the user's cache folder)
+PEER_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SWARM_PEER_THROUGHPUT": "1"}
 
 
-def make_tiny_llama(path: Path, *, hidden_size: int = 64, max_position_embeddings: int = 512, seed: int = 0) -> Path:
+def make_tiny_llama(
+    path: Path, *, hidden_size: int = 64, max_position_embeddings: int = 512, seed: int = 0, num_layers: int = TINY_BLOCKS
+) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=TINY_BLOCKS,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=128,

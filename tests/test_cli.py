@@ -11,6 +11,7 @@ import time
 import pytest
 
 from swarm.local import LOOPBACK, LocalSwarm
+from tests.conftest import PEER_ENV
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,11 +26,12 @@ def run_peer(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--blocks", "auto", "--new-swarm"], "give a range START:END"),
-        (["--blocks", "3", "--new-swarm"], "give a range START:END"),
+        (["--blocks", "half", "--new-swarm"], "a count N (e.g. 8) or 'auto'"),
+        (["--blocks", "0", "--new-swarm"], "the count must be positive"),
         (["--blocks", "2:1", "--new-swarm"], "0 <= START < END"),
-        (["--new-swarm"], "--blocks START:END is required"),
         (["--blocks", "0:9", "--new-swarm"], "has 4 blocks"),
+        (["--blocks", "9", "--new-swarm"], "has 4 blocks"),
+        (["--blocks", "2", "--throughput", "fast", "--new-swarm"], "--throughput 'fast'"),
         (["--blocks", "0:2"], "--initial-peers"),
     ],
 )
@@ -59,7 +61,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.mark.parametrize("whole_group", [False, True], ids=["sigterm-to-peer", "sigint-to-group"])
 def test_signals_stop_the_peer_and_all_its_children(tiny_model_path, tmp_path, whole_group):
-    with LocalSwarm(tmp_path) as swarm:
+    with LocalSwarm(tmp_path, env=PEER_ENV) as swarm:
         node = swarm.start_peer("0:4", model=str(tiny_model_path))
         if whole_group:  # what Ctrl-C in a terminal does: every process of the group gets SIGINT
             os.killpg(node.pid, signal.SIGINT)
@@ -76,7 +78,7 @@ def test_identity_gives_a_stable_peer_id(tiny_model_path, tmp_path):
     identity = tmp_path / "peer.key"
     peer_ids = []
     for attempt in range(2):
-        with LocalSwarm(tmp_path / f"run{attempt}") as swarm:
+        with LocalSwarm(tmp_path / f"run{attempt}", env=PEER_ENV) as swarm:
             node = swarm.start_peer("0:4", model=str(tiny_model_path), extra_args=["--identity", str(identity)])
             peer_ids.append(node.maddrs[0].rsplit("/p2p/", 1)[1])
     assert identity.exists() and peer_ids[0] == peer_ids[1]

@@ -76,7 +76,7 @@ def test_bad_tensors_are_refused(model, first_peer, name):
 
 
 def test_blocks_the_peer_does_not_serve(model, first_peer):
-    with pytest.raises(errors.InvalidRequestError, match="serves 0:2"):
+    with pytest.raises(errors.BlocksNotServedError, match="serves 0:2"):
         forward(model, first_peer, 0, 4, BlockInputs(torch.zeros(1, 3, 64)))
 
 

@@ -14,7 +14,7 @@ from client.routing import PeerSpan, choose_route, missing_blocks, online_spans
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_span
 from swarm import errors
-from swarm.config import PeerConfig, parse_block_range
+from swarm.config import PeerConfig, parse_blocks, parse_throughput
 from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_peer_records
 from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
@@ -191,8 +191,10 @@ def test_bad_inputs_are_refused(tensors):
 def test_session_length_and_span_limits():
     with pytest.raises(errors.SessionLengthError):
         check_block_inputs({"hidden_states": torch.zeros(1, 4, 8)}, LIMITS, past_length=30)
-    with pytest.raises(errors.InvalidRequestError, match="serves 2:4"):
+    with pytest.raises(errors.BlocksNotServedError, match="serves 2:4"):
         check_span(0, 4, (2, 4))
+    with pytest.raises(errors.InvalidRequestError, match="empty"):
+        check_span(3, 3, (2, 4))
     inputs = check_block_inputs({"hidden_states": torch.zeros(2, 3, 8)}, LIMITS)
     assert inputs.hidden_states.shape == (2, 3, 8)
 
@@ -216,15 +218,25 @@ def test_cache_budget_waits_then_reports_overload():
 
 
 # ---- configuration -----------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["auto", "10", "5:3", "-1:4", "a:b", "3:3"])
+@pytest.mark.parametrize("text", ["0", "-2", "half", "5:3", "-1:4", "a:b", "3:3"])
 def test_bad_block_ranges_get_clear_errors(text):
     with pytest.raises(errors.ConfigError, match="--blocks"):
-        parse_block_range(text)
+        parse_blocks(text)
+
+
+def test_blocks_take_a_range_a_count_or_auto():
+    assert [parse_blocks(text) for text in ("0:4", "8", "auto")] == [(0, 4), 8, "auto"]
+    assert PeerConfig().blocks_spec() == "auto"
+    assert PeerConfig(blocks=3).blocks_spec() == 3  # a TOML file may give a number
+    assert [parse_throughput(text) for text in ("auto", "eval", "12.5")] == ["auto", "eval", 12.5]
+    for text in ("fast", "-1", "inf", "nan"):
+        with pytest.raises(errors.ConfigError, match="--throughput"):
+            parse_throughput(text)
 
 
 def test_peer_config_requires_peers_or_new_swarm():
     config = PeerConfig(blocks="0:4")
-    assert config.block_range() == (0, 4)
+    assert config.blocks_spec() == (0, 4)
     with pytest.raises(errors.ConfigError, match="--initial-peers"):
         config.network.require_peers_or_new_swarm()
 

@@ -1,0 +1,62 @@
+"""How many blocks a peer takes and where: reads the swarm from the DHT and asks `swarm.balance`.
+
+The decisions themselves are pure functions (`swarm.balance`); this module gathers their inputs:
+the swarm's records, the device's free memory and the model's per-block sizes (`swarm.hw`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from swarm import balance, hw, network
+from swarm.errors import ConfigError
+from swarm.records import parse_peer_records
+
+logger = logging.getLogger(__name__)
+
+GiB = 2**30
+RUNTIME_RESERVE_BYTES = GiB // 4  # torch, the DHT process and p2pd, beyond the blocks and their cache
+
+
+async def read_swarm(dht, dht_prefix: str, num_blocks: int) -> dict[str, balance.Span]:
+    """Every joining or online peer's span, from validated DHT records (invalid ones are skipped)."""
+    raw = await asyncio.get_running_loop().run_in_executor(None, network.fetch_block_records, dht, dht_prefix, num_blocks)
+    records = [parse_peer_records(entry, where=f"{dht_prefix}.{index}") for index, entry in enumerate(raw)]
+    return balance.swarm_spans(records)
+
+
+def auto_block_count(
+    model_config, *, dtype: torch.dtype, device: str, cache_tokens: int, max_length: int, max_memory_gb: float | None
+) -> tuple[int, str]:
+    """As many blocks as fit in the memory budget with their KV cache, and the explanation."""
+    num_blocks = model_config.num_hidden_layers
+    weights = hw.block_memory_bytes(model_config, dtype)
+    cache = hw.kv_bytes_per_token(model_config, dtype) * cache_tokens
+    # a long prefill holds a few [max_length, hidden] buffers and one row of attention scores per head
+    activations = 8 * max_length * model_config.hidden_size * torch.finfo(dtype).bits // 8
+    if max_memory_gb is not None:
+        budget, source = int(max_memory_gb * GiB), f"--max-memory-gb {max_memory_gb:g}"
+    else:
+        budget, source = hw.free_memory_bytes(device), f"{hw.free_memory_bytes(device) / GiB:.1f} GiB free on {device}"
+    usable = budget - activations - RUNTIME_RESERVE_BYTES
+    count = min(num_blocks, max(0, usable // (weights + cache)))
+    explanation = (
+        f"{count} of {num_blocks} blocks fit: each needs {weights / 2**20:.1f} MiB of weights + {cache / 2**20:.1f} MiB "
+        f"of KV cache for {cache_tokens} tokens; budget {source}, minus {(activations + RUNTIME_RESERVE_BYTES) / GiB:.2f} GiB "
+        f"reserved for activations and the runtime"
+    )
+    if count < 1:
+        raise ConfigError(f"not enough memory for one block: {explanation} (lower --cache-tokens or raise --max-memory-gb)")
+    return int(count), explanation
+
+
+def describe_choice(throughputs: list[float], start: int, length: int) -> str:
+    window = throughputs[start : start + length]
+    missing = sum(value <= 0 for value in window)
+    return (
+        f"blocks {start}:{start + length} are where the swarm is weakest "
+        f"({missing} of them unserved, weakest {min(window):.3g} tokens/s, swarm weakest {min(throughputs):.3g})"
+    )

@@ -1,0 +1,146 @@
+"""Peers that choose their own blocks, live on 127.0.0.1: they cover the model, heal a gap left by a
+killed peer, join where the swarm is weakest, and a peer that leaves is seen leaving at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from swarm.balance import Span
+from swarm.local import LOOPBACK, LocalSwarm
+from swarm.plan import report
+from swarm.records import ModelRecord, PeerState
+from tests.conftest import PEER_ENV, make_tiny_llama
+
+pytestmark = pytest.mark.timeout(300)
+
+BLOCKS = 6
+FAST = ["--announce-period", "1", "--join-jitter", "0", "--rebalance-period", "2"]
+
+
+@pytest.fixture(scope="module")
+def six_block_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-6", num_layers=BLOCKS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(six_block_model):
+    return AutoModelForCausalLM.from_pretrained(six_block_model, dtype=torch.float32).eval()
+
+
+def served_range(line: str) -> tuple[int, int]:
+    start, end = line.rsplit("blocks", 1)[1].split(":")
+    return int(start), int(end)
+
+
+def assert_generates_exactly(swarm: LocalSwarm, model_path, reference) -> None:
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers)
+    try:
+        input_ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+        kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(model.generate(input_ids, **kwargs), reference.generate(input_ids, **kwargs))
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def auto_swarm(six_block_model, tmp_path_factory):
+    """Three peers taking 2 blocks each, started one after another."""
+    with LocalSwarm(tmp_path_factory.mktemp("auto-swarm"), env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        swarm.ranges = {}
+        for _ in range(3):
+            node = swarm.start_peer("2", model=str(six_block_model), extra_args=[*FAST, "--throughput", "1"], wait=False)
+            swarm._await_listening(node)
+            swarm.ranges[node.name] = served_range(node.wait_for("swarm: ready", 120))
+        yield swarm
+
+
+def test_peers_started_one_after_another_cover_every_block(auto_swarm, six_block_model, reference):
+    covered = sorted(index for start, end in auto_swarm.ranges.values() for index in range(start, end))
+    assert covered == list(range(BLOCKS)), auto_swarm.ranges
+    assert_generates_exactly(auto_swarm, six_block_model, reference)
+
+
+def test_a_redundant_peer_moves_to_cover_a_killed_peers_blocks(auto_swarm, six_block_model, reference):
+    extra = auto_swarm.start_peer("2", model=str(six_block_model), extra_args=[*FAST, "--throughput", "1"], wait=False)
+    auto_swarm._await_listening(extra)
+    duplicated = served_range(extra.wait_for("swarm: ready", 120))
+    victim = next(
+        node for node in auto_swarm.nodes[1:4] if not set(range(*auto_swarm.ranges[node.name])) & set(range(*duplicated))
+    )
+    gap = auto_swarm.ranges[victim.name]
+    victim.kill()  # the only peer on `gap`, gone without a goodbye
+    started = time.monotonic()
+    moved = served_range(extra.wait_for("swarm: moved", 60))  # record TTL 3 s + a rebalance period + loading
+    assert moved == gap, (duplicated, gap, moved)
+    print(f"gap {gap} covered again after {time.monotonic() - started:.1f} s")
+    assert_generates_exactly(auto_swarm, six_block_model, reference)
+
+
+def test_a_joining_peer_takes_the_weakest_blocks(six_block_model, tmp_path):
+    with LocalSwarm(tmp_path, env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peer("0:6", model=str(six_block_model), extra_args=[*FAST, "--throughput", "10"])
+        swarm.start_peer("0:3", model=str(six_block_model), extra_args=[*FAST, "--throughput", "10"])
+        plan = subprocess.run(
+            [sys.executable, "-m", "swarm.plan", "--initial-peers", *swarm.initial_peers, "--host-maddrs", LOOPBACK,
+             "--blocks", "3", "--throughput", "1"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert plan.returncode == 0, plan.stderr
+        assert "healthy" in plan.stdout and "2 peers" in plan.stdout
+        assert "would take blocks 3:6" in plan.stdout, plan.stdout
+        newcomer = swarm.start_peer("3", model=str(six_block_model), extra_args=[*FAST, "--throughput", "1"], wait=False)
+        swarm._await_listening(newcomer)
+        assert served_range(newcomer.wait_for("swarm: ready", 120)) == (3, 6)  # 10 tokens/s there, 20 on 0:3
+
+
+def test_a_leaving_peer_is_seen_offline_long_before_its_record_expires(six_block_model, reference, tmp_path):
+    slow_expiry = ["--announce-period", "60", "--join-jitter", "0"]  # records live 180 s
+    with LocalSwarm(tmp_path, env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        staying = swarm.start_peer("0:6", model=str(six_block_model), extra_args=[*slow_expiry, "--throughput", "1"])
+        leaving = swarm.start_peer("0:6", model=str(six_block_model), extra_args=[*slow_expiry, "--throughput", "1"])
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(six_block_model), initial_peers=swarm.initial_peers)
+        try:
+            sequence = model.sequence
+            RemoteExpertWorker.run_coroutine(sequence.update())
+            assert len(sequence.spans) == 2
+            os.kill(leaving.process.pid, signal.SIGTERM)
+            started = time.monotonic()
+            while time.monotonic() - started < 20:
+                RemoteExpertWorker.run_coroutine(sequence.update())
+                if len(sequence.spans) == 1:
+                    break
+                time.sleep(0.2)
+            seen_after = time.monotonic() - started
+            assert len(sequence.spans) == 1, sequence.spans
+            print(f"the leaving peer was seen offline after {seen_after:.1f} s (its record would live 180 s)")
+            assert leaving.process.wait(timeout=30) == 0
+            input_ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+            kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert torch.equal(model.generate(input_ids, **kwargs), reference.generate(input_ids, **kwargs))
+        finally:
+            model.close()
+        assert staying.process.poll() is None
+
+
+def test_plan_report_shows_gaps_and_ties():
+    model = ModelRecord(model="m", num_blocks=6, protocol_version=2)
+    spans = {"a": Span("a", 0, 2, 1.0), "b": Span("b", 4, 6, 2.0, PeerState.JOINING)}
+    lines = report("m", model, spans, 2, 1.0)
+    assert "BROKEN: blocks 2:4 are not served" in lines[0]
+    assert "MISSING" in lines[3] and "(1 joining)" in lines[5]
+    assert lines[-1].endswith("would take blocks 2:4")
+    even = report("m", model, {"a": Span("a", 0, 6, 1.0)}, 3, 1.0)
+    assert "healthy" in even[0] and "one of blocks 0:3, 1:4, 2:5, 3:6" in even[-1]
