@@ -3,9 +3,16 @@
 A block's throughput is the sum of the throughputs of the joining and online peers that serve it.
 A joining peer takes the window of consecutive blocks where the swarm is weakest: the window whose
 sorted block throughputs are lexicographically smallest (so uncovered blocks first, as many as
-fit, then the lowest throughput), ties broken at random. A serving peer moves only if leaving its
-blocks opens no gap and the move either covers blocks nobody serves or raises the weakest block's
-throughput by more than a threshold. `peers.server` reads the DHT and acts on these answers;
+fit, then the lowest throughput); among equal windows, the one leaving the unserved blocks in the
+fewest runs (flush with a gap's edge), then one at random. A serving peer moves there only if
+leaving its blocks opens no gap and the move either covers blocks nobody serves, or raises the
+weakest block's throughput by more than a threshold, or evens out an unbalanced swarm. The swarm
+is unbalanced while its weakest block is below a fraction of the even spread (every peer's
+throughput * blocks spread over the model); there, where one move among a thousand peers rarely
+lifts the weakest block by the threshold, a move must raise the weakest block it touches by the
+threshold times the peer's own throughput and leave its old blocks stronger than its new ones.
+Every move raises the sorted block throughputs lexicographically, so moving back never pays on
+the same state. `peers.server` reads the DHT and acts on these answers;
 `benchmarks/simulate_balance.py` runs them over a simulated swarm of a thousand peers.
 """
 
@@ -14,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import random
 from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from swarm.records import PeerRecord, PeerState
 
@@ -60,11 +69,18 @@ def swarm_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[s
 
 
 def block_throughputs(spans: Iterable[Span], num_blocks: int) -> list[float]:
-    throughputs = [0.0] * num_blocks
-    for span in spans:
-        for index in range(max(span.start, 0), min(span.end, num_blocks)):
-            throughputs[index] += span.throughput
-    return throughputs
+    return _block_sums(spans, num_blocks).tolist()
+
+
+def _block_sums(spans: Iterable[Span], num_blocks: int) -> np.ndarray:
+    """Summed throughput per block, [num_blocks]; exactly 0.0 where no peer with throughput serves."""
+    spans = [span for span in spans if span.throughput > 0]
+    starts = np.clip(np.array([span.start for span in spans], dtype=np.int64), 0, num_blocks)
+    ends = np.clip(np.array([span.end for span in spans], dtype=np.int64), 0, num_blocks)
+    throughputs = np.array([span.throughput for span in spans], dtype=np.float64)
+    sums = np.cumsum(np.bincount(starts, throughputs, num_blocks + 1) - np.bincount(ends, throughputs, num_blocks + 1))
+    serving = np.cumsum(np.bincount(starts, minlength=num_blocks + 1) - np.bincount(ends, minlength=num_blocks + 1))
+    return np.where(serving[:num_blocks] > 0, sums[:num_blocks], 0.0)  # no rounding residue on a gap
 
 
 def gaps(throughputs: Sequence[float]) -> list[int]:
@@ -76,35 +92,76 @@ def choose_start(throughputs: Sequence[float], length: int, rng: random.Random |
     if not 0 < length <= len(throughputs):
         raise ValueError(f"a window of {length} blocks does not fit in {len(throughputs)} blocks")
     rng = rng or random.Random()
-    options = [(sorted(throughputs[start : start + length]), rng.random(), start) for start in range(len(throughputs) - length + 1)]
-    return min(options)[2]
+    keys = [sorted(throughputs[start : start + length]) for start in range(len(throughputs) - length + 1)]
+    weakest = min(keys)
+    tied = [start for start, key in enumerate(keys) if key == weakest]
+    if len(tied) > 1 and weakest[0] <= 0:
+        fewest = min(_gap_runs_after(throughputs, start, length) for start in tied)
+        tied = [start for start in tied if _gap_runs_after(throughputs, start, length) == fewest]
+    return rng.choice(tied)
+
+
+def _gap_runs_after(throughputs: Sequence[float], start: int, length: int) -> int:
+    """Runs of unserved blocks left once blocks start:start+length are served. Among equally weak
+    windows the one leaving the fewest runs wins: a window flush with a gap's edge leaves the rest
+    of the gap in one piece that later peers can fill, where one in its middle splits it in two."""
+    runs, in_gap = 0, False
+    for index, value in enumerate(throughputs):
+        unserved = value <= 0 and not start <= index < start + length
+        runs += unserved and not in_gap
+        in_gap = unserved
+    return runs
 
 
 def plan_move(
-    spans: Mapping[str, Span], num_blocks: int, peer_id: str, *, threshold: float, rng: random.Random | None = None
+    spans: Mapping[str, Span],
+    num_blocks: int,
+    peer_id: str,
+    *,
+    threshold: float,
+    rng: random.Random | None = None,
+    balanced_fraction: float = 0.85,
 ) -> Move:
-    """Should `peer_id` serve another window of the same length? Stays unless it clearly helps."""
+    """Should `peer_id` serve another window of the same length? Stays unless it clearly helps.
+
+    The swarm counts as balanced while its weakest block holds `balanced_fraction` of the even spread."""
     me = spans[peer_id]
-    others = [span for other_id, span in spans.items() if other_id != peer_id]
-    now = block_throughputs(spans.values(), num_blocks)
-    without_me = block_throughputs(others, num_blocks)
-    if min(without_me[me.start : me.end]) <= 0:
+    here = slice(max(me.start, 0), me.end)
+    without_me = _block_sums((span for other_id, span in spans.items() if other_id != peer_id), num_blocks)
+    now = without_me.copy()
+    now[here] += me.throughput
+    if without_me[here].min() <= 0:
         return Move(None, f"the only peer serving some of blocks {me.start}:{me.end}")
-    start = choose_start(without_me, me.length, rng)
+    start = choose_start(without_me.tolist(), me.length, rng)
     if start == me.start:
         return Move(None, "already where the swarm is weakest")
-    after = list(without_me)
-    for index in range(start, start + me.length):
-        after[index] += me.throughput
-    gaps_now, gaps_after = len(gaps(now)), len(gaps(after))
+    there = slice(start, start + me.length)
+    after = without_me.copy()
+    after[there] += me.throughput
+    gaps_now, gaps_after = int((now <= 0).sum()), int((after <= 0).sum())
     if gaps_after < gaps_now:
         return Move(start, f"covers {gaps_now - gaps_after} blocks nobody serves")
     if gaps_now:
         return Move(None, "moving would not cover any missing block")
-    weakest_now, weakest_after = min(now), min(after)
+    weakest_now, weakest_after = float(now.min()), float(after.min())
     if weakest_after > weakest_now * (1 + threshold):
         return Move(start, f"weakest block {weakest_now:.3g} -> {weakest_after:.3g} tokens/s")
-    return Move(None, f"weakest block would change {weakest_now:.3g} -> {weakest_after:.3g}, below the threshold")
+    even = float(now.sum()) / num_blocks
+    if weakest_now >= balanced_fraction * even:
+        return Move(None, f"weakest block {weakest_now:.3g} is close to the even spread {even:.3g} tokens/s")
+    return _even_out(now, after, here, there, threshold * me.throughput, start)
+
+
+def _even_out(now: np.ndarray, after: np.ndarray, here: slice, there: slice, margin: float, start: int) -> Move:
+    """In an unbalanced swarm, one redundant peer's move: it must raise the weakest block it touches
+    by more than `margin`, and the blocks it leaves must stay stronger than the ones it joins by
+    `margin` (so moving back does not pay, even after a little churn)."""
+    touched_now = float(min(now[here].min(), now[there].min()))
+    left, joined = float(after[here].min()), float(after[there].min())
+    touched_after = min(left, joined)
+    if touched_after - touched_now > margin and left - joined >= margin:
+        return Move(start, f"weakest block it touches {touched_now:.3g} -> {touched_after:.3g} tokens/s")
+    return Move(None, f"weakest block it touches would change {touched_now:.3g} -> {touched_after:.3g}, not enough")
 
 
 def describe_coverage(throughputs: Sequence[float], spans: Iterable[Span]) -> list[str]:

@@ -62,7 +62,11 @@ class PeerConfig(BaseModel):
         None, gt=0, description="memory --blocks auto may use for blocks and KV cache; default: what the device has free"
     )
     rebalance_period_s: float = Field(300.0, gt=0, description="mean seconds between checks whether to move (jittered)")
-    balance_threshold: float = Field(0.1, ge=0, description="move only if the weakest block's throughput rises by this fraction")
+    balance_threshold: float = Field(
+        0.1, ge=0,
+        description="move only for a clear gain: the weakest block rises by this fraction (or, in an unbalanced swarm, "
+        "the weakest block the move touches by this fraction of the peer's throughput); see swarm/balance.py",
+    )
     join_jitter_s: float = Field(5.0, ge=0, description="random wait before choosing blocks, so peers starting together spread out")
     handoff_grace_s: float = Field(30.0, ge=0, description="after a move, sessions on the old blocks may go on this long")
     shutdown_grace_s: float = Field(5.0, ge=0, description="on SIGINT/SIGTERM, wait this long for running steps to finish")
