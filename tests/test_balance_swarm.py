@@ -15,6 +15,8 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from peers import placement
+from swarm import hw
 from swarm.balance import Span
 from swarm.local import LOOPBACK, LocalSwarm
 from swarm.plan import report
@@ -149,7 +151,9 @@ def test_a_leaving_peer_is_seen_offline_long_before_its_record_expires(six_block
     slow_expiry = ["--announce-period", "60", "--join-jitter", "0"]  # records live 180 s
     with LocalSwarm(tmp_path, env=PEER_ENV) as swarm:
         swarm.start_bootstrap()
-        staying = swarm.start_peer("0:6", model=str(six_block_model), extra_args=[*slow_expiry, "--throughput", "1"])
+        staying = swarm.start_peer("auto", model=str(six_block_model), extra_args=[*slow_expiry, "--throughput", "1"], wait=False)
+        swarm.wait_ready(staying)
+        assert "6 of 6 blocks fit" in staying.log_path.read_text()  # --blocks auto: a tiny model fits whole
         leaving = swarm.start_peer("0:6", model=str(six_block_model), extra_args=[*slow_expiry, "--throughput", "1"])
         model = AutoDistributedModelForCausalLM.from_pretrained(str(six_block_model), initial_peers=swarm.initial_peers)
         try:
@@ -184,3 +188,18 @@ def test_plan_report_shows_gaps_and_ties():
     assert lines[-1].endswith("would take blocks 2:4")
     even = report("m", model, {"a": Span("a", 0, 6, 1.0)}, 3, 1.0)
     assert "healthy" in even[0] and "one of blocks 0:3, 1:4, 2:5, 3:6" in even[-1]
+
+
+def test_auto_block_count_fits_the_memory_budget(six_block_model):
+    from swarm.errors import ConfigError
+    from swarm.models import load_config, resolve_model
+
+    config = load_config(resolve_model(str(six_block_model)))
+    kwargs = dict(dtype=torch.float32, device="cpu", cache_tokens=16384, max_length=8192)
+    per_block = hw.block_memory_bytes(config, torch.float32) + hw.kv_bytes_per_token(config, torch.float32) * 16384
+    reserve = 8 * 8192 * config.hidden_size * 4 + placement.RUNTIME_RESERVE_BYTES
+    count, explanation = placement.auto_block_count(config, **kwargs, max_memory_gb=(reserve + 3.5 * per_block) / 2**30)
+    assert count == 3 and "3 of 6 blocks fit" in explanation and "--max-memory-gb" in explanation
+    assert placement.auto_block_count(config, **kwargs, max_memory_gb=64)[0] == 6  # never more than the model has
+    with pytest.raises(ConfigError, match="not enough memory for one block"):
+        placement.auto_block_count(config, **kwargs, max_memory_gb=(reserve + 0.5 * per_block) / 2**30)
