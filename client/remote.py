@@ -50,20 +50,27 @@ async def call_forward(
 
     async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
         replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_forward(requests())
-        return await _read_result(FrameReader(replies), peer_id, inputs.hidden_states.shape)
+        hidden_states, _ = await _read_result(FrameReader(replies), peer_id, inputs.hidden_states.shape)
+        return hidden_states
 
 
 async def _read_result(
     reader: FrameReader, peer_id: str, expected_shape: torch.Size, step_id: int | None = None
-) -> torch.Tensor:
-    """The hidden states a peer answered with, checked: a malformed reply bans the peer, never crashes us."""
-    try:
-        frame = await reader.read()
-        if frame is None:
-            raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
-        header = decode_header(PEER_REPLY, frame[0])
-    except errors.InvalidRequestError as exc:  # FrameReader speaks of requests; here the peer is at fault
-        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} sent a malformed reply: {exc}") from exc
+) -> tuple[torch.Tensor, bool]:
+    """The hidden states a peer answered with, checked (a malformed reply bans the peer, never crashes
+    us), and whether the peer pushed them to the next hop. Replies to earlier steps are skipped: they
+    answer steps pushed to this peer that the client re-ran after a failover."""
+    while True:
+        try:
+            frame = await reader.read()
+            if frame is None:
+                raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
+            header = decode_header(PEER_REPLY, frame[0])
+        except errors.InvalidRequestError as exc:  # FrameReader speaks of requests; here the peer is at fault
+            raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} sent a malformed reply: {exc}") from exc
+        stale = getattr(header, "step_id", None)
+        if step_id is None or stale is None or stale >= step_id:
+            break
     raise_if_error(header)
     if not isinstance(header, Result) or header.tensor_names != ["hidden_states"] or len(frame[1]) != 1:
         raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
@@ -76,7 +83,7 @@ async def _read_result(
         )
     if not torch.isfinite(hidden_states).all():
         raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} returned NaN or infinite hidden states")
-    return hidden_states
+    return hidden_states, header.pushed
 
 
 class SpanStream:
@@ -112,12 +119,16 @@ class SpanStream:
             if not isinstance(reply, SessionOpened):
                 raise errors.PeerMisbehavedError(f"peer {self.peer_id[-8:]} did not open the session")
 
-    async def step(self, inputs: BlockInputs, position: int, step_id: int, push_to: list[str] = ()) -> torch.Tensor:
-        """Send a step (the peer may have it already, pushed by the previous hop) and read its result.
+    async def step(
+        self, inputs: BlockInputs, position: int, step_id: int, push_to: list[str] = (), *, send: bool = True
+    ) -> tuple[torch.Tensor, bool]:
+        """Send a step (unless `send` is False: the previous hop pushed it here) and read its result,
+        and whether this peer pushed it on to the next hop.
 
         `push_to`: the following hops, to which this peer sends its output directly."""
-        names, tensors = _input_tensors(inputs)
-        self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
+        if send:
+            names, tensors = _input_tensors(inputs)
+            self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
         async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
             return await _read_result(self._reader, self.peer_id, inputs.hidden_states.shape, step_id)
 

@@ -69,17 +69,22 @@ class InferenceSession:
                 f"{position + new_tokens} tokens exceed this session's max_length={self.max_length}"
             )
         self._truncate(position)
-        hidden_states, index, step_id = inputs.hidden_states, 0, next(self._step_ids)
+        hidden_states, index, step_id, pushed = inputs.hidden_states, 0, next(self._step_ids), False
         while index < len(self.streams):
             stream = self.streams[index]
             self._remember(stream.start, hidden_states, position)
             try:
-                hidden_states = await stream.step(_with_hidden(inputs, hidden_states), position, step_id, self._push_chain(index))
+                hidden_states, pushed = await stream.step(
+                    _with_hidden(inputs, hidden_states), position, step_id, self._push_chain(index), send=not pushed
+                )
                 index += 1
             except errors.RemoteError as exc:
                 if not exc.transient:
                     raise
                 await self._replace(index, exc, step_id)
+                # the rest of the step runs anew under a new id: what later hops answer to the old one
+                # (a push from the failed peer) is stale, and they recompute at the same position
+                step_id, pushed = next(self._step_ids), False
         self._remember_positions(inputs, position)
         self.position = position + new_tokens
         return hidden_states
@@ -129,7 +134,7 @@ class InferenceSession:
             self._inputs_at[stream.start] = History()
             self._inputs_at[stream.start].write(hidden_states, 0)
             try:
-                hidden_states = await stream.step(_with_hidden(history, hidden_states), 0, step_id)
+                hidden_states, _ = await stream.step(_with_hidden(history, hidden_states), 0, step_id)
             except errors.RemoteError as exc:
                 exc.peer_id = stream.peer_id  # so the caller bans the peer that failed the replay
                 raise

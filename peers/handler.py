@@ -7,7 +7,9 @@ does not announce anything or load blocks (see `peers.server`).
 
 A session's steps reach it two ways: from its client, and pushed by the peer serving the blocks
 just before it (`rpc_push`), which sends its output straight on instead of making the client relay
-it. The client sends every step anyway; whichever copy arrives first runs, the other is skipped.
+it. A peer that pushed says so in its reply once the next hop has taken the push; only then does
+the client skip sending that step itself. A step that arrives twice runs once. Every reply names
+its step, so a client re-running a step after a failover can tell stale replies from current ones.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
 DRAIN_TIMEOUT_S = 5.0
-PUSH_TIMEOUT_S = 5.0
+PUSH_TIMEOUT_S = 2.0  # for the next hop to take a push; the client sends the step itself otherwise
 INBOX_FRAMES = 4  # per session: a client sends one step and waits; pushes beyond this are dropped
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
@@ -85,7 +87,6 @@ class BlockServicer(BlockService):
         self.cache_wait_s = cache_wait_s
         self.executor = executor  # the peer's single compute thread
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
-        self._pushes: set[asyncio.Task] = set()
         self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
         self.handoff_grace_s = 0.0
         self.closing = False  # shutting down: running steps finish, new ones are refused
@@ -220,6 +221,7 @@ class BlockServicer(BlockService):
             if isinstance(item, BaseException):
                 return  # the client's stream broke: it is gone
             started = time.perf_counter()
+            step = None
             try:
                 step, tensors = _step_of(source, item)
                 if step.step_id <= last_step_id:
@@ -227,20 +229,18 @@ class BlockServicer(BlockService):
                 self._check_serving(stack)
                 reply, push = await self._session_step(opening.session_id, stack, cache, step, tensors, session_limits, span)
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
-                if source == "push":  # the client sends this step too; let its copy run
-                    logger.warning("dropped a pushed step of session %s: %s", opening.session_id[:8], str(exc)[:200])
-                    continue
-                yield self._error_reply(exc, context, "step")
+                yield self._error_reply(exc, context, f"step ({source})", step_id=getattr(step, "step_id", None))
                 continue
             except Exception as exc:  # failed mid-compute: the cache may be half-updated, end the session
-                yield self._error_reply(exc, context, "step")
+                yield self._error_reply(exc, context, "step", step_id=getattr(step, "step_id", None))
                 await _drain(inbox, pump)
                 return
             last_step_id = step.step_id
             inbox.steps += 1
             inbox.pushed_steps += source == "push"
-            if push is not None and self.p2p is not None:
-                self._push(opening.session_id, step.push_to[0], push)
+            if push is not None and self.p2p is not None and await self._push(opening.session_id, step.push_to[0], push):
+                pushed = Result(tensor_names=["hidden_states"], step_id=step.step_id, pushed=True)
+                reply[-1].metadata = pushed.model_dump_json().encode()
             logger.debug(
                 "step peer=%s session=%s blocks=%d:%d from=%s ms=%.1f", _short(context), opening.session_id[:8],
                 *span, source, 1000 * (time.perf_counter() - started),
@@ -268,35 +268,28 @@ class BlockServicer(BlockService):
 
     def _deliver(self, header: PushStep, tensors: dict[str, torch.Tensor], sender: str) -> None:
         inbox = self._inboxes.get((header.session_id, header.start_block))
-        if inbox is None or inbox.push_from != sender:
+        if inbox is None or inbox.push_from != sender or inbox.draining:
             raise errors.UnknownSessionError("no session here takes pushes from this peer")
-        if not inbox.draining:
-            try:
-                inbox.queue.put_nowait(("push", (header, tensors)))
-            except asyncio.QueueFull:
-                pass  # best effort: the client's copy of the step will come
-
-    def _push(self, session_id: str, target: str, header_and_tensors) -> None:
-        """Send a step's output to the next hop, in the background; failures only cost the client's relay."""
-        header, tensors, message = header_and_tensors
-        if target == self.peer_id:  # the next hop is this peer too
-            try:
-                self._deliver(header, tensors, self.peer_id)
-            except errors.SwarmError:
-                pass
-            return
-        task = asyncio.create_task(self._send_push(target, message, session_id))
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
-
-    async def _send_push(self, target: str, message: Request, session_id: str) -> None:
         try:
+            inbox.queue.put_nowait(("push", (header, tensors)))
+        except asyncio.QueueFull:
+            raise errors.OverloadedError("this session's inbox is full") from None
+
+    async def _push(self, session_id: str, target: str, header_and_tensors) -> bool:
+        """Send a step's output to the next hop; True once it took it (it then owes the client the reply)."""
+        header, tensors, message = header_and_tensors
+        try:
+            if target == self.peer_id:  # the next hop is this peer too
+                self._deliver(header, tensors, self.peer_id)
+                return True
             async with translated_errors(target[-8:]), asyncio.timeout(PUSH_TIMEOUT_S):
                 reply = await protocol.stub(self.p2p, PeerID.from_base58(target), self.info.dht_prefix).rpc_push(message)
-            if reply.metadata:
-                logger.debug("push of session %s to %s refused: %s", session_id[:8], target[-8:], reply.metadata[:200])
         except (errors.SwarmError, ValueError) as exc:
             logger.debug("push of session %s to %s failed: %s", session_id[:8], target[-8:], exc)
+            return False
+        if reply.metadata:
+            logger.debug("push of session %s to %s refused: %s", session_id[:8], target[-8:], reply.metadata[:200])
+        return not reply.metadata
 
     async def _compute(self, stack: BlockStack, tensors, limits: Limits, cache, span, *, position: int, step=None):
         """Validate, roll back and run, all on the compute thread (one OpenMP pool per process).
@@ -328,14 +321,14 @@ class BlockServicer(BlockService):
             push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs))
         return reply, push
 
-    def _error_reply(self, exc: BaseException, context: P2PContext, what: str) -> Response:
+    def _error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
         if isinstance(exc, TimeoutError):
             exc = errors.PeerTimeoutError(f"no {what} request within {self.session_idle_timeout_s} s")
         if isinstance(exc, errors.SwarmError):
             logger.warning("refused %s from %s: %s", what, _short(context), str(exc)[:200])
-            return encode_error(exc, Response)
+            return encode_error(exc, Response, step_id=step_id)
         logger.exception("internal error serving %s from %s", what, _short(context))
-        return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal")
+        return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
 
 
 def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs):

@@ -84,6 +84,7 @@ class Result(_Message):
 
     type: Literal["result"] = "result"
     step_id: int | None = Field(default=None, description="the session step this answers (None for a forward)")
+    pushed: bool = Field(default=False, description="the next hop took this output from us: the client need not send it")
 
 
 class ErrorReply(_Message):
@@ -92,6 +93,7 @@ class ErrorReply(_Message):
     type: Literal["error"] = "error"
     code: str = Field(max_length=64)
     message: str = Field(max_length=2000)
+    step_id: int | None = Field(default=None, description="the session step refused, if any")
 
 
 class PeerInfo(BaseModel):

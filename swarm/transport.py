@@ -54,9 +54,10 @@ def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type:
     yield proto_type(tensors=batch, metadata=header.model_dump_json().encode())
 
 
-def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None = None) -> Proto:
+def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None = None, step_id: int | None = None) -> Proto:
     code = code or getattr(exc, "code", "internal")
-    (message,) = encode_frame(ErrorReply(code=code, message=str(exc)[:2000] or type(exc).__name__), [], proto_type)
+    header = ErrorReply(code=code, message=str(exc)[:2000] or type(exc).__name__, step_id=step_id)
+    (message,) = encode_frame(header, [], proto_type)
     return message
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -135,25 +136,47 @@ def test_steps_run_once_and_pushes_come_only_from_the_previous_hop(model, first_
     async def scenario():
         stream = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
         await stream.open("dedup", max_length=8, batch_size=1, push_from="QmSomeOtherPeerThatIsNotTheClient")
-        first = await stream.step(step, 0, step_id=1)
+        first, _ = await stream.step(step, 0, step_id=1)
         names, tensors = _input_tensors(step)
         stream._send(InferenceStep(position=1, step_id=1, tensor_names=names), tensors)  # a copy: skipped, no reply
-        second = await stream.step(step, 1, step_id=2)  # answered with step 2, not with the copy of step 1
+        second, _ = await stream.step(step, 1, step_id=2)  # answered with step 2, not with the copy of step 1
         assert not torch.equal(first, second)  # the cache grew by one token only once
         push = PushStep(session_id="dedup", start_block=0, position=2, step_id=3, tensor_names=names)
         (message,) = encode_frame(push, tensors, runtime_pb2.ExpertRequest)
         reply = await protocol.stub(seq.p2p, PeerID.from_base58(first_peer), seq.dht_prefix).rpc_push(message)
         with pytest.raises(errors.UnknownSessionError):  # we are not the peer this session takes pushes from
             raise_if_error(decode_header(PEER_REPLY, reply.metadata))
-        assert torch.equal(await stream.step(step, 2, step_id=3), await _replayed(stream, step, first_peer))
+        third, pushed = await stream.step(step, 2, step_id=3)
+        assert torch.equal(third, await _replayed(stream, step, first_peer)) and not pushed
         stream.close()
 
     async def _replayed(stream, step, peer_id):  # the same three steps in a fresh session
         fresh = SpanStream(seq.p2p, peer_id, seq.dht_prefix, 0, 2, 30)
         await fresh.open("fresh", max_length=8, batch_size=1)
         for position in range(3):
-            output = await fresh.step(step, position, step_id=position)
+            output, _ = await fresh.step(step, position, step_id=position)
         fresh.close()
         return output
 
     RemoteExpertWorker.run_coroutine(scenario())
+
+
+def test_replies_to_earlier_steps_are_skipped():
+    """After a failover the client re-runs a step under a new id; a later hop may still answer the
+    old id (it ran the failed peer's push): that reply is stale and skipped."""
+    from client.remote import _read_result
+    from swarm.messages import ErrorReply, Result
+
+    def frame(header, tensors=()):
+        return list(encode_frame(header, list(tensors), runtime_pb2.ExpertResponse))
+
+    async def replies():
+        for message in [
+            *frame(Result(tensor_names=["hidden_states"], step_id=4), [torch.zeros(1, 1, 64)]),
+            *frame(ErrorReply(code="invalid_request", message="stale", step_id=4)),
+            *frame(Result(tensor_names=["hidden_states"], step_id=5, pushed=True), [torch.ones(1, 1, 64)]),
+        ]:
+            yield message
+
+    hidden_states, pushed = asyncio.run(_read_result(FrameReader(replies()), "peer", torch.Size([1, 1, 64]), step_id=5))
+    assert torch.equal(hidden_states, torch.ones(1, 1, 64)) and pushed
