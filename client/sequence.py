@@ -16,6 +16,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from client import routing
 from client.remote import call_forward, call_info
+from client.retries import Retries
 from swarm import errors, network
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig, NetworkConfig
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 BAN_BASE_S = 5.0
 BAN_MAX_S = 300.0
 REFRESH_PERIOD_S = 10.0
+MISSED_LOOKUP_GRACE_S = 30.0
 MAX_PINGS_PER_UPDATE = 64  # a flood of fake records must not make us dial thousands of peers at once
 
 
@@ -48,6 +50,7 @@ class RemoteSequence:
         self.latency_s: dict[str, float] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer_id -> (banned until, failures)
         self._updated_at = 0.0
+        self._last_seen: dict[str, float] = {}  # peer_id -> when a DHT lookup last listed it online
 
     # ---- swarm state -------------------------------------------------------------------------
     async def update(self) -> None:
@@ -55,8 +58,20 @@ class RemoteSequence:
             None, network.fetch_block_records, self.dht, self.dht_prefix, self.num_blocks
         )
         records = [parse_peer_records(entry, where=f"{self.dht_prefix}.{index}") for index, entry in enumerate(raw)]
-        self.spans = routing.online_spans(records)
-        self._updated_at = time.monotonic()
+        fresh = routing.online_spans(records)
+        now = time.monotonic()
+        for peer_id in fresh:
+            self._last_seen[peer_id] = now
+        # a DHT lookup through a stalled node can come back empty for some keys: peers of blocks that
+        # came back with no record at all stay routable for a while (a dead one fails fast and is banned)
+        empty = {index for index, entry in enumerate(raw) if not entry}
+        kept = {
+            peer_id: span for peer_id, span in self.spans.items()
+            if peer_id not in fresh and set(range(span.start, span.end)) <= empty
+            and now - self._last_seen.get(peer_id, 0.0) < MISSED_LOOKUP_GRACE_S
+        }
+        self.spans = {**kept, **fresh}
+        self._updated_at = now
         await self._measure_latencies([peer_id for peer_id in self.spans if peer_id not in self.latency_s])
 
     async def _measure_latencies(self, peer_ids: list[str]) -> None:
@@ -107,7 +122,8 @@ class RemoteSequence:
         return hidden_states
 
     async def _retrying_hop(self, position: int, hidden_states: torch.Tensor, inputs: BlockInputs):
-        for attempt in range(self.config.max_retries + 1):
+        retries = Retries(self.config)
+        while True:
             hop = (await self.route(position))[0]
             step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
             try:
@@ -116,11 +132,10 @@ class RemoteSequence:
                 )
                 return output, hop.end
             except errors.RemoteError as exc:
-                if not exc.transient or attempt == self.config.max_retries:
+                if not retries.allow(exc):
                     raise
-                logger.warning("forward on %s failed (%s), retry %d/%d", hop.peer_id[-8:], exc, attempt + 1, self.config.max_retries)
+                logger.warning("forward on %s failed (%s), retry %d", hop.peer_id[-8:], exc, retries.failures)
                 self.ban(hop.peer_id)
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         RemoteExpertWorker.run_coroutine(self.p2p.shutdown())

@@ -15,6 +15,7 @@ import uuid
 import torch
 
 from client.remote import SpanStream
+from client.retries import Retries
 from client.sequence import RemoteSequence
 from swarm import errors
 from swarm.blocks import BlockInputs
@@ -54,7 +55,16 @@ class InferenceSession:
         return lines
 
     async def open(self) -> None:
-        self.streams = await self._open_streams(0, self.sequence.num_blocks, push_from=None)
+        """Open streams through every block; a peer that fails to open is avoided and the route rebuilt."""
+        retries = Retries(self.sequence.config)
+        while True:
+            try:
+                self.streams = await self._open_streams(0, self.sequence.num_blocks, push_from=None)
+                return
+            except errors.RemoteError as exc:  # _open_streams banned the peer that failed
+                if not retries.allow(exc):
+                    raise
+                logger.warning("opening the session failed (%s), retry %d", exc, retries.failures)
 
     async def step(self, inputs: BlockInputs, position: int | None = None) -> torch.Tensor:
         """Run new tokens through all blocks; `position` < self.position rolls the session back first."""
@@ -108,7 +118,8 @@ class InferenceSession:
         logger.warning("peer %s failed for blocks %d:%d (%s): re-routing", failed.peer_id[-8:], failed.start, failed.end, cause)
         failed.close()
         self.sequence.ban(failed.peer_id)
-        for attempt in range(self.sequence.config.max_retries + 1):
+        retries = Retries(self.sequence.config)
+        while True:
             replacement = []
             try:
                 previous = self.streams[index - 1].peer_id if index > 0 else None
@@ -121,9 +132,9 @@ class InferenceSession:
                     stream.close()
                 if getattr(exc, "peer_id", None):
                     self.sequence.ban(exc.peer_id)
-                if not exc.transient or attempt == self.sequence.config.max_retries:
+                if not retries.allow(exc):
                     raise
-                logger.warning("replacement failed (%s), retry %d", exc, attempt + 1)
+                logger.warning("replacement failed (%s), retry %d", exc, retries.failures)
 
     async def _replay(self, streams: list[SpanStream], step_id: int) -> None:
         if self.position == 0:

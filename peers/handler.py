@@ -69,7 +69,7 @@ class BlockServicer(BlockService):
         stack: BlockStack,
         info: PeerInfo,
         *,
-        cache_tokens: int,
+        cache: CacheBudget,
         session_idle_timeout_s: float,
         cache_wait_s: float,
         executor: concurrent.futures.ThreadPoolExecutor,
@@ -82,7 +82,7 @@ class BlockServicer(BlockService):
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length
         )
-        self.cache = CacheBudget(cache_tokens)
+        self.cache = cache
         self.session_idle_timeout_s = session_idle_timeout_s
         self.cache_wait_s = cache_wait_s
         self.executor = executor  # the peer's single compute thread

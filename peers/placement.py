@@ -29,27 +29,36 @@ async def read_swarm(dht, dht_prefix: str, num_blocks: int) -> dict[str, balance
 
 
 def auto_block_count(
-    model_config, *, dtype: torch.dtype, device: str, cache_tokens: int, max_length: int, max_memory_gb: float | None
+    model_config, *, dtype: torch.dtype, device: str, cache_tokens: int, max_length: int, max_memory_gb: float | None,
+    cache_gb: float | None = None,
 ) -> tuple[int, str]:
-    """As many blocks as fit in the memory budget with their KV cache, and the explanation."""
+    """As many blocks as fit in the memory budget with their KV cache, and the explanation.
+
+    The cache is `cache_tokens` tokens for every block, or `cache_gb` GiB over all blocks when given."""
     num_blocks = model_config.num_hidden_layers
     weights = hw.block_memory_bytes(model_config, dtype)
-    cache = hw.kv_bytes_per_token(model_config, dtype) * cache_tokens
+    cache = hw.kv_bytes_per_token(model_config, dtype) * cache_tokens if cache_gb is None else 0
+    fixed_cache = int(cache_gb * GiB) if cache_gb is not None else 0
     # a long prefill holds a few [max_length, hidden] buffers and one row of attention scores per head
     activations = 8 * max_length * model_config.hidden_size * torch.finfo(dtype).bits // 8
     if max_memory_gb is not None:
         budget, source = int(max_memory_gb * GiB), f"--max-memory-gb {max_memory_gb:g}"
     else:
         budget, source = hw.free_memory_bytes(device), f"{hw.free_memory_bytes(device) / GiB:.1f} GiB free on {device}"
-    usable = budget - activations - RUNTIME_RESERVE_BYTES
+    usable = budget - activations - RUNTIME_RESERVE_BYTES - fixed_cache
     count = min(num_blocks, max(0, usable // (weights + cache)))
+    cache_text = (
+        f"{cache / 2**20:.1f} MiB of KV cache for {cache_tokens} tokens" if cache_gb is None
+        else f"a share of the {cache_gb:g} GiB KV cache (--cache-gb)"
+    )
     explanation = (
-        f"{count} of {num_blocks} blocks fit: each needs {weights / 2**20:.1f} MiB of weights + {cache / 2**20:.1f} MiB "
-        f"of KV cache for {cache_tokens} tokens; budget {source}, minus {(activations + RUNTIME_RESERVE_BYTES) / GiB:.2f} GiB "
+        f"{count} of {num_blocks} blocks fit: each needs {weights / 2**20:.1f} MiB of weights + {cache_text}; "
+        f"budget {source}, minus {(activations + RUNTIME_RESERVE_BYTES) / GiB:.2f} GiB "
         f"reserved for activations and the runtime"
     )
     if count < 1:
-        raise ConfigError(f"not enough memory for one block: {explanation} (lower --cache-tokens or raise --max-memory-gb)")
+        lower = "--cache-tokens" if cache_gb is None else "--cache-gb"
+        raise ConfigError(f"not enough memory for one block: {explanation} (lower {lower} or raise --max-memory-gb)")
     return int(count), explanation
 
 

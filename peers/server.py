@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import swarm
 from peers import placement
+from peers.cache import CacheBudget
 from peers.handler import BlockServicer
 from swarm import balance, hw, models, network, protocol
 from swarm.blocks import BlockStack
@@ -84,7 +85,7 @@ class Peer:
             self.servicer = BlockServicer(
                 stack,
                 self._info(self.start_block, self.end_block),
-                cache_tokens=self.config.cache_tokens,
+                cache=self._cache_budget(),
                 session_idle_timeout_s=self.config.session_idle_timeout_s,
                 cache_wait_s=self.config.cache_wait_s,
                 executor=self.executor,
@@ -106,6 +107,17 @@ class Peer:
         finally:
             await self._leave()
 
+    def _cache_budget(self) -> CacheBudget:
+        """KV-cache bytes (--cache-gb, or --cache-tokens over the served blocks) and session slots."""
+        per_token = hw.kv_bytes_per_token(self.model_config, self.dtype) * (self.end_block - self.start_block)
+        total = int(self.config.cache_gb * 2**30) if self.config.cache_gb else self.config.cache_tokens * per_token
+        budget = CacheBudget(total, per_token, self.config.max_sessions)
+        logger.info(
+            "KV cache: %.1f MiB (%d tokens over %d blocks), up to %d sessions at once",
+            total / 2**20, budget.total_tokens, self.end_block - self.start_block, self.config.max_sessions,
+        )
+        return budget
+
     # ---- choosing blocks -----------------------------------------------------------------------
     def _measure_throughput(self) -> float:
         if self.config.num_threads:
@@ -119,7 +131,7 @@ class Peer:
         if self.block_count is None:
             self.block_count, explanation = placement.auto_block_count(
                 self.model_config, dtype=self.dtype, device=self.config.device, cache_tokens=self.config.cache_tokens,
-                max_length=self.config.max_length, max_memory_gb=self.config.max_memory_gb,
+                max_length=self.config.max_length, max_memory_gb=self.config.max_memory_gb, cache_gb=self.config.cache_gb,
             )
         else:
             explanation = f"--blocks {self.block_count}"
@@ -157,6 +169,9 @@ class Peer:
 
     async def _maybe_move(self) -> None:
         spans = await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks)
+        if self.peer_id not in spans:  # the DHT lookup missed even our own record: too partial to act on
+            logger.info("the swarm read back without this peer's own record (a DHT node is slow?): not moving now")
+            return
         me = balance.Span(self.peer_id, self.start_block, self.end_block, self.throughput)
         spans[self.peer_id] = me  # as we are now, whatever the DHT still holds
         move = balance.plan_move(spans, self.num_blocks, self.peer_id, threshold=self.config.balance_threshold, rng=self.rng)

@@ -52,6 +52,10 @@ class PeerConfig(BaseModel):
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="dtype of the blocks")
     cache_tokens: int = Field(16384, gt=0, description="KV-cache budget: tokens (batch x length) over all sessions")
+    cache_gb: float | None = Field(
+        None, gt=0, description="KV-cache budget in GiB over all sessions and blocks; replaces --cache-tokens when given"
+    )
+    max_sessions: int = Field(128, gt=0, description="inference sessions served at once; more wait, then get 'overloaded'")
     max_length: int = Field(8192, gt=0, description="longest sequence a session may ask for, in tokens")
     max_batch_size: int = Field(64, gt=0, description="largest batch a request may carry")
     public_name: str | None = Field(None, max_length=128, description="name shown to others")
@@ -104,8 +108,12 @@ class ClientConfig(BaseModel):
     host_maddrs: list[str] = Field(default_factory=lambda: list(LOOPBACK_MADDRS), description="client's own listen addresses")
     connect_timeout_s: float = Field(15.0, gt=0, description="seconds to join the swarm and open a stream")
     step_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one forward or inference step")
-    max_retries: int = Field(3, ge=0, description="re-routes after a transient peer failure")
-    route_wait_s: float = Field(30.0, ge=0, description="how long to wait for every block to be served")
+    max_retries: int = Field(
+        3, ge=0, description="transient failures a request survives at least (more within route_wait_s; see client/retries.py)"
+    )
+    route_wait_s: float = Field(
+        30.0, ge=0, description="how long to wait for every block to be served, and to keep re-routing after failures"
+    )
     ping_timeout_s: float = Field(2.0, gt=0, description="latency probe timeout per peer")
     push_steps: bool = Field(
         True, description="let each peer of a session send its output straight to the next one (the client relays it too)"

@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device (default: cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--cache-tokens", type=int, help="KV-cache budget in tokens over all sessions")
+    parser.add_argument("--cache-gb", type=float, help="KV-cache budget in GiB (replaces --cache-tokens)")
+    parser.add_argument("--max-sessions", type=int, help="inference sessions served at once (default 128)")
+    parser.add_argument("--session-idle-timeout", type=float, dest="session_idle_timeout_s",
+                        help="free a session's cache after this many seconds without a step (default 300)")
+    parser.add_argument("--cache-wait", type=float, dest="cache_wait_s",
+                        help="seconds a new session waits for cache or a slot before 'overloaded' (default 10)")
     parser.add_argument("--max-length", type=int, help="longest sequence a session may use, in tokens")
     parser.add_argument("--public-name", help="name shown to others")
     parser.add_argument("--dht-prefix", help="DHT key prefix (default: derived from the model name)")
@@ -51,7 +57,8 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     file_layer = load_toml(args.config) if args.config else {}
     flags = {
         key: getattr(args, key)
-        for key in ("model", "blocks", "device", "dtype", "cache_tokens", "max_length", "public_name",
+        for key in ("model", "blocks", "device", "dtype", "cache_tokens", "cache_gb", "max_sessions",
+                    "session_idle_timeout_s", "cache_wait_s", "max_length", "public_name",
                     "dht_prefix", "announce_period_s", "num_threads", "throughput", "max_memory_gb", "rebalance_period_s",
                     "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s")
         if getattr(args, key) is not None

@@ -1,59 +1,154 @@
-"""A peer dies mid-generation: the session re-routes its blocks and replays its inputs, exactly."""
+"""Peers die or hang mid-generation: the session re-routes their blocks, replays its inputs and
+produces exactly the tokens of a run without faults.
+
+One pool of peers (three per range of a 4-block tiny Llama) serves every trial; killed peers are
+replaced before the next one. A trial kills the peer serving some block before the n-th token
+(n = 0: before the prefill reaches it), sometimes while a step is in flight, sometimes twice in a
+row, and once freezes a peer (SIGSTOP) so that only the step timeout tells the client it is gone.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import threading
+import time
+
 import pytest
 import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from client import AutoDistributedModelForCausalLM
+from swarm.config import ClientConfig
 from swarm.local import LocalSwarm
 
 from tests.conftest import PEER_ENV
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
+
+RANGES = ("0:2", "2:4")
+PEERS_PER_RANGE = 3
+PROMPT_TOKENS, NEW_TOKENS = 7, 24
+PEER_ARGS = ["--announce-period", "1"]
 
 
-class KillAfter(BaseStreamer):
-    """Kills the peer serving `block` in the session's route once `tokens` tokens were generated."""
+def _trials() -> list[tuple[str, list[tuple[int, int, str]]]]:
+    """(name, faults); a fault is (tokens generated before it, block whose peer it hits, how)."""
+    rng = random.Random(20261123)
+    trials = [
+        ("prefill, first hop", [(0, 0, "kill")]),
+        ("prefill, second hop", [(0, 2, "kill")]),
+        ("two in a row, both hops", [(5, 0, "kill"), (5, 2, "kill")]),
+        ("two one after another, same blocks", [(3, 2, "kill"), (11, 2, "kill")]),
+        ("two one after another, both hops", [(8, 2, "kill"), (17, 0, "kill")]),
+        ("frozen peer, step timeout", [(rng.randrange(1, NEW_TOKENS), rng.choice((0, 2)), "freeze")]),
+    ]
+    for index in range(10):
+        how = "in-flight" if index % 3 == 2 else "kill"  # in flight: leave steps for the fault to land in
+        step = rng.randrange(0, NEW_TOKENS - (4 if how == "in-flight" else 1))
+        trials.append((f"random {index}", [(step, rng.choice((0, 2)), how)]))
+    return trials
 
-    def __init__(self, swarm: LocalSwarm, session, block: int, tokens: int):
-        self.swarm, self.session, self.block, self.tokens = swarm, session, block, tokens
-        self.seen = 0
-        self.killed: str | None = None
+
+TRIALS = _trials()
+
+
+class Faults(BaseStreamer):
+    """Injects faults into a generate() run as its tokens stream out (the prompt counts as token 0)."""
+
+    def __init__(self, pool: "Pool", session, faults: list[tuple[int, int, str]]):
+        self.pool, self.session = pool, session
+        self.pending = sorted(faults)
+        self.generated = -1  # the prompt arrives first
+        self.hit: list[str] = []
+        self.timers: list[threading.Timer] = []
 
     def put(self, value):
-        self.seen += value.numel()
-        if self.killed is None and self.seen >= self.tokens:
-            peer_id = next(peer for peer, start, end in self.session.route if start <= self.block < end)
-            node = next(node for node in self.swarm.nodes if node.maddrs and node.maddrs[0].endswith(peer_id))
-            node.kill()
-            self.killed = peer_id
+        self.generated += 1 if self.generated < 0 else value.numel()
+        while self.pending and self.pending[0][0] <= self.generated:
+            _, block, how = self.pending.pop(0)
+            if not self.session.streams:  # before the prefill: open the session now to know its route
+                RemoteExpertWorker.run_coroutine(self.session.open())
+            peer_id = next(peer for peer, start, end in self.session.route if start <= block < end)
+            if how == "in-flight":  # lands while the next step is on its way or computing
+                timer = threading.Timer(random.uniform(0.0, 0.005), self.pool.fault, (peer_id, "kill"))
+                timer.start()
+                self.timers.append(timer)
+            else:
+                self.pool.fault(peer_id, how)
+            self.hit.append(peer_id)
 
     def end(self):
-        pass
+        for timer in self.timers:
+            timer.join()
 
 
-@pytest.mark.parametrize("kill_after_tokens", [1, 9, 20])
-def test_generation_survives_a_killed_peer(tiny_model_path, tmp_path, kill_after_tokens):
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-    input_ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(kill_after_tokens))
-    kwargs = dict(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    expected = reference.generate(input_ids, **kwargs)
-    with LocalSwarm(tmp_path, env=PEER_ENV) as swarm:
+class Pool:
+    def __init__(self, swarm: LocalSwarm, model_path: str):
+        self.swarm, self.model_path = swarm, model_path
+        self.nodes: dict[str, object] = {}  # peer id -> node, of live peers
+        self.blocks_of: dict[str, str] = {}
+        self.frozen: list = []
+
+    def start(self, blocks: list[str]) -> None:
+        started = [self.swarm.start_peer(span, model=self.model_path, extra_args=PEER_ARGS, wait=False) for span in blocks]
+        for node, span in zip(started, blocks):
+            self.swarm.wait_ready(node)
+            peer_id = node.maddrs[0].rsplit("/", 1)[-1]
+            self.nodes[peer_id], self.blocks_of[peer_id] = node, span
+
+    def fault(self, peer_id: str, how: str) -> None:
+        node = self.nodes.pop(peer_id)
+        if how == "freeze":  # the peer, its DHT and its p2pd stop answering but keep their connections
+            os.killpg(node.pid, signal.SIGSTOP)
+            self.frozen.append(node)  # killed before the next trial
+        else:
+            node.kill()
+
+    def refill(self) -> None:
+        while self.frozen:
+            self.frozen.pop().kill()
+        alive = [self.blocks_of[peer_id] for peer_id in self.nodes]
+        missing = [span for span in RANGES for _ in range(PEERS_PER_RANGE - alive.count(span))]
+        self.start(missing)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_model_path, tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("failover"), env=PEER_ENV) as swarm:
         swarm.start_bootstrap()
-        for blocks in ("0:2", "2:4", "2:4"):
-            swarm.start_peer(blocks, model=str(tiny_model_path), extra_args=["--announce-period", "1"], wait=False)
-        for node in swarm.nodes[1:]:
-            swarm.wait_ready(node)
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=swarm.initial_peers)
+        pool = Pool(swarm, str(tiny_model_path))
+        pool.start([span for span in RANGES for _ in range(PEERS_PER_RANGE)])
+        config = ClientConfig(step_timeout_s=3.0, route_wait_s=20.0)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(tiny_model_path), initial_peers=swarm.initial_peers, client_config=config
+        )
         try:
-            with model.inference_session(max_length=64) as session:
-                killer = KillAfter(swarm, session, block=2, tokens=input_ids.shape[1] + kill_after_tokens)
-                actual = model.generate(input_ids, streamer=killer, **kwargs)
-                route = session.route
+            yield pool, model
         finally:
             model.close()
-    assert killer.killed is not None and killer.killed not in [peer for peer, _, _ in route]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name, faults", TRIALS, ids=[name for name, _ in TRIALS])
+def test_generation_survives_lost_peers(pool, reference, name, faults):
+    pool, model = pool
+    pool.refill()
+    time.sleep(1.0)  # records of the peers killed last time have expired or are about to: either way works
+    input_ids = torch.randint(3, 128, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(len(name) * 31 + faults[0][0]))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = reference.generate(input_ids, **kwargs)
+    with model.inference_session(max_length=64) as session:
+        streamer = Faults(pool, session, faults)
+        actual = model.generate(input_ids, streamer=streamer, **kwargs)
+        route = [peer for peer, _, _ in session.route]
+    assert len(streamer.hit) == len(faults)
+    assert not set(streamer.hit) & set(route), "a lost peer is still in the route"
     assert torch.equal(actual, expected)

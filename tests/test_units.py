@@ -201,10 +201,10 @@ def test_session_length_and_span_limits():
 
 def test_cache_budget_waits_then_reports_overload():
     async def scenario():
-        budget = CacheBudget(100)
+        budget = CacheBudget(total_bytes=100 * 8, bytes_per_token=8, max_sessions=2)
         async with budget.reserve(60, timeout_s=1):
-            assert budget.tokens_left == 40
-            with pytest.raises(errors.OverloadedError):
+            assert budget.tokens_left == 40 and budget.used_bytes == 480
+            with pytest.raises(errors.OverloadedError, match="no cache for 50 tokens"):
                 async with budget.reserve(50, timeout_s=0.05):
                     pass
         async with budget.reserve(100, timeout_s=0.05):
@@ -212,7 +212,32 @@ def test_cache_budget_waits_then_reports_overload():
         with pytest.raises(errors.SessionLengthError):
             async with budget.reserve(101, timeout_s=0.05):
                 pass
-        assert budget.tokens_left == 100
+        assert budget.tokens_left == 100 and budget.sessions == 0
+
+    asyncio.run(scenario())
+
+
+def test_cache_budget_limits_concurrent_sessions_and_wakes_waiters():
+    async def scenario():
+        budget = CacheBudget(total_bytes=1000, bytes_per_token=1, max_sessions=2)
+        async with budget.reserve(1, timeout_s=1), budget.reserve(1, timeout_s=1):
+            assert budget.tokens_left == 0  # no slot: nothing to offer a new session
+            with pytest.raises(errors.OverloadedError, match="all 2 session slots"):
+                async with budget.reserve(1, timeout_s=0.05):
+                    pass
+        held = asyncio.Event()
+
+        async def holder():
+            async with budget.reserve(1, timeout_s=1), budget.reserve(1, timeout_s=1):
+                held.set()
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(holder())
+        await held.wait()
+        async with budget.reserve(500, timeout_s=2):  # waits for a slot, then gets it
+            assert budget.sessions == 1
+        await task
+        assert budget.sessions == 0 and budget.used_bytes == 0
 
     asyncio.run(scenario())
 
