@@ -19,6 +19,8 @@ from swarm.messages import PEER_REPLY, ForwardRequest, InferenceStep, OpenSessio
 from swarm.transport import FrameReader, decode_header, encode_frame, frame_tensors, raise_if_error, translated_errors
 
 Request = runtime_pb2.ExpertRequest
+LIVENESS_PERIOD_S = 1.0  # a step slower than this makes the client check that its peer is still there
+LIVENESS_PING_TIMEOUT_S = 3.0
 
 
 def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
@@ -27,22 +29,27 @@ def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
     )
 
 
-async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float) -> PeerInfo:
-    async with translated_errors(peer_id[-8:]):
+async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, auth: str | None = None) -> PeerInfo:
+    async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):  # hivemind's own timeout misses a frozen peer
         reply = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_info(
-            runtime_pb2.ExpertUID(uid=namespace), timeout=timeout_s
+            runtime_pb2.ExpertUID(uid=auth or ""), timeout=timeout_s
         )
         try:
             return PeerInfo.model_validate_json(reply.serialized_info)
         except ValueError as exc:
+            try:
+                raise_if_error(PEER_REPLY.validate_json(reply.serialized_info))  # a refusal, e.g. access_denied
+            except ValueError:
+                pass
             raise errors.ProtocolMismatchError(f"peer {peer_id[-8:]} sent an unreadable info reply") from exc
 
 
 async def call_forward(
-    p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float
+    p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float,
+    auth: str | None = None,
 ) -> torch.Tensor:
     names, tensors = _input_tensors(inputs)
-    header = ForwardRequest(start_block=start, end_block=end, tensor_names=names)
+    header = ForwardRequest(start_block=start, end_block=end, tensor_names=names, auth=auth)
 
     async def requests() -> AsyncIterator[Request]:
         for message in encode_frame(header, tensors, Request):
@@ -89,8 +96,11 @@ async def _read_result(
 class SpanStream:
     """One inference stream to one peer for blocks [start, end): open, step, close."""
 
-    def __init__(self, p2p: P2P, peer_id: str, namespace: str, start: int, end: int, timeout_s: float):
+    def __init__(
+        self, p2p: P2P, peer_id: str, namespace: str, start: int, end: int, timeout_s: float, auth: str | None = None
+    ):
         self.p2p, self.peer_id, self.namespace = p2p, peer_id, namespace
+        self.auth = auth  # proof of a private swarm's key, for this peer
         self.start, self.end = start, end
         self.timeout_s = timeout_s
         self.push_from: str | None = None  # the previous hop, allowed to push steps into this one
@@ -101,7 +111,7 @@ class SpanStream:
     async def open(self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None) -> None:
         header = OpenSession(
             session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length,
-            batch_size=batch_size, push_from=push_from,
+            batch_size=batch_size, push_from=push_from, auth=self.auth,
         )
         self.push_from = push_from
         self._loop = asyncio.get_running_loop()
@@ -129,8 +139,26 @@ class SpanStream:
         if send:
             names, tensors = _input_tensors(inputs)
             self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
-        async with translated_errors(self.peer_id[-8:]), asyncio.timeout(self.timeout_s):
-            return await _read_result(self._reader, self.peer_id, inputs.hidden_states.shape, step_id)
+        async with translated_errors(self.peer_id[-8:]):
+            return await self._await_reply(_read_result(self._reader, self.peer_id, inputs.hidden_states.shape, step_id))
+
+    async def _await_reply(self, reading):
+        """The reply, within the step timeout. While it is late, ping the peer every LIVENESS_PERIOD_S:
+        a read from a peer that died mid-step can wait forever (nothing is written to notice the broken
+        connection), so a dead or frozen peer is found within seconds, not after the whole timeout."""
+        task = asyncio.ensure_future(reading)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise errors.PeerTimeoutError(f"peer {self.peer_id[-8:]} did not answer within {self.timeout_s:g} s")
+                await asyncio.wait({task}, timeout=min(LIVENESS_PERIOD_S, remaining))
+                if task.done():
+                    return task.result()
+                await call_info(self.p2p, self.peer_id, self.namespace, LIVENESS_PING_TIMEOUT_S, self.auth)
+        finally:
+            task.cancel()
 
     def close(self) -> None:
         """End the stream (from any thread): the peer frees the session's cache at once."""

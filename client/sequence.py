@@ -21,6 +21,7 @@ from swarm import errors, network
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig, NetworkConfig
 from swarm.records import parse_peer_records
+from swarm.swarm_key import SwarmKey, make_proof
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,17 @@ class RemoteSequence:
         self.config = config
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
+        self.swarm_key = SwarmKey.load(config.swarm_key_path)  # None: a public swarm
         self.dht = network.start_dht(
             initial_peers=config.initial_peers,
             host_maddrs=config.host_maddrs,
             client_mode=True,
             loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
             startup_timeout_s=config.connect_timeout_s,
+            swarm_key=self.swarm_key,
         )
         self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        self.peer_id = self.p2p.peer_id.to_base58()
         self.spans: dict[str, routing.PeerSpan] = {}
         self.latency_s: dict[str, float] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer_id -> (banned until, failures)
@@ -78,13 +82,17 @@ class RemoteSequence:
         async def ping(peer_id: str) -> None:
             started = time.perf_counter()
             try:
-                await call_info(self.p2p, peer_id, self.dht_prefix, self.config.ping_timeout_s)
+                await call_info(self.p2p, peer_id, self.dht_prefix, self.config.ping_timeout_s, self.proof(peer_id))
                 self.latency_s[peer_id] = time.perf_counter() - started
             except errors.SwarmError as exc:
                 logger.warning("peer %s did not answer a ping: %s", peer_id[-8:], exc)
                 self.ban(peer_id)
 
         await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids[:MAX_PINGS_PER_UPDATE]))
+
+    def proof(self, peer_id: str) -> str | None:
+        """What a call to `peer_id` carries to show we hold the swarm's key (None in a public swarm)."""
+        return make_proof(self.swarm_key, self.peer_id, peer_id)
 
     def ban(self, peer_id: str) -> None:
         """Avoid a peer for a while after a transient failure; the ban doubles with each failure."""
@@ -128,7 +136,8 @@ class RemoteSequence:
             step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
             try:
                 output = await call_forward(
-                    self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, step_inputs, self.config.step_timeout_s
+                    self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, step_inputs, self.config.step_timeout_s,
+                    self.proof(hop.peer_id),
                 )
                 return output, hop.end
             except errors.RemoteError as exc:

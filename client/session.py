@@ -157,7 +157,7 @@ class InferenceSession:
             for hop in await self.sequence.route(start, end):
                 stream = SpanStream(
                     self.sequence.p2p, hop.peer_id, self.sequence.dht_prefix, hop.start, hop.end,
-                    self.sequence.config.step_timeout_s,
+                    self.sequence.config.step_timeout_s, self.sequence.proof(hop.peer_id),
                 )
                 streams.append(stream)
                 await stream.open(self.session_id, self.max_length, self.batch_size, push_from=push_from)

@@ -34,8 +34,9 @@ from swarm import protocol
 from swarm.blocks import BlockInputs
 from swarm.protocol import BlockService
 from swarm.messages import (
-    PEER_REQUEST, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
+    PEER_REQUEST, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
 )
+from swarm.swarm_key import SwarmKey, check_access, make_proof
 from swarm.transport import (
     FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message, translated_errors,
 )
@@ -74,11 +75,13 @@ class BlockServicer(BlockService):
         cache_wait_s: float,
         executor: concurrent.futures.ThreadPoolExecutor,
         p2p: P2P | None = None,
+        swarm_key: SwarmKey | None = None,
     ):
         self.stack = stack
         self.info = info
         self.p2p = p2p  # to push steps to the next hop; None: never push
         self.peer_id = str(p2p.peer_id) if p2p is not None else None
+        self.swarm_key = swarm_key  # a private swarm: every call must prove it holds the key
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length
         )
@@ -116,6 +119,13 @@ class BlockServicer(BlockService):
             )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        """This peer's PeerInfo; `request.uid` carries the caller's proof in a private swarm."""
+        try:
+            check_access(self.swarm_key, request.uid, str(context.remote_id), self.peer_id)
+        except errors.AccessDeniedError as exc:
+            logger.warning("refused info from %s: %s", _short(context), exc)
+            refusal = ErrorReply(code=exc.code, message=str(exc))
+            return runtime_pb2.ExpertInfo(serialized_info=refusal.model_dump_json().encode())
         return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
 
     async def rpc_forward(
@@ -131,6 +141,7 @@ class BlockServicer(BlockService):
             header = decode_header(PEER_REQUEST, frame[0])
             if not isinstance(header, ForwardRequest):
                 raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
+            check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
             stack = self.stack
             self._check_serving(stack)
             span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
@@ -150,7 +161,7 @@ class BlockServicer(BlockService):
     ) -> AsyncIterator[Response]:
         reader = FrameReader(requests)
         try:
-            opening = await self._read_opening(reader)
+            opening = await self._read_opening(reader, context)
         except Exception as exc:
             yield self._error_reply(exc, context, "open")
             await _drain_reader(reader)
@@ -164,7 +175,7 @@ class BlockServicer(BlockService):
             yield self._error_reply(exc, context, "open")
             await _drain_reader(reader)
 
-    async def _read_opening(self, reader: FrameReader) -> OpenSession:
+    async def _read_opening(self, reader: FrameReader, context: P2PContext) -> OpenSession:
         async with asyncio.timeout(self.session_idle_timeout_s):
             frame = await reader.read()
         if frame is None:
@@ -172,6 +183,7 @@ class BlockServicer(BlockService):
         opening = decode_header(PEER_REQUEST, frame[0])
         if not isinstance(opening, OpenSession):
             raise errors.UnknownSessionError(f"no open session: an inference stream starts with 'open', got {opening.type!r}")
+        check_access(self.swarm_key, opening.auth, str(context.remote_id), self.peer_id)
         if self.closing:
             raise errors.PeerUnavailableError("this peer is shutting down")
         check_span(opening.start_block, opening.end_block, (self.stack.start_block, self.stack.end_block))
@@ -261,6 +273,7 @@ class BlockServicer(BlockService):
             header = decode_header(PEER_REQUEST, metadata)
             if not isinstance(header, PushStep):
                 raise errors.InvalidRequestError(f"rpc_push expects a push, got {header.type!r}")
+            check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
             self._deliver(header, name_tensors(header, tensors, INPUT_TENSORS), str(context.remote_id))
         except Exception as exc:
             return self._error_reply(exc, context, "push")
@@ -296,7 +309,10 @@ class BlockServicer(BlockService):
 
         Returns the reply messages and, for a session step with hops after this one that fits in one
         message, what to push to the next hop (header, tensors, message); else None."""
-        job = functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step)
+        push_auth = None
+        if step is not None and step[1].push_to:
+            push_auth = make_proof(self.swarm_key, self.peer_id or "", step[1].push_to[0])
+        job = functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth)
         self._running += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, job)
@@ -304,7 +320,7 @@ class BlockServicer(BlockService):
             self._running -= 1
 
     @staticmethod
-    def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step):
+    def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step, push_auth=None):
         inputs = check_block_inputs(tensors, limits, past_length=position)
         if cache is not None:
             try:
@@ -318,7 +334,7 @@ class BlockServicer(BlockService):
         reply = list(encode_frame(Result(tensor_names=["hidden_states"], step_id=step.step_id), [outputs], Response))
         push = None
         if step.push_to:
-            push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs))
+            push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs), push_auth)
         return reply, push
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
@@ -331,7 +347,7 @@ class BlockServicer(BlockService):
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
 
 
-def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs):
+def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs, auth: str | None = None):
     """The PushStep carrying this step's output to the next hop, if it fits in one message."""
     names, tensors = frame_tensors(
         {"hidden_states": outputs.hidden_states, "position_ids": outputs.position_ids, "attention_mask": outputs.attention_mask}
@@ -339,6 +355,7 @@ def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs):
     header = PushStep(
         session_id=session_id,
         start_block=next_block, position=step.position, step_id=step.step_id, push_to=step.push_to[1:], tensor_names=names,
+        auth=auth,
     )
     messages = list(encode_frame(header, tensors, Request))
     if len(messages) != 1:

@@ -26,6 +26,8 @@ from swarm import balance, hw, models, network, protocol
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
+from swarm.identity import Identity
+from swarm.swarm_key import SwarmKey
 from swarm.messages import PeerInfo
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
@@ -65,15 +67,18 @@ class Peer:
         # every torch call of the peer runs on this one thread: a second thread would start a second
         # OpenMP pool, whose spinning workers slow the first one down (measured: ~10-20% per step)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.swarm_key = SwarmKey.load(config.network.swarm_key_path)  # None: a public swarm
+        self.identity = Identity.load(config.network.identity_path)  # its key signs our records
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then leave: announce offline, let running steps finish (up to
         shutdown_grace_s), remove handlers, stop the DHT."""
         loop = asyncio.get_running_loop()
-        self.dht = await loop.run_in_executor(None, network.start_node, self.config.network)
+        self.dht = await loop.run_in_executor(None, network.start_node, self.config.network, self.identity)
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
             self.peer_id = self.dht.peer_id.to_base58()
+            assert self.peer_id == self.identity.peer_id, "the p2p daemon did not take our identity"
             self.throughput = await loop.run_in_executor(self.executor, self._measure_throughput)
             if self.fixed_range is None:
                 await self._choose_blocks(stop)
@@ -90,6 +95,7 @@ class Peer:
                 cache_wait_s=self.config.cache_wait_s,
                 executor=self.executor,
                 p2p=self.p2p,
+                swarm_key=self.swarm_key,
             )
             await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
@@ -254,7 +260,7 @@ class Peer:
         await asyncio.get_running_loop().run_in_executor(
             None,
             functools.partial(
-                network.announce, self.dht, dht_prefix=self.dht_prefix, peer_id=self.peer_id, record=record,
+                network.announce, self.dht, dht_prefix=self.dht_prefix, identity=self.identity, record=record,
                 num_blocks=self.num_blocks, ttl_s=ttl_s, timeout_s=timeout_s or ttl_s, keys_of=keys_of,
             ),
         )

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
 
@@ -29,6 +29,7 @@ class NetworkConfig(BaseModel):
     announce_maddrs: list[str] = Field(default_factory=list, description="multiaddrs others should dial, if not the listened ones")
     identity_path: Path | None = Field(None, description="private key file: a stable peer id across restarts")
     connect_timeout_s: float = Field(15.0, gt=0, description="seconds to wait when joining the swarm")
+    swarm_key_path: Path | None = Field(None, description="shared secret of a private swarm (see swarm/swarm_key.py)")
 
     def is_loopback_only(self) -> bool:
         return all(_is_loopback_maddr(maddr) for maddr in self.host_maddrs)
@@ -80,6 +81,12 @@ class PeerConfig(BaseModel):
     cache_wait_s: float = Field(10.0, ge=0, description="how long a new session waits for cache before 'overloaded'")
     num_threads: int | None = Field(None, gt=0, description="torch threads for compute; default: torch's choice")
 
+    @model_validator(mode="after")
+    def _check_record_ttl(self) -> "PeerConfig":
+        if self.announce_period_s * self.record_ttl_periods > 6 * 3600:  # swarm.records.MAX_RECORD_TTL_S
+            raise ValueError("--announce-period: records would live over 6 hours, which other nodes ignore as absurd")
+        return self
+
     @field_validator("blocks", mode="before")
     @classmethod
     def _check_blocks(cls, value: Any) -> str:
@@ -106,6 +113,7 @@ class ClientConfig(BaseModel):
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join through")
     dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
     host_maddrs: list[str] = Field(default_factory=lambda: list(LOOPBACK_MADDRS), description="client's own listen addresses")
+    swarm_key_path: Path | None = Field(None, description="shared secret of a private swarm (see swarm/swarm_key.py)")
     connect_timeout_s: float = Field(15.0, gt=0, description="seconds to join the swarm and open a stream")
     step_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one forward or inference step")
     max_retries: int = Field(

@@ -10,6 +10,7 @@ from pathlib import Path
 from swarm import network
 from swarm.cli import run_until_signal, setup_logging
 from swarm.config import NetworkConfig
+from swarm.identity import Identity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR")
     parser.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MULTIADDR")
     parser.add_argument("--identity", type=Path, help="private key file for a stable peer id (created if missing)")
+    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm: nodes without it are refused")
     args = parser.parse_args(argv)
     setup_logging()
     config = NetworkConfig(
@@ -26,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs,
         identity_path=args.identity,
+        swarm_key_path=args.swarm_key,
     )
 
     async def serve(stop: asyncio.Event) -> None:
-        dht = await asyncio.get_running_loop().run_in_executor(None, network.start_node, config)
+        identity = Identity.load(config.identity_path) if config.identity_path else None  # a stable peer id
+        dht = await asyncio.get_running_loop().run_in_executor(None, network.start_node, config, identity)
         try:
             print(f"swarm: listening on {' '.join(network.visible_maddrs(dht))}", flush=True)
             await stop.wait()

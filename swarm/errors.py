@@ -14,6 +14,7 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   ├── PeerMisbehavedError     transient: the peer's reply was malformed or implausible
     │   ├── BlocksNotServedError    transient: the peer does not serve those blocks (any more: it moved)
     │   ├── ProtocolMismatchError   the peer speaks another protocol version
+    │   ├── AccessDeniedError       a private swarm's peer refused us: no valid proof of its key
     │   └── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
@@ -78,6 +79,11 @@ class ProtocolMismatchError(RemoteError):
     transient = False
 
 
+class AccessDeniedError(RemoteError):
+    code = "access_denied"
+    transient = False
+
+
 class InvalidRequestError(RemoteError):
     code = "invalid_request"
     transient = False
@@ -121,6 +127,7 @@ WIRE_ERRORS: dict[str, type[SwarmError]] = {
         OverloadedError,
         BlocksNotServedError,
         ProtocolMismatchError,
+        AccessDeniedError,
         InvalidRequestError,
         SessionLengthError,
         UnknownSessionError,

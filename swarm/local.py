@@ -98,8 +98,8 @@ class LocalSwarm:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def start_bootstrap(self) -> Node:
-        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", "--host-maddrs", LOOPBACK])
+    def start_bootstrap(self, extra_args: list[str] = ()) -> Node:
+        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", "--host-maddrs", LOOPBACK, *extra_args])
         self._await_listening(node)
         self.initial_peers = node.maddrs
         return node

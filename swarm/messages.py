@@ -16,6 +16,7 @@ MAX_SESSION_ID_CHARS = 64
 MAX_TENSORS_PER_FRAME = 8
 MAX_PUSH_HOPS = 32
 PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
+AuthProof = Annotated[str | None, Field(default=None, max_length=128, description="private swarms: see swarm.swarm_key")]
 
 
 class _Message(BaseModel):
@@ -32,6 +33,7 @@ class ForwardRequest(_Message):
     type: Literal["forward"] = "forward"
     start_block: int = Field(ge=0, lt=MAX_BLOCKS)
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
+    auth: AuthProof = None
 
 
 class OpenSession(_Message):
@@ -46,6 +48,7 @@ class OpenSession(_Message):
     push_from: PeerIdText | None = Field(
         default=None, description="the previous hop's peer id: the only peer allowed to push steps into this session"
     )
+    auth: AuthProof = None
 
 
 class InferenceStep(_Message):
@@ -72,6 +75,7 @@ class PushStep(_Message):
     position: int = Field(ge=0, le=2**20)
     step_id: int = Field(ge=0)
     push_to: list[PeerIdText] = Field(default_factory=list, max_length=MAX_PUSH_HOPS)
+    auth: AuthProof = None
 
 
 class SessionOpened(_Message):

@@ -17,7 +17,9 @@ from hivemind.utils import get_dht_time
 
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, PeerUnavailableError
-from swarm.records import MODELS_KEY, ModelRecord, PeerRecord, block_keys
+from swarm.identity import Identity
+from swarm.swarm_key import SwarmKey
+from swarm.records import MAX_RECORD_TTL_S, MODELS_KEY, ModelRecord, PeerRecord, RecordShapeValidator, block_keys
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +29,32 @@ def start_dht(
     initial_peers: Sequence[str],
     host_maddrs: Sequence[str],
     announce_maddrs: Sequence[str] = (),
-    identity_path: str | None = None,
+    identity: Identity | None = None,
+    swarm_key: SwarmKey | None = None,
     client_mode: bool = False,
     loopback_only: bool = False,
     startup_timeout_s: float = 15.0,
 ) -> hivemind.DHT:
-    """Start a DHT node in its own process and wait until it has joined (or founded) the swarm."""
+    """Start a DHT node in its own process and wait until it has joined (or founded) the swarm.
+
+    Every node validates signed records (see `swarm.identity`); `identity` is the key the node signs
+    its own records with and, if it has a file, its peer id (default: no records, any peer id).
+    With `swarm_key` (a private swarm) it also stores and accepts only records keyed with it."""
+    identity = identity or Identity.anonymous()
     extra: dict[str, Any] = {}
     if loopback_only:  # no NAT traversal or relays: nothing should ever leave this machine
         extra.update(auto_nat=False, nat_port_map=False, use_relay=False, use_auto_relay=False)
     if announce_maddrs:
         extra["announce_maddrs"] = list(announce_maddrs)
-    if identity_path is not None:
-        extra["identity_path"] = str(identity_path)
+    if identity.path is not None:
+        extra["identity_path"] = str(identity.path)
+        extra["check_if_identity_free"] = not identity.created
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             client_mode=client_mode,
+            record_validators=[RecordShapeValidator(), identity.validator] + ([swarm_key.validator()] if swarm_key else []),
             start=True,
             startup_timeout=startup_timeout_s,
             **extra,
@@ -54,15 +64,18 @@ def start_dht(
         if initial_peers:
             raise PeerUnavailableError(f"could not join the swarm through {list(initial_peers)}: {message}") from exc
         raise ConfigError(f"could not start a DHT node on {list(host_maddrs)}: {message}") from exc
+    finally:
+        identity.forget_file()
 
 
-def start_node(config: NetworkConfig) -> hivemind.DHT:
+def start_node(config: NetworkConfig, identity: Identity | None = None) -> hivemind.DHT:
     """A serving node (peer or bootstrap) as its NetworkConfig says."""
     return start_dht(
         initial_peers=config.initial_peers,
         host_maddrs=config.host_maddrs,
         announce_maddrs=config.announce_maddrs,
-        identity_path=config.identity_path,
+        identity=identity,
+        swarm_key=SwarmKey.load(config.swarm_key_path),
         loopback_only=config.is_loopback_only(),
         startup_timeout_s=config.connect_timeout_s,
     )
@@ -85,7 +98,7 @@ def announce(
     dht: hivemind.DHT,
     *,
     dht_prefix: str,
-    peer_id: str,
+    identity: Identity,
     record: PeerRecord,
     num_blocks: int,
     ttl_s: float,
@@ -93,15 +106,15 @@ def announce(
     keys_of: tuple[int, int] | None = None,
 ) -> None:
     """Store `record` under every block key of its range (or of the blocks `keys_of`), plus the
-    models index entry."""
+    models index entry, each under a subkey this node owns and signed (see `swarm.identity`)."""
     model_record = ModelRecord(model=record.model, num_blocks=num_blocks, protocol_version=record.protocol_version)
     start, end = keys_of or (record.start_block, record.end_block)
     coroutine = functools.partial(
         _store_records,
         keys=block_keys(dht_prefix, start, end),
-        subkey=peer_id,
+        subkey=identity.subkey(identity.peer_id),
         value=record.to_wire(),
-        models_entry=(dht_prefix, model_record.model_dump(mode="json")),
+        models_entry=(identity.subkey(dht_prefix), model_record.model_dump(mode="json")),
         ttl_s=ttl_s,
     )
     dht.run_coroutine(coroutine, return_future=True).result(timeout=timeout_s)
@@ -123,13 +136,15 @@ async def _store_records(
 
 
 def fetch_models(dht: hivemind.DHT) -> dict[Any, Any]:
-    """Raw DHT prefix -> value mapping of the models index (unvalidated; may be hostile)."""
+    """Raw subkey (`<dht prefix>[owner:...]`) -> value mapping of the models index (unvalidated;
+    may be hostile: see `swarm.records.parse_models`)."""
     found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=[MODELS_KEY]))
     return found.get(MODELS_KEY, {})
 
 
 def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[Any, Any]]:
-    """Raw subkey -> value mappings for blocks 0..num_blocks-1 (unvalidated; may be hostile)."""
+    """Raw subkey -> value mappings for blocks 0..num_blocks-1 (signatures checked by hivemind,
+    the rest unvalidated: see `swarm.records.parse_peer_records`)."""
     keys = block_keys(dht_prefix, 0, num_blocks)
     found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=keys))
     return [found.get(key, {}) for key in keys]
@@ -142,7 +157,7 @@ async def _get_subkey_values(dht: hivemind.DHT, node: DHTNode, *, keys: list[str
     for key, entry in found.items():
         if entry is None or not hasattr(entry.value, "items"):
             continue  # absent, or a plain value where subkeys belong: not ours to read
-        result[key] = {
-            subkey: item.value for subkey, item in entry.value.items() if item.expiration_time > now
+        result[key] = {  # a record "valid" for days was not written by one of our peers: ignore it
+            subkey: item.value for subkey, item in entry.value.items() if now < item.expiration_time <= now + MAX_RECORD_TTL_S
         }
     return result

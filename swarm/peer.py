@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-maddrs", nargs="+", metavar="MULTIADDR", help="addresses to listen on")
     parser.add_argument("--announce-maddrs", nargs="+", metavar="MULTIADDR", help="addresses others should dial")
     parser.add_argument("--identity", type=Path, help="private key file for a stable peer id (created if missing)")
+    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm: nodes without it are refused")
     parser.add_argument("--device", help="torch device (default: cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--cache-tokens", type=int, help="KV-cache budget in tokens over all sessions")
@@ -71,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
             "host_maddrs": args.host_maddrs,
             "announce_maddrs": args.announce_maddrs,
             "identity_path": args.identity,
+            "swarm_key_path": args.swarm_key,
         }.items()
         if value is not None
     }

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
-from pydantic import ValidationError
+from pathlib import Path
 
 from swarm import balance, network
 from swarm.cli import fail, setup_logging
 from swarm.config import LOOPBACK_MADDRS, NetworkConfig
 from swarm.errors import ConfigError, SwarmError
-from swarm.records import ModelRecord, parse_peer_records
+from swarm.records import ModelRecord, parse_models, parse_peer_records
+from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, help="blocks the new peer would host (default: a quarter of the model)")
     parser.add_argument("--throughput", type=float, default=1.0, help="the new peer's tokens/s through one block")
     parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
+    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm: nodes without it are refused")
     return parser.parse_args(argv)
 
 
 def announced_models(dht) -> dict[str, ModelRecord]:
-    models = {}
-    for prefix, value in network.fetch_models(dht).items():
-        try:
-            models[str(prefix)] = ModelRecord.model_validate(value)
-        except (ValidationError, TypeError, ValueError):
-            logger.warning("ignoring an invalid models index entry %r", str(prefix)[:64])
-    return models
+    return parse_models(network.fetch_models(dht))
 
 
 def pick_model(models: dict[str, ModelRecord], wanted: str | None) -> tuple[str, ModelRecord]:
@@ -91,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         dht = network.start_dht(
             initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True,
             loopback_only=NetworkConfig(host_maddrs=args.host_maddrs).is_loopback_only(),
+            swarm_key=SwarmKey.load(args.swarm_key),
         )
         prefix, model = pick_model(announced_models(dht), args.model)
         raw = network.fetch_block_records(dht, prefix, model.num_blocks)

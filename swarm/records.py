@@ -1,7 +1,7 @@
 """DHT keys and the typed record every peer announces for each block it serves.
 
-Layout: one DHT key per block, `<dht_prefix>.<block_index>`; one subkey per peer (its base58 peer id);
-the value is a `PeerRecord` dumped to plain JSON types. A models index key lists every model announced.
+Layout: one DHT key per block, `<dht_prefix>.<block_index>`; one subkey per peer (its base58 peer id
+followed by its public key, which signs the record: see `swarm.identity`); the value is a `PeerRecord` dumped to plain JSON types. A models index key lists every model announced.
 This module only builds and validates records; it does no I/O (see `swarm.network`).
 """
 
@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import Counter
 from typing import Any, Mapping
 
-from hivemind.p2p import PeerID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swarm.identity import owned_name, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 2
+MAX_RECORD_TTL_S = 6 * 3600.0  # records expiring later than this are hostile or broken (peers refresh far more often)
+MAX_RECORD_BYTES = 16 * 1024  # a peer record is a few hundred bytes
+MAX_SUBKEY_BYTES = 4096  # a peer id and an RSA public key
 MODELS_KEY = "swarm.models"  # subkey: dht_prefix, value: ModelRecord
 MAX_BLOCKS = 4096  # no supported model has more blocks than this
 
@@ -74,6 +81,27 @@ class ModelRecord(BaseModel):
     protocol_version: int = Field(ge=0)
 
 
+class RecordShapeValidator(RecordValidatorBase):
+    """Every node stores and returns only records shaped like ours: a bytes subkey (hivemind keeps a
+    key's subkeys in one heap, and a str among bytes breaks it for everyone), a bounded value, and
+    an expiration within MAX_RECORD_TTL_S. Whose record it is, and whether its value makes sense,
+    is the readers' business (`parse_peer_records`)."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        if len(record.value) > MAX_RECORD_BYTES or len(record.subkey) > MAX_SUBKEY_BYTES + 16:
+            return False
+        if not record.expiration_time <= get_dht_time() + MAX_RECORD_TTL_S:
+            return False
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # msgpack raises several types for garbage
+            return False
+        return isinstance(subkey, bytes) and 0 < len(subkey) <= MAX_SUBKEY_BYTES
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, RecordShapeValidator)
+
+
 def block_key(dht_prefix: str, block_index: int) -> str:
     return f"{dht_prefix}.{block_index}"
 
@@ -82,23 +110,15 @@ def block_keys(dht_prefix: str, start_block: int, end_block: int) -> list[str]:
     return [block_key(dht_prefix, index) for index in range(start_block, end_block)]
 
 
-def is_peer_id(value: Any) -> bool:
-    if not isinstance(value, str) or not 0 < len(value) <= 128:
-        return False
-    try:
-        PeerID.from_base58(value)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_peer_records(raw: Mapping[Any, Any], *, where: str = "") -> dict[str, PeerRecord]:
     """Validate the subkey -> value mapping read from one block key; invalid entries are dropped
-    with one warning each, never raised."""
+    with one warning each, never raised. A record counts only under a subkey its peer owns
+    (`<peer id>[owner:<that peer's key>]`, signed: see `swarm.identity`)."""
     records = {}
-    for peer_id, value in raw.items():
-        if not is_peer_id(peer_id):
-            logger.warning("ignoring a record with an invalid peer id under %s", where or "a block key")
+    for subkey, value in raw.items():
+        peer_id = owner_peer_id(subkey)
+        if peer_id is None:
+            logger.warning("ignoring a record under %s whose subkey names no peer as its owner", where or "a block key")
             continue
         try:
             records[peer_id] = PeerRecord.model_validate(value)
@@ -106,4 +126,21 @@ def parse_peer_records(raw: Mapping[Any, Any], *, where: str = "") -> dict[str, 
             summary = str(exc).splitlines()[0][:200]
             logger.warning("ignoring an invalid record from peer %s under %s: %s", peer_id[-8:], where, summary)
     return records
+
+
+def parse_models(raw: Mapping[Any, Any]) -> dict[str, ModelRecord]:
+    """DHT prefix -> ModelRecord from the models index, each entry owned by the peer that wrote it.
+    Where peers disagree about a prefix, the record most of them announce wins."""
+    votes: dict[str, Counter] = {}
+    for subkey, value in raw.items():
+        owned = owned_name(subkey)
+        try:
+            if owned is None or not 0 < len(owned[0]) <= 256:
+                raise ValueError("the subkey names no owner")
+            record = ModelRecord.model_validate(value)
+        except (ValidationError, TypeError, ValueError) as exc:
+            logger.warning("ignoring an invalid models index entry: %s", str(exc).splitlines()[0][:200])
+            continue
+        votes.setdefault(owned[0], Counter())[record] += 1
+    return {prefix: counter.most_common(1)[0][0] for prefix, counter in votes.items()}
 

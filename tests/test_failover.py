@@ -4,7 +4,8 @@ produces exactly the tokens of a run without faults.
 One pool of peers (three per range of a 4-block tiny Llama) serves every trial; killed peers are
 replaced before the next one. A trial kills the peer serving some block before the n-th token
 (n = 0: before the prefill reaches it), sometimes while a step is in flight, sometimes twice in a
-row, and once freezes a peer (SIGSTOP) so that only the step timeout tells the client it is gone.
+row, and once freezes a peer (SIGSTOP): then only the client's liveness pings tell it the peer is
+gone (the step timeout is the default two minutes).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _trials() -> list[tuple[str, list[tuple[int, int, str]]]]:
         ("two in a row, both hops", [(5, 0, "kill"), (5, 2, "kill")]),
         ("two one after another, same blocks", [(3, 2, "kill"), (11, 2, "kill")]),
         ("two one after another, both hops", [(8, 2, "kill"), (17, 0, "kill")]),
-        ("frozen peer, step timeout", [(rng.randrange(1, NEW_TOKENS), rng.choice((0, 2)), "freeze")]),
+        ("frozen peer, liveness ping", [(rng.randrange(1, NEW_TOKENS), rng.choice((0, 2)), "freeze")]),
     ]
     for index in range(10):
         how = "in-flight" if index % 3 == 2 else "kill"  # in flight: leave steps for the fault to land in
@@ -122,7 +123,7 @@ def pool(tiny_model_path, tmp_path_factory):
         swarm.start_bootstrap()
         pool = Pool(swarm, str(tiny_model_path))
         pool.start([span for span in RANGES for _ in range(PEERS_PER_RANGE)])
-        config = ClientConfig(step_timeout_s=3.0, route_wait_s=20.0)
+        config = ClientConfig(route_wait_s=20.0)  # the default step timeout: lost peers are found by liveness pings
         model = AutoDistributedModelForCausalLM.from_pretrained(
             str(tiny_model_path), initial_peers=swarm.initial_peers, client_config=config
         )

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 
 from client.routing import PeerSpan, choose_route, missing_blocks, online_spans
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_span
 from swarm import errors
 from swarm.config import PeerConfig, parse_blocks, parse_throughput
+from swarm.identity import Identity
 from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
-from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_peer_records
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_models, parse_peer_records
 from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,6 +35,16 @@ def record(start: int, end: int, state: str = "online", **overrides) -> dict:
 
 
 # ---- records -----------------------------------------------------------------------------------
+@functools.cache
+def peer(name: str) -> Identity:
+    """A distinct key per name (generated once per test run)."""
+    return Identity(RSAPrivateKey(), None)
+
+
+def owned(identity: Identity) -> bytes:
+    return identity.subkey(identity.peer_id)
+
+
 def test_record_round_trip_and_unknown_fields_ignored():
     parsed = PeerRecord.model_validate({**record(0, 4), "future_field": [1, 2]})
     assert parsed.state == PeerState.ONLINE and parsed.end_block == 4
@@ -54,10 +67,29 @@ def test_record_round_trip_and_unknown_fields_ignored():
     ],
 )
 def test_invalid_records_are_skipped_with_a_warning(bad, caplog):
-    raw = {"PeerGood": record(0, 4), "PeerBad": bad, "not-base58-0OIl": record(0, 4)}
+    good, bad_peer, mallory = peer("good"), peer("bad"), peer("mallory")
+    raw = {
+        good.subkey(good.peer_id): record(0, 4),
+        bad_peer.subkey(bad_peer.peer_id): bad,
+        "not-base58-0OIl": record(0, 4),
+        good.peer_id: record(0, 4),  # a plain peer id: anyone could have written it
+        mallory.subkey(good.peer_id): record(0, 9),  # good's peer id, mallory's key: an impersonation
+        b"Qm[owner:ssh-rsa garbage]": record(0, 4),
+    }
     parsed = parse_peer_records(raw, where="m.0")
-    assert list(parsed) == ["PeerGood"]
-    assert "PeerBad" in caplog.text and "invalid peer id" in caplog.text
+    assert list(parsed) == [good.peer_id] and parsed[good.peer_id].end_block == 4
+    assert bad_peer.peer_id[-8:] in caplog.text and "names no peer as its owner" in caplog.text
+
+
+def test_models_index_takes_owned_entries_and_the_majority_value():
+    a, b, c = peer("a"), peer("b"), peer("c")
+    entry = dict(model="m", num_blocks=30, protocol_version=PROTOCOL_VERSION)
+    raw = {
+        a.subkey("m-prefix"): entry, b.subkey("m-prefix"): entry, c.subkey("m-prefix"): {**entry, "num_blocks": 1},
+        "m-prefix": {**entry, "num_blocks": 2}, a.subkey("broken"): {"num_blocks": "many"}, b"junk": entry,
+    }
+    models = parse_models(raw)
+    assert list(models) == ["m-prefix"] and models["m-prefix"].num_blocks == 30
 
 
 # ---- routing -----------------------------------------------------------------------------------
@@ -94,11 +126,12 @@ def test_missing_blocks_are_named():
 
 
 def test_online_spans_skip_offline_joining_and_misplaced_records():
+    a, off, joining, fibber, old = (peer(name) for name in ("a", "off", "j", "fibber", "old"))
     per_block = [
-        parse_peer_records({"a": record(0, 2), "off": record(0, 2, state="offline"), "j": record(0, 2, state="joining")}),
-        parse_peer_records({"a": record(0, 2), "Fibber": record(5, 6), "Old": record(0, 2, protocol_version=PROTOCOL_VERSION + 1)}),
+        parse_peer_records({owned(a): record(0, 2), owned(off): record(0, 2, state="offline"), owned(joining): record(0, 2, state="joining")}),
+        parse_peer_records({owned(a): record(0, 2), owned(fibber): record(5, 6), owned(old): record(0, 2, protocol_version=PROTOCOL_VERSION + 1)}),
     ]
-    assert set(online_spans(per_block)) == {"a"}
+    assert set(online_spans(per_block)) == {a.peer_id}
 
 
 def test_route_random_ties_spread_load():
