@@ -9,7 +9,9 @@ import random
 
 import pytest
 import torch
+from hivemind.dht.validation import DHTRecord
 from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from client.routing import PeerSpan, choose_route, missing_blocks, online_spans
@@ -19,7 +21,9 @@ from swarm import errors
 from swarm.config import PeerConfig, parse_blocks, parse_throughput
 from swarm.identity import Identity
 from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
-from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_models, parse_peer_records
+from swarm.records import (
+    MAX_RECORD_BYTES, PROTOCOL_VERSION, PeerRecord, PeerState, RecordShapeValidator, parse_models, parse_peer_records,
+)
 from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,6 +94,22 @@ def test_models_index_takes_owned_entries_and_the_majority_value():
     }
     models = parse_models(raw)
     assert list(models) == ["m-prefix"] and models["m-prefix"].num_blocks == 30
+
+
+def test_record_shape_validator_refuses_what_is_not_shaped_like_ours():
+    validator = RecordShapeValidator()
+    now = get_dht_time()
+
+    def ok(subkey, value=b"v" * 100, expiration=now + 30):
+        return validator.validate(DHTRecord(b"key", MSGPackSerializer.dumps(subkey), value, expiration))
+
+    assert ok(b"Qm...[owner:ssh-rsa AAAA]")
+    assert not ok("a plain str subkey")  # a str among bytes subkeys breaks hivemind's heap of them
+    assert not ok(None) and not ok(7) and not ok(b"")
+    assert not ok(b"x", value=b"v" * (MAX_RECORD_BYTES + 1))
+    assert not ok(b"x" * 10_000)
+    assert not ok(b"x", expiration=now + 10 * 365 * 86400)
+    assert not validator.validate(DHTRecord(b"key", b"\xc1 not msgpack", b"v", now + 30))
 
 
 # ---- routing -----------------------------------------------------------------------------------
