@@ -15,11 +15,13 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client.lora import RemoteLoRA
 from client.sequence import RemoteSequence
 from client.session import InferenceSession
 from swarm import errors, models
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig
+from swarm.lora import LoraWeights
 
 
 DEFAULT_SESSION_LENGTH = 2048
@@ -46,6 +48,30 @@ class RemoteCache(Cache):
             raise errors.SessionError("cannot expand the batch of a session that already holds tokens")
 
 
+class RemoteBlocks(torch.autograd.Function):
+    """All blocks on the peers as one autograd node: forward keeps the inputs of every hop, backward
+    sends the output gradient back through the same spans (peers recompute; nothing stays on them)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, position_ids, attention_mask, prompts, lora_scaling, lora_names, sequence, *lora_tensors):
+        hops: list = []
+        lora = None
+        if lora_names:
+            lora = LoraWeights.from_tensors(lora_scaling, {name: tensor.detach() for name, tensor in zip(lora_names, lora_tensors)})
+        inputs = BlockInputs(hidden_states.detach(), position_ids, attention_mask, None if prompts is None else prompts.detach(), lora)
+        outputs = RemoteExpertWorker.run_coroutine(sequence.forward(inputs, hops=hops))
+        ctx.sequence, ctx.hops, ctx.lora_names = sequence, hops, lora_names
+        return outputs.to(hidden_states.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        grad, grad_prompts, grad_lora = RemoteExpertWorker.run_coroutine(
+            ctx.sequence.backward(ctx.hops, grad_outputs.contiguous())
+        )
+        return (grad.to(grad_outputs.dtype), None, None, grad_prompts, None, None, None,
+                *(grad_lora[name] for name in ctx.lora_names))
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     _supports_sdpa = True
@@ -59,6 +85,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self._active_session: InferenceSession | None = None
         # peers refuse sessions longer than their --max-length (default 8192) and reserve cache for the
         # whole length, so an open-ended session asks for a moderate default, not the model's maximum
+        self.adapter: str | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
         self._default_max_length = min(getattr(config, "max_position_embeddings", DEFAULT_SESSION_LENGTH), DEFAULT_SESSION_LENGTH)
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -69,11 +96,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- sessions ------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def inference_session(self, max_length: int | None = None, batch_size: int = 1) -> Iterator[InferenceSession]:
-        """Keep one session open across generate() calls: later calls continue the same conversation."""
+    def inference_session(
+        self, max_length: int | None = None, batch_size: int = 1, adapter=...
+    ) -> Iterator[InferenceSession]:
+        """Keep one session open across generate() calls: later calls continue the same conversation.
+        `adapter`: a LoRA adapter served by peers (default: the model's `adapter`; None: no adapter)."""
         if self._active_session is not None:
             raise errors.SessionError("an inference session is already active on this model")
-        session = InferenceSession(self.sequence, max_length=max_length or self._default_max_length, batch_size=batch_size)
+        session = InferenceSession(
+            self.sequence, max_length=max_length or self._default_max_length, batch_size=batch_size,
+            adapter=self.adapter if adapter is ... else adapter,
+        )
         self._active_session = session
         try:
             yield session
@@ -82,15 +115,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session.close()
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs):
+    def generate(
+        self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
+        adapter=..., **kwargs,
+    ):
         """transformers generate() through the swarm. Inside `inference_session()`, the prompt may hold
-        the whole conversation so far or only what is new; the output holds the whole conversation."""
+        the whole conversation so far or only what is new; the output holds the whole conversation.
+        `adapter`: a LoRA adapter served by peers, for this call (default: the model's `adapter`)."""
         session = session or self._active_session
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
+        if session is not None and adapter is not ... and adapter != session.adapter:
+            raise errors.SessionError(f"this inference session uses adapter {session.adapter!r}, not {adapter!r}")
         if session is None:
             total = _total_length(inputs, kwargs, self.generation_config)
-            session = InferenceSession(self.sequence, max_length=total)  # batch size: set at the first step
+            session = InferenceSession(  # batch size: set at the first step
+                self.sequence, max_length=total, adapter=self.adapter if adapter is ... else adapter
+            )
             try:
                 return super().generate(inputs, past_key_values=RemoteCache(session), **kwargs)
             finally:
@@ -112,8 +153,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        deep_prompts: torch.Tensor | None = None,
+        lora: "RemoteLoRA | None" = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """transformers' forward. `deep_prompts` [num_blocks, batch or 1, prefix, hidden]: deep prompt
+        tuning, added to the first `prefix` hidden states entering each block; `lora`: LoRA weights the
+        peers apply to their blocks (both: stateless forward only, not in an inference session)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -121,12 +167,27 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.int64)
         if isinstance(past_key_values, RemoteCache):
+            if deep_prompts is not None or lora is not None:
+                raise errors.SessionError("deep prompts and LoRA work in a stateless forward, not in an inference session")
             hidden_states = self._session_step(past_key_values.session, inputs_embeds, position_ids, attention_mask)
         else:
             if position_ids is None:
                 position_ids = torch.arange(inputs_embeds.shape[1]).unsqueeze(0)
-            inputs = BlockInputs(inputs_embeds, position_ids, attention_mask)
-            hidden_states = RemoteExpertWorker.run_coroutine(self.sequence.forward(inputs))
+            lora_weights = lora.weights() if lora is not None else None
+            trainable = inputs_embeds.requires_grad or (deep_prompts is not None and deep_prompts.requires_grad) or (
+                lora is not None and any(parameter.requires_grad for parameter in lora.parameters())
+            )
+            if torch.is_grad_enabled() and trainable:  # training: backward runs through the peers
+                if self.adapter is not None:
+                    raise errors.ConfigError("training on top of a served adapter is not supported; pass lora= instead")
+                named = lora_weights.tensors() if lora_weights is not None else {}
+                hidden_states = RemoteBlocks.apply(
+                    inputs_embeds, position_ids, attention_mask, deep_prompts,
+                    lora_weights.scaling if lora_weights is not None else None, list(named), self.sequence, *named.values(),
+                )
+            else:
+                inputs = BlockInputs(inputs_embeds, position_ids, attention_mask, deep_prompts, lora_weights)
+                hidden_states = RemoteExpertWorker.run_coroutine(self.sequence.forward(inputs, adapter=self.adapter))
         hidden_states = self.norm(hidden_states.to(inputs_embeds.dtype))
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden_states[:, keep])  # [batch, seq, vocab]
@@ -162,7 +223,10 @@ class AutoDistributedModelForCausalLM:
         dht_prefix: str | None = None,
         client_config: ClientConfig | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        adapter: str | None = None,
     ) -> DistributedModelForCausalLM:
+        """`adapter`: the name of a LoRA adapter peers serve (`--adapters`); generate() and forward use it
+        (and only peers that serve it) unless told otherwise."""
         source = models.resolve_model(name_or_path)
         config = models.load_config(source)
         config._name_or_path = str(source.path)
@@ -174,6 +238,7 @@ class AutoDistributedModelForCausalLM:
             num_blocks=config.num_hidden_layers,
         )
         model = DistributedModelForCausalLM(config, parts, sequence)
+        model.adapter = adapter
         if (source.path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(source.path)
         return model.eval()

@@ -15,7 +15,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import errors, protocol
 from swarm.blocks import BlockInputs
-from swarm.messages import PEER_REPLY, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
+from swarm.messages import PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
 from swarm.transport import FrameReader, decode_header, encode_frame, frame_tensors, raise_if_error, translated_errors
 
 Request = runtime_pb2.ExpertRequest
@@ -24,9 +24,15 @@ LIVENESS_PING_TIMEOUT_S = 3.0
 
 
 def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
-    return frame_tensors(
-        {"hidden_states": inputs.hidden_states, "position_ids": inputs.position_ids, "attention_mask": inputs.attention_mask}
-    )
+    return frame_tensors({
+        "hidden_states": inputs.hidden_states, "position_ids": inputs.position_ids,
+        "attention_mask": inputs.attention_mask, "prompts": inputs.prompts,
+        **(inputs.lora.tensors() if inputs.lora is not None else {}),
+    })
+
+
+def _lora_scaling(inputs: BlockInputs) -> float | None:
+    return inputs.lora.scaling if inputs.lora is not None else None
 
 
 async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, auth: str | None = None) -> PeerInfo:
@@ -46,10 +52,12 @@ async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, au
 
 async def call_forward(
     p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float,
-    auth: str | None = None,
+    auth: str | None = None, adapter: str | None = None,
 ) -> torch.Tensor:
     names, tensors = _input_tensors(inputs)
-    header = ForwardRequest(start_block=start, end_block=end, tensor_names=names, auth=auth)
+    header = ForwardRequest(
+        start_block=start, end_block=end, tensor_names=names, lora_scaling=_lora_scaling(inputs), adapter=adapter, auth=auth
+    )
 
     async def requests() -> AsyncIterator[Request]:
         for message in encode_frame(header, tensors, Request):
@@ -57,16 +65,45 @@ async def call_forward(
 
     async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
         replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_forward(requests())
-        hidden_states, _ = await _read_result(FrameReader(replies), peer_id, inputs.hidden_states.shape)
+        (hidden_states,), _ = await _read_result(FrameReader(replies), peer_id, {"hidden_states": inputs.hidden_states.shape})
         return hidden_states
 
 
+async def call_backward(
+    p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, grad_outputs: torch.Tensor,
+    timeout_s: float, auth: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The gradients of the hidden states entering blocks [start, end), of their deep prompts (None
+    without them) and of their LoRA weights (by wire name), given the gradient of the hidden states leaving."""
+    names, tensors = _input_tensors(inputs)
+    header = BackwardRequest(
+        start_block=start, end_block=end, tensor_names=[*names, "grad_outputs"], lora_scaling=_lora_scaling(inputs), auth=auth
+    )
+
+    async def requests() -> AsyncIterator[Request]:
+        for message in encode_frame(header, [*tensors, grad_outputs], Request):
+            yield message
+
+    async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
+        replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_backward(requests())
+        expected = {"grad_inputs": inputs.hidden_states.shape}
+        if inputs.prompts is not None:
+            expected["grad_prompts"] = inputs.prompts.shape
+        if inputs.lora is not None:
+            expected.update({f"grad_{name}": tensor.shape for name, tensor in inputs.lora.tensors().items()})
+        grads, _ = await _read_result(FrameReader(replies), peer_id, expected)
+        named = dict(zip(expected, grads))
+        grad_lora = {name.removeprefix("grad_"): grad for name, grad in named.items() if name.startswith("grad_lora_")}
+        return named["grad_inputs"], named.get("grad_prompts"), grad_lora
+
+
 async def _read_result(
-    reader: FrameReader, peer_id: str, expected_shape: torch.Size, step_id: int | None = None
-) -> tuple[torch.Tensor, bool]:
-    """The hidden states a peer answered with, checked (a malformed reply bans the peer, never crashes
-    us), and whether the peer pushed them to the next hop. Replies to earlier steps are skipped: they
-    answer steps pushed to this peer that the client re-ran after a failover."""
+    reader: FrameReader, peer_id: str, expected: dict[str, torch.Size], step_id: int | None = None
+) -> tuple[list[torch.Tensor], bool]:
+    """The tensors a peer answered with (`expected`: their names and shapes, in order), checked (a
+    malformed reply bans the peer, never crashes us), and whether the peer pushed them to the next hop.
+    Replies to earlier steps are skipped: they answer steps pushed to this peer that the client re-ran
+    after a failover."""
     while True:
         try:
             frame = await reader.read()
@@ -79,18 +116,18 @@ async def _read_result(
         if step_id is None or stale is None or stale >= step_id:
             break
     raise_if_error(header)
-    if not isinstance(header, Result) or header.tensor_names != ["hidden_states"] or len(frame[1]) != 1:
+    if not isinstance(header, Result) or header.tensor_names != list(expected) or len(frame[1]) != len(expected):
         raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered with an unexpected {header.type!r}")
     if header.step_id != step_id:
         raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} answered step {header.step_id}, expected {step_id}")
-    (hidden_states,) = frame[1]
-    if hidden_states.shape != expected_shape or not hidden_states.is_floating_point():
-        raise errors.PeerMisbehavedError(
-            f"peer {peer_id[-8:]} returned {hidden_states.dtype} {list(hidden_states.shape)}, expected {list(expected_shape)}"
-        )
-    if not torch.isfinite(hidden_states).all():
-        raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} returned NaN or infinite hidden states")
-    return hidden_states, header.pushed
+    for tensor, (name, shape) in zip(frame[1], expected.items()):
+        if tensor.shape != shape or not tensor.is_floating_point():
+            raise errors.PeerMisbehavedError(
+                f"peer {peer_id[-8:]} returned {name} {tensor.dtype} {list(tensor.shape)}, expected {list(shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} returned NaN or infinite {name}")
+    return frame[1], header.pushed
 
 
 class SpanStream:
@@ -108,10 +145,12 @@ class SpanStream:
         self._reader: FrameReader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def open(self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None) -> None:
+    async def open(
+        self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None, adapter: str | None = None
+    ) -> None:
         header = OpenSession(
             session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length,
-            batch_size=batch_size, push_from=push_from, auth=self.auth,
+            batch_size=batch_size, push_from=push_from, adapter=adapter, auth=self.auth,
         )
         self.push_from = push_from
         self._loop = asyncio.get_running_loop()
@@ -140,7 +179,10 @@ class SpanStream:
             names, tensors = _input_tensors(inputs)
             self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
         async with translated_errors(self.peer_id[-8:]):
-            return await self._await_reply(_read_result(self._reader, self.peer_id, inputs.hidden_states.shape, step_id))
+            (hidden_states,), pushed = await self._await_reply(
+                _read_result(self._reader, self.peer_id, {"hidden_states": inputs.hidden_states.shape}, step_id)
+            )
+            return hidden_states, pushed
 
     async def _await_reply(self, reading):
         """The reply, within the step timeout. While it is late, ping the peer every LIVENESS_PERIOD_S:

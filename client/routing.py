@@ -24,6 +24,7 @@ class PeerSpan:
     end: int
     throughput: float = 1.0
     public_name: str | None = None
+    adapters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[
             if record.protocol_version != PROTOCOL_VERSION:
                 continue  # a peer of another protocol version cannot serve us
             spans.setdefault(
-                peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name)
+                peer_id,
+                PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name, record.adapters),
             )
     return spans
 

@@ -15,7 +15,7 @@ import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from client import routing
-from client.remote import call_forward, call_info
+from client.remote import call_backward, call_forward, call_info
 from client.retries import Retries
 from swarm import errors, network
 from swarm.blocks import BlockInputs
@@ -43,7 +43,7 @@ class RemoteSequence:
         self.dht = network.start_dht(
             initial_peers=config.initial_peers,
             host_maddrs=config.host_maddrs,
-            client_mode=True,
+            client_mode=config.dht_client_mode,
             loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
             startup_timeout_s=config.connect_timeout_s,
             swarm_key=self.swarm_key,
@@ -105,39 +105,90 @@ class RemoteSequence:
         now = time.monotonic()
         return {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
 
-    async def route(self, start: int = 0, end: int | None = None) -> list[routing.Hop]:
-        """A chain of peers through [start, end); waits up to route_wait_s for missing blocks."""
+    async def route(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[routing.Hop]:
+        """A chain of peers through [start, end) (all serving `adapter`, if given); waits up to
+        route_wait_s for missing blocks."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.route_wait_s
         if time.monotonic() - self._updated_at > REFRESH_PERIOD_S:
             await self.update()
         while True:
             try:
-                return routing.choose_route(self.spans, start, end, latency_s=self.latency_s, banned=self.banned())
+                spans = self.spans if adapter is None else {
+                    peer_id: span for peer_id, span in self.spans.items() if adapter in span.adapters
+                }
+                return routing.choose_route(spans, start, end, latency_s=self.latency_s, banned=self.banned())
             except errors.MissingBlocksError:
                 if time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(1.0)
             await self.update()
 
-    # ---- stateless forward ---------------------------------------------------------------------
-    async def forward(self, inputs: BlockInputs) -> torch.Tensor:
-        """Hidden states after all blocks, for a whole sequence (no cache)."""
+    # ---- stateless forward and backward ------------------------------------------------------
+    async def forward(self, inputs: BlockInputs, hops: list | None = None, adapter: str | None = None) -> torch.Tensor:
+        """Hidden states after all blocks, for a whole sequence (no cache). With `hops`, appends
+        (start, end, inputs) for every hop taken: what `backward` needs. `inputs.prompts`, if any, holds
+        the deep prompts of every block of the model; each peer gets those of its blocks. With `adapter`,
+        only peers serving that LoRA adapter are used, and they apply it."""
         hidden_states, position = inputs.hidden_states, 0
         while position < self.num_blocks:
-            hop = await self._retrying_hop(position, hidden_states, inputs)
-            hidden_states, position = hop
+            step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
+            hidden_states, end = await self._retrying_hop(position, step_inputs, adapter=adapter)
+            if hops is not None:
+                hops.append((position, end, step_inputs))
+            position = end
         return hidden_states
 
-    async def _retrying_hop(self, position: int, hidden_states: torch.Tensor, inputs: BlockInputs):
+    async def backward(self, hops: list, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The gradients of the hidden states entering block 0, of the deep prompts (None without them)
+        and of the LoRA weights (by wire name, all blocks), given that of the hidden states leaving the
+        last block, through the hops a `forward` took (each on any peer that serves it now)."""
+        first = hops[0][2] if hops else BlockInputs(grad_outputs)
+        grads = {"prompts": torch.zeros_like(first.prompts) if first.prompts is not None else None}
+        if first.lora is not None:
+            grads.update({name: torch.zeros_like(tensor) for name, tensor in first.lora.tensors().items()})
+        grad = grad_outputs
+        for start, end, inputs in reversed(hops):
+            grad = await self._backward_span(start, end, inputs, grad, grads)
+        prompts = grads.pop("prompts")
+        return grad, prompts, grads
+
+    async def _backward_span(self, start: int, end: int, inputs: BlockInputs, grad: torch.Tensor, grads: dict) -> torch.Tensor:
         retries = Retries(self.config)
         while True:
-            hop = (await self.route(position))[0]
-            step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
+            hop = (await self.route(start, end))[0]
+            try:
+                if hop.end < end:  # no peer serves the whole span any more: split it where the route does
+                    middle, _ = await self._retrying_hop(start, inputs, end=hop.end)
+                    later = dataclasses.replace(inputs, hidden_states=middle)
+                    grad = await self._backward_span(hop.end, end, later, grad, grads)
+                    return await self._backward_span(start, hop.end, inputs, grad, grads)
+                grad_inputs, grad_prompts, grad_lora = await call_backward(
+                    self.p2p, hop.peer_id, self.dht_prefix, start, end, _for_span(inputs, start, end), grad,
+                    self.config.step_timeout_s, self.proof(hop.peer_id),
+                )
+                if grad_prompts is not None:
+                    grads["prompts"][start:end] = grad_prompts
+                for name, value in grad_lora.items():  # a peer's gradients for its blocks, in the model's buffer
+                    grads[name][start:end] = value
+                return grad_inputs
+            except errors.RemoteError as exc:
+                if not retries.allow(exc):
+                    raise
+                logger.warning("backward on %s failed (%s), retry %d", hop.peer_id[-8:], exc, retries.failures)
+                self.ban(hop.peer_id)
+
+    async def _retrying_hop(
+        self, position: int, inputs: BlockInputs, end: int | None = None, adapter: str | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """(outputs, end) of the first hop of a route from `position` (to `end` at most)."""
+        retries = Retries(self.config)
+        while True:
+            hop = (await self.route(position, end, adapter))[0]
             try:
                 output = await call_forward(
-                    self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, step_inputs, self.config.step_timeout_s,
-                    self.proof(hop.peer_id),
+                    self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, _for_span(inputs, hop.start, hop.end),
+                    self.config.step_timeout_s, self.proof(hop.peer_id), adapter,
                 )
                 return output, hop.end
             except errors.RemoteError as exc:
@@ -149,3 +200,14 @@ class RemoteSequence:
     def close(self) -> None:
         RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
         network.stop_dht(self.dht)
+
+
+def _for_span(inputs: BlockInputs, start: int, end: int) -> BlockInputs:
+    """What a peer serving blocks [start, end) gets: the deep prompts and LoRA weights of those blocks only."""
+    if inputs.prompts is None and inputs.lora is None:
+        return inputs
+    return dataclasses.replace(
+        inputs,
+        prompts=inputs.prompts[start:end] if inputs.prompts is not None else None,
+        lora=inputs.lora.for_blocks(start, end) if inputs.lora is not None else None,
+    )

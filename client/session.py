@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class InferenceSession:
-    def __init__(self, sequence: RemoteSequence, *, max_length: int, batch_size: int = 1):
+    def __init__(self, sequence: RemoteSequence, *, max_length: int, batch_size: int = 1, adapter: str | None = None):
         self.sequence = sequence
+        self.adapter = adapter  # a LoRA adapter every peer of the session serves and applies
         self.max_length = max_length
         self.batch_size = batch_size
         self.session_id = uuid.uuid4().hex
@@ -154,13 +155,13 @@ class InferenceSession:
         """Streams through [start, end); the first takes pushes from `push_from`, each next one from its predecessor."""
         streams = []
         try:
-            for hop in await self.sequence.route(start, end):
+            for hop in await self.sequence.route(start, end, self.adapter):
                 stream = SpanStream(
                     self.sequence.p2p, hop.peer_id, self.sequence.dht_prefix, hop.start, hop.end,
                     self.sequence.config.step_timeout_s, self.sequence.proof(hop.peer_id),
                 )
                 streams.append(stream)
-                await stream.open(self.session_id, self.max_length, self.batch_size, push_from=push_from)
+                await stream.open(self.session_id, self.max_length, self.batch_size, push_from=push_from, adapter=self.adapter)
                 push_from = hop.peer_id
         except errors.RemoteError as exc:
             for stream in streams:

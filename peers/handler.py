@@ -27,15 +27,16 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from peers.cache import CacheBudget
-from peers.validation import Limits, check_block_inputs, check_span
+from peers.validation import Limits, check_block_inputs, check_grad_outputs, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
 from swarm import protocol
 from swarm.blocks import BlockInputs
 from swarm.protocol import BlockService
 from swarm.messages import (
-    PEER_REQUEST, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
+    PEER_REQUEST, BackwardRequest, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
 )
+from swarm.lora import LoraWeights, projection_shapes, wire_names
 from swarm.swarm_key import SwarmKey, check_access, make_proof
 from swarm.transport import (
     FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message, translated_errors,
@@ -44,6 +45,7 @@ from swarm.transport import (
 logger = logging.getLogger(__name__)
 
 INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
+STATELESS_TENSORS = (*INPUT_TENSORS, "prompts")  # deep prompts: forward and backward, not sessions
 DRAIN_TIMEOUT_S = 5.0
 PUSH_TIMEOUT_S = 2.0  # for the next hop to take a push; the client sends the step itself otherwise
 INBOX_FRAMES = 4  # per session: a client sends one step and waits; pushes beyond this are dropped
@@ -76,14 +78,17 @@ class BlockServicer(BlockService):
         executor: concurrent.futures.ThreadPoolExecutor,
         p2p: P2P | None = None,
         swarm_key: SwarmKey | None = None,
+        adapters: dict[str, LoraWeights] | None = None,
     ):
         self.stack = stack
         self.info = info
         self.p2p = p2p  # to push steps to the next hop; None: never push
         self.peer_id = str(p2p.peer_id) if p2p is not None else None
         self.swarm_key = swarm_key  # a private swarm: every call must prove it holds the key
+        self.adapters = adapters or {}  # name -> LoRA weights of every block of the model
         self.limits = Limits(
-            hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length
+            hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length,
+            lora_shapes=projection_shapes(stack.config),
         )
         self.cache = cache
         self.session_idle_timeout_s = session_idle_timeout_s
@@ -110,6 +115,14 @@ class BlockServicer(BlockService):
             await asyncio.sleep(0.02)
         return not self._running
 
+    def _adapter(self, name: str | None, span: tuple[int, int]) -> LoraWeights | None:
+        """The LoRA weights of adapter `name` for blocks `span` (None: no adapter)."""
+        if name is None:
+            return None
+        if name not in self.adapters:
+            raise errors.BlocksNotServedError(f"adapter {name!r} is not served here (this peer serves {sorted(self.adapters)})")
+        return self.adapters[name].for_blocks(*span)
+
     def _check_serving(self, stack: BlockStack) -> None:
         if self.closing:
             raise errors.PeerUnavailableError("this peer is shutting down")
@@ -131,27 +144,47 @@ class BlockServicer(BlockService):
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[Response]:
+        async for message in self._stateless(requests, context, ForwardRequest):
+            yield message
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[Response]:
+        async for message in self._stateless(requests, context, BackwardRequest):
+            yield message
+
+    async def _stateless(self, requests, context: P2PContext, kind: type) -> AsyncIterator[Response]:
+        """A forward or backward over a whole sequence, without a session: one frame in, one out."""
         started = time.perf_counter()
         reader = FrameReader(requests)
+        what = kind.model_fields["type"].default
         try:
             async with asyncio.timeout(self.session_idle_timeout_s):
                 frame = await reader.read()
             if frame is None:
                 return
             header = decode_header(PEER_REQUEST, frame[0])
-            if not isinstance(header, ForwardRequest):
-                raise errors.InvalidRequestError(f"rpc_forward expects a forward request, got {header.type!r}")
+            if not isinstance(header, kind):
+                raise errors.InvalidRequestError(f"rpc_{what} expects a {what} request, got {header.type!r}")
             check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
             stack = self.stack
             self._check_serving(stack)
             span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
-            tensors = name_tensors(header, frame[1], INPUT_TENSORS)
-            reply, _ = await self._compute(stack, tensors, self.limits, None, span, position=0)
+            names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
+            if kind is BackwardRequest:
+                tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
+                job = functools.partial(_backward_sync, stack, tensors, self.limits, span, header.lora_scaling)
+            else:
+                adapter = self._adapter(header.adapter, span)
+                job = functools.partial(
+                    _forward_sync, stack, name_tensors(header, frame[1], names), self.limits, span, header.lora_scaling, adapter
+                )
+            reply = await self._run_compute(job)
         except Exception as exc:  # a bad request must never take the peer down
-            yield self._error_reply(exc, context, "forward")
+            yield self._error_reply(exc, context, what)
             await _drain_reader(reader)
             return
-        logger.debug("forward peer=%s blocks=%d:%d ms=%.1f", _short(context), *span, 1000 * (time.perf_counter() - started))
+        logger.debug("%s peer=%s blocks=%d:%d ms=%.1f", what, _short(context), *span, 1000 * (time.perf_counter() - started))
         for message in reply:
             yield message
         await _drain_reader(reader)
@@ -212,6 +245,7 @@ class BlockServicer(BlockService):
 
     async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context) -> AsyncIterator[Response]:
         stack = self.stack  # the session stays on these blocks, even if the peer moves meanwhile
+        adapter = self._adapter(opening.adapter, span)
         cache = stack.new_cache()
         session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
         (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
@@ -239,7 +273,9 @@ class BlockServicer(BlockService):
                 if step.step_id <= last_step_id:
                     continue  # the other copy of this step ran already
                 self._check_serving(stack)
-                reply, push = await self._session_step(opening.session_id, stack, cache, step, tensors, session_limits, span)
+                reply, push = await self._session_step(
+                    opening.session_id, stack, cache, step, tensors, session_limits, span, adapter
+                )
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
                 yield self._error_reply(exc, context, f"step ({source})", step_id=getattr(step, "step_id", None))
                 continue
@@ -260,11 +296,15 @@ class BlockServicer(BlockService):
             for message in reply:
                 yield message
 
-    async def _session_step(self, session_id: str, stack, cache, step: InferenceStep | PushStep, tensors, limits: Limits, span):
+    async def _session_step(
+        self, session_id: str, stack, cache, step: InferenceStep | PushStep, tensors, limits: Limits, span, adapter=None
+    ):
         cache_length = stack.cache_length(cache, span[0])
         if step.position > cache_length:
             raise errors.InvalidRequestError(f"step at position {step.position} but the cache holds {cache_length} tokens")
-        return await self._compute(stack, tensors, limits, cache, span, position=step.position, step=(session_id, step))
+        return await self._compute(
+            stack, tensors, limits, cache, span, position=step.position, step=(session_id, step), adapter=adapter
+        )
 
     # ---- pushes between consecutive hops ----------------------------------------------------
     async def rpc_push(self, request: Request, context: P2PContext) -> Response:
@@ -304,7 +344,7 @@ class BlockServicer(BlockService):
             logger.debug("push of session %s to %s refused: %s", session_id[:8], target[-8:], reply.metadata[:200])
         return not reply.metadata
 
-    async def _compute(self, stack: BlockStack, tensors, limits: Limits, cache, span, *, position: int, step=None):
+    async def _compute(self, stack: BlockStack, tensors, limits: Limits, cache, span, *, position: int, step=None, adapter=None):
         """Validate, roll back and run, all on the compute thread (one OpenMP pool per process).
 
         Returns the reply messages and, for a session step with hops after this one that fits in one
@@ -312,7 +352,12 @@ class BlockServicer(BlockService):
         push_auth = None
         if step is not None and step[1].push_to:
             push_auth = make_proof(self.swarm_key, self.peer_id or "", step[1].push_to[0])
-        job = functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth)
+        return await self._run_compute(
+            functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth, adapter)
+        )
+
+    async def _run_compute(self, job):
+        """Run `job` on the peer's compute thread, counted as running (see wait_idle)."""
         self._running += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, job)
@@ -320,8 +365,8 @@ class BlockServicer(BlockService):
             self._running -= 1
 
     @staticmethod
-    def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step, push_auth=None):
-        inputs = check_block_inputs(tensors, limits, past_length=position)
+    def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step, push_auth=None, adapter=None):
+        inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
         if cache is not None:
             try:
                 stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
@@ -345,6 +390,28 @@ class BlockServicer(BlockService):
             return encode_error(exc, Response, step_id=step_id)
         logger.exception("internal error serving %s from %s", what, _short(context))
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
+
+
+def _forward_sync(stack: BlockStack, tensors, limits: Limits, span, lora_scaling, adapter=None) -> list[Response]:
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], lora_scaling=lora_scaling)
+    if adapter is not None:
+        if inputs.lora is not None:
+            raise errors.InvalidRequestError("give LoRA weights or an adapter name, not both")
+        inputs = dataclasses.replace(inputs, lora=adapter)
+    outputs = stack(inputs, None, span).cpu()
+    return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response))
+
+
+def _backward_sync(stack: BlockStack, tensors, limits: Limits, span, lora_scaling) -> list[Response]:
+    """Gradients of the inputs, then of the deep prompts and LoRA weights the request carried."""
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], lora_scaling=lora_scaling)
+    grad_outputs = check_grad_outputs(tensors.get("grad_outputs"), inputs.hidden_states.shape)
+    grad_inputs, grad_prompts, grad_lora = stack.backward(inputs, grad_outputs, span)
+    named = {"grad_inputs": grad_inputs}
+    if grad_prompts is not None:
+        named["grad_prompts"] = grad_prompts
+    named.update({f"grad_{name}": grad for name, grad in grad_lora.items()})
+    return list(encode_frame(Result(tensor_names=list(named)), [grad.cpu() for grad in named.values()], Response))
 
 
 def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs, auth: str | None = None):

@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
 from swarm.identity import Identity
+from swarm.lora import LoraWeights, read_peft_adapter
 from swarm.swarm_key import SwarmKey
 from swarm.messages import PeerInfo
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
@@ -68,6 +70,7 @@ class Peer:
         # OpenMP pool, whose spinning workers slow the first one down (measured: ~10-20% per step)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.swarm_key = SwarmKey.load(config.network.swarm_key_path)  # None: a public swarm
+        self.adapters = self._load_adapters(config.adapters)
         self.identity = Identity.load(config.network.identity_path)  # its key signs our records
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -96,6 +99,7 @@ class Peer:
                 executor=self.executor,
                 p2p=self.p2p,
                 swarm_key=self.swarm_key,
+                adapters=self.adapters,
             )
             await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
@@ -112,6 +116,17 @@ class Peer:
                     task.cancel()
         finally:
             await self._leave()
+
+    def _load_adapters(self, folders: list[str]) -> dict[str, LoraWeights]:
+        """name (the folder's name) -> LoRA weights of every block; the peer applies those of its blocks."""
+        adapters = {}
+        for folder in folders:
+            name = Path(folder).name
+            if name in adapters:
+                raise ConfigError(f"--adapters: two adapters are named {name!r} (names are folder names)")
+            adapters[name] = read_peft_adapter(folder, self.model_config)[1].to(self.dtype)
+            logger.info("serving adapter %s (%s)", name, ", ".join(sorted(adapters[name].a)))
+        return adapters
 
     def _cache_budget(self) -> CacheBudget:
         """KV-cache bytes (--cache-gb, or --cache-tokens over the served blocks) and session slots."""
@@ -245,6 +260,7 @@ class Peer:
             dtype=self.dtype_name,
             version=swarm.__version__,
             public_name=self.config.public_name,
+            adapters=tuple(sorted(self.adapters)),
         )
 
     async def _announce(self, timeout_s: float | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from swarm.blocks import BlockInputs
 from swarm.errors import BlocksNotServedError, InvalidRequestError, SessionLengthError
+from swarm.lora import MAX_RANK, LoraWeights
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -21,6 +22,7 @@ class Limits:
     hidden_size: int
     max_batch_size: int
     max_length: int  # tokens per sequence, cache included
+    lora_shapes: dict | None = None  # projection -> (in_features, out_features); None: no LoRA accepted
 
 
 def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tuple[int, int]:
@@ -33,8 +35,12 @@ def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tup
     return start_block, end_block
 
 
-def check_block_inputs(tensors: dict[str, torch.Tensor], limits: Limits, *, past_length: int = 0) -> BlockInputs:
-    """Validate hidden_states [batch, seq, hidden], position_ids [batch|1, seq], attention_mask [batch, past+seq]."""
+def check_block_inputs(
+    tensors: dict[str, torch.Tensor], limits: Limits, *, past_length: int = 0, blocks: int | None = None,
+    lora_scaling: float | None = None,
+) -> BlockInputs:
+    """Validate hidden_states [batch, seq, hidden], position_ids [batch|1, seq], attention_mask [batch, past+seq],
+    and deep prompts [blocks, batch|1, prefix <= seq, hidden] (only where `blocks` is given)."""
     hidden_states = tensors.get("hidden_states")
     if hidden_states is None:
         raise InvalidRequestError("hidden_states missing")
@@ -55,7 +61,63 @@ def check_block_inputs(tensors: dict[str, torch.Tensor], limits: Limits, *, past
         raise InvalidRequestError("hidden_states contain NaN or infinite values")
     position_ids = _check_position_ids(tensors.get("position_ids"), batch_size, seq_length, limits.max_length)
     attention_mask = _check_attention_mask(tensors.get("attention_mask"), batch_size, past_length + seq_length)
-    return BlockInputs(hidden_states=hidden_states, position_ids=position_ids, attention_mask=attention_mask)
+    prompts = tensors.get("prompts")
+    if prompts is not None:
+        if blocks is None:
+            raise InvalidRequestError("deep prompts are accepted by stateless forward and backward only")
+        if (
+            prompts.dtype not in FLOAT_DTYPES or prompts.ndim != 4 or prompts.shape[0] != blocks
+            or prompts.shape[1] not in (1, batch_size) or not 1 <= prompts.shape[2] <= seq_length
+            or prompts.shape[3] != limits.hidden_size
+        ):
+            raise InvalidRequestError(
+                f"prompts must be floating point [{blocks}, {batch_size} or 1, 1..{seq_length}, {limits.hidden_size}], "
+                f"got {prompts.dtype} {list(prompts.shape)}"
+            )
+        if not torch.isfinite(prompts).all():
+            raise InvalidRequestError("prompts contain NaN or infinite values")
+    lora = _check_lora(tensors, limits, blocks, lora_scaling)
+    return BlockInputs(hidden_states, position_ids, attention_mask, prompts, lora)
+
+
+def _check_lora(tensors: dict[str, torch.Tensor], limits: Limits, blocks: int | None, scaling: float | None):
+    """LoRA weights of the span's blocks: lora_a.<proj> [blocks, r, in] and lora_b.<proj> [blocks, out, r]."""
+    named = {name: tensor for name, tensor in tensors.items() if name.startswith("lora_")}
+    if not named:
+        return None
+    if blocks is None or scaling is None or not limits.lora_shapes:
+        raise InvalidRequestError("LoRA weights need a stateless forward or backward with lora_scaling")
+    lora = LoraWeights.from_tensors(scaling, named)
+    if set(lora.a) != set(lora.b) or not set(lora.a) <= set(limits.lora_shapes):
+        raise InvalidRequestError(f"LoRA needs A and B of projections among {sorted(limits.lora_shapes)}, got {sorted(named)}")
+    for name in lora.a:
+        a, b = lora.a[name], lora.b[name]
+        in_features, out_features = limits.lora_shapes[name]
+        rank = a.shape[1] if a.ndim == 3 else -1
+        if (
+            a.dtype not in FLOAT_DTYPES or b.dtype != a.dtype or not 1 <= rank <= MAX_RANK
+            or list(a.shape) != [blocks, rank, in_features] or list(b.shape) != [blocks, out_features, rank]
+        ):
+            raise InvalidRequestError(
+                f"LoRA of {name} must be floating point A [{blocks}, r <= {MAX_RANK}, {in_features}] and "
+                f"B [{blocks}, {out_features}, r], got {list(a.shape)} and {list(b.shape)}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InvalidRequestError(f"LoRA of {name} contains NaN or infinite values")
+    return lora
+
+
+def check_grad_outputs(grad_outputs, shape: torch.Size) -> torch.Tensor:
+    """The gradient sent with a backward request: floating point, finite, shaped like the hidden states."""
+    if grad_outputs is None:
+        raise InvalidRequestError("grad_outputs missing")
+    if grad_outputs.dtype not in FLOAT_DTYPES or grad_outputs.shape != shape:
+        raise InvalidRequestError(
+            f"grad_outputs must be floating point {list(shape)}, got {grad_outputs.dtype} {list(grad_outputs.shape)}"
+        )
+    if not torch.isfinite(grad_outputs).all():
+        raise InvalidRequestError("grad_outputs contain NaN or infinite values")
+    return grad_outputs
 
 
 def _check_position_ids(position_ids, batch_size: int, seq_length: int, max_length: int):

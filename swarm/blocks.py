@@ -13,12 +13,17 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from swarm import lora as lora_weights
+
 
 @dataclass
 class BlockInputs:
     hidden_states: torch.Tensor  # [batch, seq, hidden]
     position_ids: torch.Tensor | None = None  # [batch or 1, seq]
     attention_mask: torch.Tensor | None = None  # [batch, past + seq], 1 = attend, 0 = padding
+    # deep prompt tuning: added to the first `prefix` hidden states entering each block of the span
+    prompts: torch.Tensor | None = None  # [blocks, batch or 1, prefix, hidden]
+    lora: "lora_weights.LoraWeights | None" = None  # LoRA of the span's blocks (see swarm.lora)
 
 
 class BlockStack(torch.nn.Module):
@@ -32,6 +37,7 @@ class BlockStack(torch.nn.Module):
         self.start_block = start_block
         self.end_block = start_block + len(layers)
         self.attention_types = [attention_type(config, index) for index in range(self.start_block, self.end_block)]
+        self.requires_grad_(False)  # blocks stay frozen: a backward pass only computes gradients of the inputs
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,6 +72,40 @@ class BlockStack(torch.nn.Module):
         self, inputs: BlockInputs, cache: DynamicCache | None = None, span: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Run blocks `span` (default: all); with `cache`, the inputs continue the cached sequence."""
+        return self._run(inputs, cache, span)
+
+    def backward(
+        self, inputs: BlockInputs, grad_outputs: torch.Tensor, span: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The gradients of the hidden states entering blocks `span`, of the deep prompts (None without
+        them) and of the LoRA weights (by wire name; empty without them), given the gradient of the
+        hidden states leaving: the forward runs again with autograd on (nothing is kept between calls),
+        the blocks frozen."""
+
+        def leaf(tensor: torch.Tensor) -> torch.Tensor:
+            # clone(): an inference-mode tensor (a stack's own output) cannot take part in autograd
+            return tensor.to(self.device, self.dtype).clone().requires_grad_(True)
+
+        with torch.enable_grad():
+            hidden_states = leaf(inputs.hidden_states)
+            prompts = leaf(inputs.prompts) if inputs.prompts is not None else None
+            lora = None
+            if inputs.lora is not None:
+                lora = lora_weights.LoraWeights(
+                    inputs.lora.scaling, {k: leaf(v) for k, v in inputs.lora.a.items()}, {k: leaf(v) for k, v in inputs.lora.b.items()}
+                )
+            outputs = self._run(BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask, prompts, lora), None, span)
+            wrt = {"grad_inputs": hidden_states}
+            if prompts is not None:
+                wrt["grad_prompts"] = prompts
+            if lora is not None:
+                wrt.update({f"grad_{name}": tensor for name, tensor in lora.tensors().items()})
+            grads = torch.autograd.grad(outputs, list(wrt.values()), grad_outputs.to(outputs.device, outputs.dtype).clone())
+        named = dict(zip(wrt, grads))
+        grad_lora = {name.removeprefix("grad_"): grad for name, grad in named.items() if name.startswith("grad_lora_")}
+        return named["grad_inputs"], named.get("grad_prompts"), grad_lora
+
+    def _run(self, inputs: BlockInputs, cache: DynamicCache | None, span: tuple[int, int] | None) -> torch.Tensor:
         start, end = span if span is not None else (self.start_block, self.end_block)
         layers = self.layers[start - self.start_block : end - self.start_block]
         kinds = self.attention_types[start - self.start_block : end - self.start_block]
@@ -80,15 +120,22 @@ class BlockStack(torch.nn.Module):
             attention_mask = attention_mask.to(self.device)
         masks = self._masks(hidden_states, attention_mask, cache, position_ids, start, kinds)
         position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
-        for layer, kind in zip(layers, kinds):
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=masks[kind],
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-                position_embeddings=position_embeddings,
-            )
+        prompts = inputs.prompts
+        if prompts is not None:
+            prompts = prompts.to(self.device, self.dtype)
+        with lora_weights.applied(layers, inputs.lora):
+            for index, (layer, kind) in enumerate(zip(layers, kinds)):
+                if prompts is not None:  # out of place: autograd needs the hidden states before the addition
+                    prefix = prompts.shape[2]
+                    hidden_states = torch.cat([hidden_states[:, :prefix] + prompts[index], hidden_states[:, prefix:]], dim=1)
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=masks[kind],
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    position_embeddings=position_embeddings,
+                )
         return hidden_states
 
     def _masks(self, hidden_states, attention_mask, cache, position_ids, start, kinds) -> dict:

@@ -80,6 +80,9 @@ class PeerConfig(BaseModel):
     session_idle_timeout_s: float = Field(300.0, gt=0, description="free a session's cache after this long without a step")
     cache_wait_s: float = Field(10.0, ge=0, description="how long a new session waits for cache before 'overloaded'")
     num_threads: int | None = Field(None, gt=0, description="torch threads for compute; default: torch's choice")
+    adapters: list[str] = Field(
+        default_factory=list, max_length=32, description="peft LoRA adapter folders to serve (safetensors); named by folder"
+    )
 
     @model_validator(mode="after")
     def _check_record_ttl(self) -> "PeerConfig":
@@ -114,6 +117,9 @@ class ClientConfig(BaseModel):
     dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
     host_maddrs: list[str] = Field(default_factory=lambda: list(LOOPBACK_MADDRS), description="client's own listen addresses")
     swarm_key_path: Path | None = Field(None, description="shared secret of a private swarm (see swarm/swarm_key.py)")
+    dht_client_mode: bool = Field(
+        True, description="join the DHT as a client only; trainers that average gradients need False (others dial them)"
+    )
     connect_timeout_s: float = Field(15.0, gt=0, description="seconds to join the swarm and open a stream")
     step_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one forward or inference step")
     max_retries: int = Field(

@@ -13,9 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from swarm.records import MAX_BLOCKS
 
 MAX_SESSION_ID_CHARS = 64
-MAX_TENSORS_PER_FRAME = 8
+MAX_TENSORS_PER_FRAME = 24  # inputs, deep prompts, a gradient and LoRA A/B of 7 projections
 MAX_PUSH_HOPS = 32
 PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
+LoraScaling = Annotated[
+    float | None, Field(default=None, ge=0, le=1e4, allow_inf_nan=False, description="alpha / r of the LoRA tensors sent")
+]
+AdapterName = Annotated[
+    str | None, Field(default=None, min_length=1, max_length=128, description="a LoRA adapter the peer serves")
+]
 AuthProof = Annotated[str | None, Field(default=None, max_length=128, description="private swarms: see swarm.swarm_key")]
 
 
@@ -33,6 +39,20 @@ class ForwardRequest(_Message):
     type: Literal["forward"] = "forward"
     start_block: int = Field(ge=0, lt=MAX_BLOCKS)
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
+    lora_scaling: LoraScaling = None
+    adapter: AdapterName = None
+    auth: AuthProof = None
+
+
+class BackwardRequest(_Message):
+    """Backward through blocks [start_block, end_block): the inputs of a stateless forward plus
+    `grad_outputs`, the gradient of the loss w.r.t. its outputs; answered with the inputs' gradient
+    (and those of the deep prompts and LoRA weights it carried)."""
+
+    type: Literal["backward"] = "backward"
+    start_block: int = Field(ge=0, lt=MAX_BLOCKS)
+    end_block: int = Field(gt=0, le=MAX_BLOCKS)
+    lora_scaling: LoraScaling = None
     auth: AuthProof = None
 
 
@@ -48,6 +68,7 @@ class OpenSession(_Message):
     push_from: PeerIdText | None = Field(
         default=None, description="the previous hop's peer id: the only peer allowed to push steps into this session"
     )
+    adapter: AdapterName = None
     auth: AuthProof = None
 
 
@@ -84,7 +105,8 @@ class SessionOpened(_Message):
 
 
 class Result(_Message):
-    """Output of a forward or a step: the hidden states after the last requested block."""
+    """Output of a forward or a step (hidden_states: after the last requested block) or of a backward
+    (grad_inputs: the gradient of the hidden states entering the first one)."""
 
     type: Literal["result"] = "result"
     step_id: int | None = Field(default=None, description="the session step this answers (None for a forward)")
@@ -116,7 +138,9 @@ class PeerInfo(BaseModel):
     max_length: int = Field(gt=0)
 
 
-PeerRequest = Annotated[Union[ForwardRequest, OpenSession, InferenceStep, PushStep], Field(discriminator="type")]
+PeerRequest = Annotated[
+    Union[ForwardRequest, BackwardRequest, OpenSession, InferenceStep, PushStep], Field(discriminator="type")
+]
 PeerReply = Annotated[Union[SessionOpened, Result, ErrorReply], Field(discriminator="type")]
 
 PEER_REQUEST = TypeAdapter(PeerRequest)

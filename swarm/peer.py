@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--join-jitter", type=float, dest="join_jitter_s", help="max random wait before choosing blocks")
     parser.add_argument("--handoff-grace", type=float, dest="handoff_grace_s", help="seconds old sessions go on after a move")
     parser.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", help="seconds to let running steps finish on exit")
+    parser.add_argument("--adapters", nargs="+", metavar="DIR", help="peft LoRA adapter folders to serve (safetensors only)")
     parser.add_argument("--verbose", action="store_true", help="log every RPC (DEBUG)")
     return parser.parse_args(argv)
 
@@ -61,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         for key in ("model", "blocks", "device", "dtype", "cache_tokens", "cache_gb", "max_sessions",
                     "session_idle_timeout_s", "cache_wait_s", "max_length", "public_name",
                     "dht_prefix", "announce_period_s", "num_threads", "throughput", "max_memory_gb", "rebalance_period_s",
-                    "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s")
+                    "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s", "adapters")
         if getattr(args, key) is not None
     }
     network = {

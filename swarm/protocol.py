@@ -24,6 +24,12 @@ class BlockService(ServicerBase):
         """One ForwardRequest frame in, one Result (or ErrorReply) frame out."""
         raise NotImplementedError
 
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One BackwardRequest frame in, one Result (grad_inputs) or ErrorReply frame out."""
+        raise NotImplementedError
+
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:

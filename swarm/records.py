@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
@@ -49,6 +49,17 @@ class PeerRecord(BaseModel):
     dtype: str = Field(max_length=32, description="torch dtype of the blocks, e.g. float32")
     version: str = Field(max_length=64, description="swarm package version")
     public_name: str | None = Field(default=None, max_length=128, description="optional display name")
+    adapters: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] = Field(
+        default=(), max_length=32, description="names of the LoRA adapters the peer serves"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapters_from_list(cls, data: Any) -> Any:
+        # strict mode refuses a JSON list for a tuple; records arrive as plain JSON values
+        if isinstance(data, dict) and isinstance(data.get("adapters"), list):
+            data = {**data, "adapters": tuple(data["adapters"])}
+        return data
 
     @model_validator(mode="before")
     @classmethod

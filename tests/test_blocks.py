@@ -95,3 +95,23 @@ def test_sub_span_of_a_stack():
     part = stack(BlockInputs(hidden), span=(1, 3))
     (reference,) = stacks(model, cuts=(1, 3))
     assert torch.allclose(part, reference(BlockInputs(hidden)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_backward_through_slices_equals_autograd(kind):
+    model = build(kind)
+    embeds = model.model.embed_tokens(torch.randint(0, 128, (2, 12))).detach().requires_grad_(True)
+    weights = torch.randn(2, 12, 128, generator=torch.Generator().manual_seed(1))
+    (model(inputs_embeds=embeds).logits * weights).sum().backward()
+    expected = embeds.grad
+
+    chain, hidden, entered = stacks(model), embeds.detach(), []
+    for stack in chain:
+        entered.append(hidden)
+        hidden = stack(BlockInputs(hidden))
+    final = hidden.clone().requires_grad_(True)
+    (model.lm_head(model.model.norm(final)) * weights).sum().backward()
+    grad = final.grad
+    for stack, inputs in zip(reversed(chain), reversed(entered)):
+        grad, _, _ = stack.backward(BlockInputs(inputs), grad)
+    assert torch.allclose(grad, expected, atol=1e-5), (grad - expected).abs().max()

@@ -178,5 +178,7 @@ def test_replies_to_earlier_steps_are_skipped():
         ]:
             yield message
 
-    hidden_states, pushed = asyncio.run(_read_result(FrameReader(replies()), "peer", torch.Size([1, 1, 64]), step_id=5))
+    (hidden_states,), pushed = asyncio.run(
+        _read_result(FrameReader(replies()), "peer", {"hidden_states": torch.Size([1, 1, 64])}, step_id=5)
+    )
     assert torch.equal(hidden_states, torch.ones(1, 1, 64)) and pushed

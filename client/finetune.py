@@ -1,0 +1,257 @@
+"""`python -m client.finetune`: fine-tune prompts or LoRA through the swarm, averaging gradients with
+every other trainer of the same --run-name over the DHT (hivemind.Optimizer).
+
+The peers keep the model frozen; this process owns the trainable parameters:
+- `ptune`: a prefix of --num-prefix-tokens trainable input embeddings;
+- `deep_ptune`: that prefix plus one trainable prefix per block (sent to the peers);
+- `lora`: LoRA on --lora-targets of every block (sent to the peers); saved as a peft adapter.
+
+Data: JSONL, one example per line: {"text": ...}, or {"prompt": ..., "completion": ...} (the loss
+covers the completion only), or {"input_ids": [...]} (already tokenized). Checkpoints go to
+--output every --save-every optimizer steps and at the end; a run started again with the same
+--output resumes from its last checkpoint (and other trainers' state, when they are ahead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from swarm.cli import fail, setup_logging
+from swarm.errors import ConfigError, SwarmError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+PROMPTS_FILE = "prompts.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="JSONL file: text, prompt/completion or input_ids per line")
+    parser.add_argument("--mode", choices=["lora", "ptune", "deep_ptune"], default="lora")
+    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints and the result")
+    parser.add_argument("--run-name", required=True, help="trainers with the same run name average their gradients")
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="must be 0 through the swarm")
+    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    parser.add_argument("--num-prefix-tokens", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accumulation", type=int, default=1)
+    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--target-batch-size", type=int, default=None,
+                        help="examples over all trainers per optimizer step (default: this trainer's batch x accumulation)")
+    parser.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to gather trainers for averaging")
+    parser.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR")
+    parser.add_argument("--swarm-key", type=Path)
+    parser.add_argument("--verbose", action="store_true", help="log hivemind's progress of the run (samples, rounds, peers)")
+    return parser.parse_args(argv)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def load_examples(path: Path, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per line; labels are -100 where the loss does not look (the prompt)."""
+    examples = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--data {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if "input_ids" in row:
+                ids = [int(token) for token in row["input_ids"]]
+                labels = list(ids)
+            elif "text" in row:
+                ids = _tokenize(tokenizer, str(row["text"]))
+                labels = list(ids)
+            else:
+                prompt, completion = _tokenize(tokenizer, str(row["prompt"])), _tokenize(tokenizer, str(row["completion"]), bos=False)
+                ids, labels = prompt + completion, [-100] * len(prompt) + completion
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--data {path}, line {number}: need text, prompt/completion or input_ids ({exc})") from exc
+        if len(ids) >= 2:
+            examples.append((ids[:max_length], labels[:max_length]))
+    if not examples:
+        raise ConfigError(f"--data {path}: no example with at least two tokens")
+    return examples
+
+
+def _tokenize(tokenizer, text: str, bos: bool = True) -> list[int]:
+    if tokenizer is None:
+        raise ConfigError("this model has no tokenizer: give pre-tokenized input_ids in the data")
+    return tokenizer(text, add_special_tokens=bos)["input_ids"]
+
+
+def batches(examples, batch_size: int, rng: random.Random, pad_id: int):
+    """Shuffled batches, right-padded: (input_ids, attention_mask, labels)."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[index] for index in order[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, target) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(target)] = torch.tensor(target)
+            mask[row, : len(ids)] = 1
+        yield input_ids, mask, labels
+
+
+# ---- trainable parameters ---------------------------------------------------------------------
+class Trainable(torch.nn.Module):
+    """What this trainer owns, for one --mode, and how it enters the model's forward."""
+
+    def __init__(self, mode: str, config, args: argparse.Namespace):
+        super().__init__()
+        from client.lora import RemoteLoRA
+
+        self.mode = mode
+        self.lora = None
+        self.prefix = self.deep = None
+        if mode == "lora":
+            self.lora = RemoteLoRA(
+                config, r=args.lora_r, alpha=args.lora_alpha, target_modules=args.lora_targets, dropout=args.lora_dropout
+            )
+        else:
+            tokens = args.num_prefix_tokens
+            self.prefix = torch.nn.Parameter(torch.randn(1, tokens, config.hidden_size) * config.initializer_range)
+            if mode == "deep_ptune":
+                self.deep = torch.nn.Parameter(torch.zeros(config.num_hidden_layers, 1, tokens, config.hidden_size))
+
+    def loss(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
+        if self.lora is not None:
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, lora=self.lora).loss
+        batch, tokens = input_ids.shape[0], self.prefix.shape[1]
+        embeds = torch.cat([self.prefix.expand(batch, -1, -1), model.get_input_embeddings()(input_ids).detach()], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
+        labels = torch.cat([labels.new_full((batch, tokens), -100), labels], dim=1)
+        return model(inputs_embeds=embeds, attention_mask=mask, labels=labels, deep_prompts=self.deep).loss
+
+    def save(self, folder: Path, base_model: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            self.lora.save_pretrained(folder, base_model_name_or_path=base_model)
+        else:
+            tensors = {"prefix": self.prefix.detach().contiguous()}
+            if self.deep is not None:
+                tensors["deep_prompts"] = self.deep.detach().contiguous()
+            save_file(tensors, folder / PROMPTS_FILE)
+
+    def load(self, folder: Path) -> None:
+        with torch.no_grad():
+            if self.lora is not None:
+                from client.lora import RemoteLoRA
+
+                saved = RemoteLoRA.from_pretrained(folder, self.lora.config)
+                for name in self.lora.target_modules:
+                    self.lora.a[name].copy_(saved.a[name])
+                    self.lora.b[name].copy_(saved.b[name])
+            else:
+                tensors = load_file(folder / PROMPTS_FILE)
+                self.prefix.copy_(tensors["prefix"])
+                if self.deep is not None:
+                    self.deep.copy_(tensors["deep_prompts"])
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> dict:
+    import hivemind
+    from transformers import AutoTokenizer
+
+    from client import AutoDistributedModelForCausalLM
+    from swarm.config import ClientConfig
+
+    if args.lora_dropout:
+        raise ConfigError("--lora-dropout: peers apply no dropout, so only 0 is exact through the swarm")
+    torch.manual_seed(args.seed)
+    config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key, dht_client_mode=False)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, client_config=config)
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError):
+            tokenizer = None  # a model folder without a tokenizer: pre-tokenized data only
+        examples = load_examples(args.data, tokenizer, args.max_seq_length)
+        pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
+        trainable = Trainable(args.mode, model.config, args)
+        state = {"epoch": 0, "optimizer_steps": 0, "losses": []}
+        if (args.output / STATE_FILE).exists():
+            state = json.loads((args.output / STATE_FILE).read_text())
+            trainable.load(args.output)
+            logger.info("resuming from %s: epoch %d, %d optimizer steps", args.output, state["epoch"], state["optimizer_steps"])
+        per_step = args.batch_size
+        optimizer = hivemind.Optimizer(
+            dht=model.sequence.dht, run_id=args.run_name, params=list(trainable.parameters()),
+            optimizer=functools.partial(torch.optim.AdamW, lr=args.learning_rate),
+            batch_size_per_step=per_step,
+            target_batch_size=args.target_batch_size or per_step * args.grad_accumulation,
+            matchmaking_time=args.matchmaking_time, averaging_timeout=max(30.0, 6 * args.matchmaking_time),
+            averager_opts={"request_timeout": min(3.0, args.matchmaking_time / 2)},  # as hivemind's matchmaking asks
+            verbose=args.verbose,
+        )
+        try:
+            _loop(args, model, trainable, optimizer, examples, pad_id, state)
+        finally:
+            optimizer.shutdown()
+        trainable.save(args.output, str(model.name_or_path))
+        (args.output / STATE_FILE).write_text(json.dumps(state))
+        return state
+    finally:
+        model.close()
+
+
+def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
+    rng = random.Random(args.seed)
+    for epoch in range(state["epoch"], args.epochs):
+        progress = tqdm(list(batches(examples, args.batch_size, rng, pad_id)), desc=f"epoch {epoch + 1}/{args.epochs}")
+        for input_ids, mask, labels in progress:
+            loss = trainable.loss(model, input_ids, mask, labels)
+            loss.backward()
+            before = optimizer.local_epoch
+            optimizer.step()  # averages with the other trainers once the run reaches its target batch size
+            optimizer.zero_grad()
+            state["losses"].append(round(loss.item(), 5))
+            progress.set_postfix(loss=f"{loss.item():.4f}", round=optimizer.local_epoch)
+            if optimizer.local_epoch != before:
+                state["optimizer_steps"] += 1
+                if state["optimizer_steps"] % args.save_every == 0:
+                    trainable.save(args.output, str(model.name_or_path))
+                    (args.output / STATE_FILE).write_text(json.dumps(state))
+        state["epoch"] = epoch + 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        state = train(args)
+    except SwarmError as exc:
+        return fail(str(exc))
+    losses = state["losses"]
+    print(f"finetune: done, {state['optimizer_steps']} optimizer steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; saved to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""LoRA on the blocks' projections, the way peft computes it: `y = W x + scaling * B (A x)`.
+
+The trainer owns the LoRA weights and sends those of a peer's blocks with each training request;
+the peer applies them while it runs its blocks (`applied`) and, in a backward, returns their
+gradients. Weights of all blocks of one projection travel as one tensor: `lora_a.<projection>`
+[blocks, r, in_features] and `lora_b.<projection>` [blocks, out_features, r]. No dropout is applied
+on peers (peft's `lora_dropout` > 0 is not exact through the swarm). This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from swarm.errors import ConfigError
+
+# projection -> the submodule of a decoder layer that holds it (Llama, Mistral, Qwen2)
+PROJECTIONS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+MAX_RANK = 256
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """LoRA of some projections of a range of blocks: a[name] [blocks, r, in], b[name] [blocks, out, r]."""
+
+    scaling: float
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+
+    def for_blocks(self, start: int, end: int) -> "LoraWeights":
+        """The weights of blocks [start, end) of this range (indices relative to its first block)."""
+        return LoraWeights(self.scaling, {k: v[start:end] for k, v in self.a.items()}, {k: v[start:end] for k, v in self.b.items()})
+
+    def to(self, dtype: torch.dtype) -> "LoraWeights":
+        return LoraWeights(self.scaling, {k: v.to(dtype) for k, v in self.a.items()}, {k: v.to(dtype) for k, v in self.b.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Wire names -> tensors, in a fixed order."""
+        named = {}
+        for name in sorted(self.a):
+            named[f"lora_a.{name}"] = self.a[name]
+            named[f"lora_b.{name}"] = self.b[name]
+        return named
+
+    @classmethod
+    def from_tensors(cls, scaling: float, tensors: dict[str, torch.Tensor]) -> "LoraWeights | None":
+        a = {key.removeprefix("lora_a."): value for key, value in tensors.items() if key.startswith("lora_a.")}
+        b = {key.removeprefix("lora_b."): value for key, value in tensors.items() if key.startswith("lora_b.")}
+        return cls(scaling, a, b) if a or b else None
+
+
+def projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection of one decoder layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+        "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden),
+    }
+
+
+def wire_names(projections) -> list[str]:
+    return [f"lora_{part}.{name}" for name in sorted(projections) for part in ("a", "b")]
+
+
+@contextlib.contextmanager
+def applied(layers, lora: LoraWeights | None) -> Iterator[None]:
+    """Within the block, layers[i]'s projections add `scaling * B_i (A_i x)` to their outputs."""
+    if lora is None:
+        yield
+        return
+    handles = []
+    try:
+        for index, layer in enumerate(layers):
+            for name in lora.a:
+                module = getattr(getattr(layer, PROJECTIONS[name]), name)
+                a, b = lora.a[name][index], lora.b[name][index]
+                handles.append(module.register_forward_hook(_hook(a, b, lora.scaling)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(a: torch.Tensor, b: torch.Tensor, scaling: float):
+    def hook(module, args, output):
+        x = args[0]
+        return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype) * scaling
+    return hook
+
+
+def peft_key(block: int, name: str, part: str) -> str:
+    """The key of a LoRA weight in a peft adapter of a causal LM: part is lora_A or lora_B."""
+    return f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}.{part}.weight"
+
+
+def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
+    """(r, alpha, targets) and the weights of every block of a peft LoRA adapter folder
+    (adapter_config.json + adapter_model.safetensors; plain LoRA only, nothing unpickled)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        settings = json.loads((path / "adapter_config.json").read_text())
+        state = load_file(path / "adapter_model.safetensors")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"adapter {path}: needs adapter_config.json and adapter_model.safetensors ({exc})") from exc
+    targets = settings.get("target_modules") or []
+    if isinstance(targets, str) or not set(targets) <= set(PROJECTIONS) or settings.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter {path}: a LoRA adapter of projections among {sorted(PROJECTIONS)} is needed, got {targets}")
+    if settings.get("use_rslora") or settings.get("lora_dropout") or settings.get("bias", "none") != "none":
+        raise ConfigError(f"adapter {path}: only plain LoRA is supported (no rslora, dropout or bias)")
+    r, alpha = int(settings["r"]), float(settings["lora_alpha"])
+    shapes, blocks = projection_shapes(config), config.num_hidden_layers
+    a, b = {}, {}
+    try:
+        for name in sorted(targets):
+            a[name] = torch.stack([state[peft_key(block, name, "lora_A")] for block in range(blocks)])
+            b[name] = torch.stack([state[peft_key(block, name, "lora_B")] for block in range(blocks)])
+            if list(a[name].shape) != [blocks, r, shapes[name][0]] or list(b[name].shape) != [blocks, shapes[name][1], r]:
+                raise ValueError(f"{name}: shapes {list(a[name].shape)}, {list(b[name].shape)} do not fit this model")
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"adapter {path} does not fit this model: {exc}") from exc
+    return {"r": r, "alpha": alpha, "targets": sorted(targets)}, LoraWeights(alpha / r, a, b)
