@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -148,6 +149,14 @@ class Trainable(torch.nn.Module):
         labels = torch.cat([labels.new_full((batch, tokens), -100), labels], dim=1)
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels, deep_prompts=self.deep).loss
 
+    def checksum(self) -> str:
+        """A digest of every trainable value, kept per round in trainer_state.json: trainers that averaged
+        a round together must show the same one for it."""
+        digest = hashlib.sha256()
+        for parameter in self.parameters():
+            digest.update(parameter.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, folder: Path, base_model: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if self.lora is not None:
@@ -235,6 +244,7 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
             progress.set_postfix(loss=f"{loss.item():.4f}", round=optimizer.local_epoch)
             if optimizer.local_epoch != before:
                 state["optimizer_steps"] += 1
+                state.setdefault("rounds", {})[str(optimizer.local_epoch)] = trainable.checksum()
                 if state["optimizer_steps"] % args.save_every == 0:
                     trainable.save(args.output, str(model.name_or_path))
                     (args.output / STATE_FILE).write_text(json.dumps(state))
