@@ -83,9 +83,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = parts.lm_head
         self.sequence = sequence
         self._active_session: InferenceSession | None = None
+        self.adapter: str | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
         # peers refuse sessions longer than their --max-length (default 8192) and reserve cache for the
         # whole length, so an open-ended session asks for a moderate default, not the model's maximum
-        self.adapter: str | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
         self._default_max_length = min(getattr(config, "max_position_embeddings", DEFAULT_SESSION_LENGTH), DEFAULT_SESSION_LENGTH)
 
     def get_input_embeddings(self) -> torch.nn.Module:

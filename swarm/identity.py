@@ -63,7 +63,7 @@ class Identity:
             if protobuf.key_type != crypto_pb2.KeyType.RSA:
                 raise ValueError("not an RSA key")
             key = RSAPrivateKey.__new__(RSAPrivateKey)
-            key.__setstate__({"_private_key": protobuf.data})  # hivemind's own (pickle) way to rebuild a key
+            key.__setstate__({"_private_key": protobuf.data})  # rebuilds the key from its DER bytes (no unpickling)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"--identity {path}: not a readable hivemind identity file ({exc})") from exc
         return cls(key, path)
