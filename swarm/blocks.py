@@ -37,7 +37,6 @@ class BlockStack(torch.nn.Module):
         self.start_block = start_block
         self.end_block = start_block + len(layers)
         self.attention_types = [attention_type(config, index) for index in range(self.start_block, self.end_block)]
-        self.requires_grad_(False)  # blocks stay frozen: a backward pass only computes gradients of the inputs
 
     @property
     def dtype(self) -> torch.dtype:
