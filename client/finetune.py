@@ -15,7 +15,6 @@ covers the completion only), or {"input_ids": [...]} (already tokenized). Checkp
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 PROMPTS_FILE = "prompts.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"  # written and read by this program only (torch.load with weights_only)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-batch-size", type=int, default=None,
                         help="examples over all trainers per optimizer step (default: this trainer's batch x accumulation)")
     parser.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to gather trainers for averaging")
+    parser.add_argument("--min-trainers", type=int, default=1, help="wait until this many trainers of the run are here")
+    parser.add_argument("--wait-trainers", type=float, default=600.0, help="seconds to wait for --min-trainers")
     parser.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the order of this trainer's examples")
     parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR")
     parser.add_argument("--swarm-key", type=Path)
     parser.add_argument("--verbose", action="store_true", help="log hivemind's progress of the run (samples, rounds, peers)")
@@ -149,13 +151,13 @@ class Trainable(torch.nn.Module):
         labels = torch.cat([labels.new_full((batch, tokens), -100), labels], dim=1)
         return model(inputs_embeds=embeds, attention_mask=mask, labels=labels, deep_prompts=self.deep).loss
 
-    def checksum(self) -> str:
-        """A digest of every trainable value, kept per round in trainer_state.json: trainers that averaged
-        a round together must show the same one for it."""
-        digest = hashlib.sha256()
-        for parameter in self.parameters():
-            digest.update(parameter.detach().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def fingerprint(self) -> list[float]:
+        """Three numbers summing up every trainable value (their sum, norm, and projection on a fixed
+        random direction), kept per round in trainer_state.json: trainers that averaged a round
+        together show the same ones, up to float rounding (hivemind adds averaged deltas in place)."""
+        values = torch.cat([parameter.detach().reshape(-1) for parameter in self.parameters()]).double()
+        direction = torch.randn(values.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return [values.sum().item(), values.norm().item(), (values @ direction).item()]
 
     def save(self, folder: Path, base_model: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,15 +187,14 @@ class Trainable(torch.nn.Module):
 
 # ---- the loop ---------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
-    import hivemind
     from transformers import AutoTokenizer
 
     from client import AutoDistributedModelForCausalLM
+    from client.collaboration import make_optimizer, say_goodbye, wait_for_trainers
     from swarm.config import ClientConfig
 
     if args.lora_dropout:
         raise ConfigError("--lora-dropout: peers apply no dropout, so only 0 is exact through the swarm")
-    torch.manual_seed(args.seed)
     config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key, dht_client_mode=False)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, client_config=config)
     try:
@@ -203,38 +204,57 @@ def train(args: argparse.Namespace) -> dict:
             tokenizer = None  # a model folder without a tokenizer: pre-tokenized data only
         examples = load_examples(args.data, tokenizer, args.max_seq_length)
         pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
-        trainable = Trainable(args.mode, model.config, args)
-        state = {"epoch": 0, "optimizer_steps": 0, "losses": []}
-        if (args.output / STATE_FILE).exists():
+        torch.manual_seed(int(hashlib.sha256(args.run_name.encode()).hexdigest()[:15], 16))
+        trainable = Trainable(args.mode, model.config, args)  # the same initial values in every trainer of the run
+        state = {"epoch": 0, "batch": 0, "optimizer_steps": 0, "losses": [], "rounds": {"0": trainable.fingerprint()}}
+        resumed = (args.output / STATE_FILE).exists()
+        if resumed:
             state = json.loads((args.output / STATE_FILE).read_text())
             trainable.load(args.output)
-            logger.info("resuming from %s: epoch %d, %d optimizer steps", args.output, state["epoch"], state["optimizer_steps"])
-        per_step = args.batch_size
-        optimizer = hivemind.Optimizer(
-            dht=model.sequence.dht, run_id=args.run_name, params=list(trainable.parameters()),
-            optimizer=functools.partial(torch.optim.AdamW, lr=args.learning_rate),
-            batch_size_per_step=per_step,
-            target_batch_size=args.target_batch_size or per_step * args.grad_accumulation,
-            matchmaking_time=args.matchmaking_time, averaging_timeout=max(30.0, 6 * args.matchmaking_time),
-            averager_opts={"request_timeout": min(3.0, args.matchmaking_time / 2)},  # as hivemind's matchmaking asks
-            verbose=args.verbose,
+            logger.info(
+                "resuming from %s: epoch %d, batch %d, %d optimizer steps",
+                args.output, state["epoch"] + 1, state.get("batch", 0), state["optimizer_steps"],
+            )
+        optimizer = make_optimizer(
+            model.sequence.dht, args.run_name, list(trainable.parameters()), learning_rate=args.learning_rate,
+            batch_size=args.batch_size, target_batch_size=args.target_batch_size or args.batch_size * args.grad_accumulation,
+            matchmaking_time=args.matchmaking_time, verbose=args.verbose,
         )
+        if resumed and (args.output / OPTIMIZER_FILE).exists():
+            optimizer.load_state_dict(torch.load(args.output / OPTIMIZER_FILE, weights_only=True))
         try:
+            if args.min_trainers > 1:
+                wait_for_trainers(model.sequence.dht, args.run_name, args.min_trainers, args.wait_trainers)
             _loop(args, model, trainable, optimizer, examples, pad_id, state)
         finally:
-            optimizer.shutdown()
-        trainable.save(args.output, str(model.name_or_path))
-        (args.output / STATE_FILE).write_text(json.dumps(state))
+            say_goodbye(optimizer, model.sequence.dht)
+        save_checkpoint(args.output, str(model.name_or_path), trainable, optimizer, state)
         return state
     finally:
         model.close()
 
 
+def save_checkpoint(folder: Path, base_model: str, trainable: Trainable, optimizer, state: dict) -> None:
+    """The trainable values, the optimizer's state (AdamW moments and the run's round) and where the
+    loop stands; the state file goes last, so a checkpoint cut short is not taken for a whole one."""
+    trainable.save(folder, base_model)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    partial = folder / (STATE_FILE + ".partial")
+    partial.write_text(json.dumps(state))
+    partial.replace(folder / STATE_FILE)
+
+
 def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
-    rng = random.Random(args.seed)
     for epoch in range(state["epoch"], args.epochs):
-        progress = tqdm(list(batches(examples, args.batch_size, rng, pad_id)), desc=f"epoch {epoch + 1}/{args.epochs}")
-        for input_ids, mask, labels in progress:
+        rng = random.Random(f"{args.seed}:{epoch}")  # the same order when an epoch is resumed
+        done = state.get("batch", 0)
+        progress = tqdm(
+            list(batches(examples, args.batch_size, rng, pad_id)), desc=f"epoch {epoch + 1}/{args.epochs}", initial=done
+        )
+        for number, (input_ids, mask, labels) in enumerate(progress.iterable):
+            if number < done:
+                continue  # done before this run was resumed
+            progress.update()
             loss = trainable.loss(model, input_ids, mask, labels)
             loss.backward()
             before = optimizer.local_epoch
@@ -242,13 +262,14 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
             optimizer.zero_grad()
             state["losses"].append(round(loss.item(), 5))
             progress.set_postfix(loss=f"{loss.item():.4f}", round=optimizer.local_epoch)
+            state["batch"] = number + 1
             if optimizer.local_epoch != before:
                 state["optimizer_steps"] += 1
-                state.setdefault("rounds", {})[str(optimizer.local_epoch)] = trainable.checksum()
+                state["rounds"][str(optimizer.local_epoch)] = trainable.fingerprint()
                 if state["optimizer_steps"] % args.save_every == 0:
-                    trainable.save(args.output, str(model.name_or_path))
-                    (args.output / STATE_FILE).write_text(json.dumps(state))
-        state["epoch"] = epoch + 1
+                    save_checkpoint(args.output, str(model.name_or_path), trainable, optimizer, state)
+        progress.close()
+        state["epoch"], state["batch"] = epoch + 1, 0
 
 
 def main(argv: list[str] | None = None) -> int:

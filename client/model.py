@@ -54,19 +54,18 @@ class RemoteBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_states, position_ids, attention_mask, prompts, lora_scaling, lora_names, sequence, *lora_tensors):
-        hops: list = []
         lora = None
         if lora_names:
             lora = LoraWeights.from_tensors(lora_scaling, {name: tensor.detach() for name, tensor in zip(lora_names, lora_tensors)})
         inputs = BlockInputs(hidden_states.detach(), position_ids, attention_mask, None if prompts is None else prompts.detach(), lora)
-        outputs = RemoteExpertWorker.run_coroutine(sequence.forward(inputs, hops=hops))
-        ctx.sequence, ctx.hops, ctx.lora_names = sequence, hops, lora_names
+        outputs, pieces = RemoteExpertWorker.run_coroutine(sequence.train_forward(inputs))
+        ctx.sequence, ctx.pieces, ctx.lora_names = sequence, pieces, lora_names
         return outputs.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_outputs):
         grad, grad_prompts, grad_lora = RemoteExpertWorker.run_coroutine(
-            ctx.sequence.backward(ctx.hops, grad_outputs.contiguous())
+            ctx.sequence.train_backward(ctx.pieces, grad_outputs.contiguous())
         )
         return (grad.to(grad_outputs.dtype), None, None, grad_prompts, None, None, None,
                 *(grad_lora[name] for name in ctx.lora_names))

@@ -103,3 +103,31 @@ def choose_route(
         route.append(hop)
         position = hop.start
     return route[::-1]
+
+
+def choose_spread_route(
+    spans: Mapping[str, PeerSpan],
+    start: int,
+    end: int,
+    *,
+    banned: frozenset[str] | set[str] = frozenset(),
+    rng: random.Random | None = None,
+) -> list[Hop]:
+    """A route for throughput rather than latency (training): from each position, a peer serving it
+    is drawn with odds proportional to its announced throughput times the blocks it takes us through,
+    so concurrent requests spread over every peer of a block in proportion to what it can do.
+
+    Raises MissingBlocksError naming the blocks no usable peer serves."""
+    usable = {peer_id: span for peer_id, span in spans.items() if peer_id not in banned}
+    missing = missing_blocks(usable, start, end)
+    if missing:
+        raise MissingBlocksError(missing)
+    rng = rng or random.Random()
+    route, position = [], start
+    while position < end:
+        candidates = sorted((span for span in usable.values() if span.start <= position < span.end), key=lambda s: s.peer_id)
+        weights = [max(span.throughput, 1e-9) * (min(span.end, end) - position) for span in candidates]
+        span = rng.choices(candidates, weights=weights)[0]
+        route.append(Hop(span.peer_id, position, min(span.end, end)))
+        position = min(span.end, end)
+    return route

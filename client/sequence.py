@@ -105,9 +105,12 @@ class RemoteSequence:
         now = time.monotonic()
         return {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
 
-    async def route(self, start: int = 0, end: int | None = None, adapter: str | None = None) -> list[routing.Hop]:
-        """A chain of peers through [start, end) (all serving `adapter`, if given); waits up to
-        route_wait_s for missing blocks."""
+    async def route(
+        self, start: int = 0, end: int | None = None, adapter: str | None = None, spread: bool = False, whole: bool = False
+    ) -> list[routing.Hop]:
+        """A chain of peers through [start, end) (all serving `adapter`, if given): the fewest hops and
+        lowest latency, or with `spread`, peers drawn by throughput (see `routing.choose_spread_route`);
+        with `whole`, one peer for the whole range if any can. Waits up to route_wait_s for missing blocks."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.config.route_wait_s
         if time.monotonic() - self._updated_at > REFRESH_PERIOD_S:
@@ -117,6 +120,15 @@ class RemoteSequence:
                 spans = self.spans if adapter is None else {
                     peer_id: span for peer_id, span in self.spans.items() if adapter in span.adapters
                 }
+                if whole:
+                    banned = self.banned()
+                    covering = {
+                        peer_id: span for peer_id, span in spans.items()
+                        if span.start <= start and end <= span.end and peer_id not in banned
+                    }
+                    spans = covering or spans
+                if spread:
+                    return routing.choose_spread_route(spans, start, end, banned=self.banned())
                 return routing.choose_route(spans, start, end, latency_s=self.latency_s, banned=self.banned())
             except errors.MissingBlocksError:
                 if time.monotonic() >= deadline:
@@ -125,21 +137,56 @@ class RemoteSequence:
             await self.update()
 
     # ---- stateless forward and backward ------------------------------------------------------
-    async def forward(self, inputs: BlockInputs, hops: list | None = None, adapter: str | None = None) -> torch.Tensor:
+    async def forward(
+        self, inputs: BlockInputs, hops: list | None = None, adapter: str | None = None, spread: bool = False
+    ) -> torch.Tensor:
         """Hidden states after all blocks, for a whole sequence (no cache). With `hops`, appends
         (start, end, inputs) for every hop taken: what `backward` needs. `inputs.prompts`, if any, holds
         the deep prompts of every block of the model; each peer gets those of its blocks. With `adapter`,
-        only peers serving that LoRA adapter are used, and they apply it."""
+        only peers serving that LoRA adapter are used, and they apply it. With `spread`, hops are drawn
+        by throughput (training) instead of latency."""
         hidden_states, position = inputs.hidden_states, 0
         while position < self.num_blocks:
             step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
-            hidden_states, end = await self._retrying_hop(position, step_inputs, adapter=adapter)
+            hidden_states, end = await self._retrying_hop(position, step_inputs, adapter=adapter, spread=spread)
             if hops is not None:
                 hops.append((position, end, step_inputs))
             position = end
         return hidden_states
 
-    async def backward(self, hops: list, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    # ---- training: the batch in pieces, over peers drawn by throughput ----------------------------
+    async def train_forward(self, inputs: BlockInputs) -> tuple[torch.Tensor, tuple]:
+        """`forward` for training: the batch goes in pieces of at most max_batch_tokens tokens (whole
+        rows), all at once, each over peers drawn by throughput. Returns the outputs and what
+        `train_backward` needs."""
+        batch, length = inputs.hidden_states.shape[:2]
+        rows = max(1, self.config.max_batch_tokens // max(1, length))
+        pieces = [slice(first, min(first + rows, batch)) for first in range(0, batch, rows)]
+        hops: list[list] = [[] for _ in pieces]
+        outputs = await asyncio.gather(*(
+            self.forward(_rows(inputs, piece, batch), hops=piece_hops, spread=True) for piece, piece_hops in zip(pieces, hops)
+        ))
+        shared_prompts = inputs.prompts is not None and inputs.prompts.shape[1] == 1
+        return torch.cat(outputs), (list(zip(pieces, hops)), shared_prompts)
+
+    async def train_backward(self, state: tuple, grad_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """`backward` of a `train_forward`: each piece back through its own hops, all at once; the
+        gradients of what the pieces share (deep prompts with batch 1, LoRA weights) are summed."""
+        pieces, shared_prompts = state
+        results = await asyncio.gather(*(
+            self.backward(hops, grad_outputs[piece].contiguous(), spread=True) for piece, hops in pieces
+        ))
+        grad_inputs = torch.cat([grad for grad, _, _ in results])
+        grad_prompts = None
+        if results[0][1] is not None:
+            parts = [grad for _, grad, _ in results]
+            grad_prompts = sum(parts) if shared_prompts else torch.cat(parts, dim=1)
+        grad_lora = {name: sum(lora[name] for _, _, lora in results) for name in results[0][2]}
+        return grad_inputs, grad_prompts, grad_lora
+
+    async def backward(
+        self, hops: list, grad_outputs: torch.Tensor, spread: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """The gradients of the hidden states entering block 0, of the deep prompts (None without them)
         and of the LoRA weights (by wire name, all blocks), given that of the hidden states leaving the
         last block, through the hops a `forward` took (each on any peer that serves it now)."""
@@ -149,20 +196,22 @@ class RemoteSequence:
             grads.update({name: torch.zeros_like(tensor) for name, tensor in first.lora.tensors().items()})
         grad = grad_outputs
         for start, end, inputs in reversed(hops):
-            grad = await self._backward_span(start, end, inputs, grad, grads)
+            grad = await self._backward_span(start, end, inputs, grad, grads, spread)
         prompts = grads.pop("prompts")
         return grad, prompts, grads
 
-    async def _backward_span(self, start: int, end: int, inputs: BlockInputs, grad: torch.Tensor, grads: dict) -> torch.Tensor:
+    async def _backward_span(
+        self, start: int, end: int, inputs: BlockInputs, grad: torch.Tensor, grads: dict, spread: bool = False
+    ) -> torch.Tensor:
         retries = Retries(self.config)
         while True:
-            hop = (await self.route(start, end))[0]
+            hop = (await self.route(start, end, spread=spread, whole=True))[0]
             try:
-                if hop.end < end:  # no peer serves the whole span any more: split it where the route does
-                    middle, _ = await self._retrying_hop(start, inputs, end=hop.end)
+                if hop.end < end:  # the drawn peer does not serve the whole span: split it where its span ends
+                    middle, _ = await self._retrying_hop(start, inputs, end=hop.end, spread=spread)
                     later = dataclasses.replace(inputs, hidden_states=middle)
-                    grad = await self._backward_span(hop.end, end, later, grad, grads)
-                    return await self._backward_span(start, hop.end, inputs, grad, grads)
+                    grad = await self._backward_span(hop.end, end, later, grad, grads, spread)
+                    return await self._backward_span(start, hop.end, inputs, grad, grads, spread)
                 grad_inputs, grad_prompts, grad_lora = await call_backward(
                     self.p2p, hop.peer_id, self.dht_prefix, start, end, _for_span(inputs, start, end), grad,
                     self.config.step_timeout_s, self.proof(hop.peer_id),
@@ -179,12 +228,12 @@ class RemoteSequence:
                 self.ban(hop.peer_id)
 
     async def _retrying_hop(
-        self, position: int, inputs: BlockInputs, end: int | None = None, adapter: str | None = None
+        self, position: int, inputs: BlockInputs, end: int | None = None, adapter: str | None = None, spread: bool = False
     ) -> tuple[torch.Tensor, int]:
         """(outputs, end) of the first hop of a route from `position` (to `end` at most)."""
         retries = Retries(self.config)
         while True:
-            hop = (await self.route(position, end, adapter))[0]
+            hop = (await self.route(position, end, adapter, spread))[0]
             try:
                 output = await call_forward(
                     self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, _for_span(inputs, hop.start, hop.end),
@@ -200,6 +249,20 @@ class RemoteSequence:
     def close(self) -> None:
         RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
         network.stop_dht(self.dht)
+
+
+def _rows(inputs: BlockInputs, rows: slice, batch: int) -> BlockInputs:
+    """The rows `rows` of a batch of `batch` rows (tensors with a batch dimension of 1 are shared)."""
+    if rows == slice(0, batch):
+        return inputs
+
+    def cut(tensor: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
+        return tensor if tensor is None or tensor.shape[dim] == 1 else tensor.narrow(dim, rows.start, rows.stop - rows.start)
+
+    return dataclasses.replace(
+        inputs, hidden_states=cut(inputs.hidden_states), position_ids=cut(inputs.position_ids),
+        attention_mask=cut(inputs.attention_mask), prompts=cut(inputs.prompts, 1),
+    )
 
 
 def _for_span(inputs: BlockInputs, start: int, end: int) -> BlockInputs:

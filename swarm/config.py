@@ -129,6 +129,9 @@ class ClientConfig(BaseModel):
         30.0, ge=0, description="how long to wait for every block to be served, and to keep re-routing after failures"
     )
     ping_timeout_s: float = Field(2.0, gt=0, description="latency probe timeout per peer")
+    max_batch_tokens: int = Field(
+        4096, gt=0, description="training: tokens per forward/backward request; a longer batch goes as pieces in parallel"
+    )
     push_steps: bool = Field(
         True, description="let each peer of a session send its output straight to the next one (the client relays it too)"
     )

@@ -19,9 +19,10 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
     │   └── MissingBlocksError      no online peer serves some blocks
-    └── SessionError
-        ├── SessionLengthError      max_length of an inference session exceeded
-        └── UnknownSessionError     the peer has no such session
+    ├── SessionError
+    │   ├── SessionLengthError      max_length of an inference session exceeded
+    │   └── UnknownSessionError     the peer has no such session
+    └── CollaborationError          the trainers of a run could not meet
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ class SessionLengthError(SessionError, ValueError):
 
 class UnknownSessionError(SessionError):
     code = "unknown_session"
+
+
+class CollaborationError(SwarmError):
+    """Fewer trainers than asked for joined a training run in time."""
 
 
 # Errors a peer may send back, by wire code. Anything else arrives as a plain RemoteError.

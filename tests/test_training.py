@@ -4,8 +4,10 @@ peers and equal local autograd on the same weights."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,6 +100,76 @@ def test_backward_survives_the_loss_of_the_forward_peer(tiny_model_path, tmp_pat
             model.close()
     assert torch.allclose(loss.detach(), expected_loss, atol=1e-5)
     assert torch.allclose(prefix.grad, expected_grad, atol=1e-4)
+
+
+def test_long_batches_go_in_pieces_over_every_peer(tiny_model_path, tmp_path, monkeypatch):
+    """A training batch longer than max_batch_tokens is split into pieces that run at once, drawn over
+    both peers of the blocks by throughput; LoRA and deep prompt gradients (shared by all rows, or one
+    per row) still equal peft + local autograd on the whole batch."""
+    import client.sequence
+    from swarm.config import ClientConfig
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    config = reference.config
+    torch.manual_seed(5)
+    lora = RemoteLoRA(config, r=2, alpha=4, target_modules=["q_proj", "down_proj"])
+    with torch.no_grad():
+        for name in lora.target_modules:
+            lora.b[name].normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "adapter", base_model_name_or_path=str(tiny_model_path))
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "adapter", is_trainable=True).eval()
+    generator = torch.Generator().manual_seed(23)
+    input_ids = torch.randint(3, 128, (16, 6), generator=generator)
+    used = []
+
+    def spy(call):
+        async def wrapper(p2p, peer_id, *args, **kwargs):
+            used.append(peer_id)
+            return await call(p2p, peer_id, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(client.sequence, "call_forward", spy(client.sequence.call_forward))
+    monkeypatch.setattr(client.sequence, "call_backward", spy(client.sequence.call_backward))
+    with LocalSwarm(tmp_path / "swarm", env=PEER_ENV) as swarm:
+        swarm.start_bootstrap()
+        nodes = [swarm.start_peer("0:4", model=str(tiny_model_path), wait=False) for _ in range(2)]
+        for node in nodes:
+            swarm.wait_ready(node)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(tiny_model_path), initial_peers=swarm.initial_peers, client_config=ClientConfig(max_batch_tokens=6)
+        )
+        try:
+            for rows in (1, 16):  # deep prompts shared by all rows, then one per row
+                init = torch.randn(config.num_hidden_layers, rows, 2, config.hidden_size, generator=generator) * 0.1
+                grads = []
+                for target, use_hooks in ((peft_model, True), (model, False)):
+                    target.zero_grad()
+                    lora.zero_grad()
+                    deep = torch.nn.Parameter(init.clone())
+                    handles = _add_deep_prompts(peft_model.base_model.model, deep) if use_hooks else []
+                    try:
+                        extra = {} if use_hooks else {"deep_prompts": deep, "lora": lora}
+                        loss = target(input_ids=input_ids, labels=input_ids, **extra).loss
+                        loss.backward()
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+                    grads.append((loss.detach(), deep.grad))
+                (want_loss, want_deep), (loss, deep_grad) = grads
+                assert torch.allclose(loss, want_loss, atol=1e-5)
+                assert deep_grad.shape == init.shape
+                assert torch.allclose(deep_grad, want_deep, atol=1e-4), (deep_grad - want_deep).abs().max()
+                parameters = dict(peft_model.named_parameters())
+                for name in lora.target_modules:
+                    for block in range(config.num_hidden_layers):
+                        prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
+                        want = parameters[f"{prefix}.lora_B.default.weight"].grad
+                        assert torch.allclose(lora.b[name].grad[block], want, atol=1e-4), (name, block)
+        finally:
+            model.close()
+    peer_ids = {node.maddrs[0].rsplit("/", 1)[-1] for node in nodes}
+    assert len(used) == 2 * 2 * 16  # a forward and a backward per row, for each prompt shape
+    assert set(used) == peer_ids  # 64 draws between two equal peers: both served (all on one: 2^-63)
 
 
 BAD_GRADIENTS = {
@@ -211,26 +283,108 @@ def test_lora_gradients_equal_peft(model, tiny_model_path, tmp_path):
     assert all(torch.equal(reloaded.a[name], lora.a[name].detach()) for name in lora.target_modules)
 
 
-def test_finetune_cli_trains_saves_and_resumes(tiny_swarm, tiny_model_path, tmp_path):
-    """One trainer, pre-tokenized data, deep prompt tuning: the loss goes down, the prompts are saved,
-    and a second run with the same --output resumes from there (nothing left to do)."""
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": [3 + (5 * k + j) % 40 for j in range(12)]}) + "\n" for k in range(8)))
-    command = [
-        sys.executable, "-m", "client.finetune", "--data", str(data), "--mode", "deep_ptune", "--output", str(tmp_path / "out"),
-        "--run-name", "cli-test", "--initial-peers", *tiny_swarm.initial_peers, "--model", str(tiny_model_path),
-        "--batch-size", "4", "--epochs", "4", "--learning-rate", "0.05", "--num-prefix-tokens", "3", "--matchmaking-time", "1",
+def _finetune(swarm, model_path, data, output, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "client.finetune", "--data", str(data), "--output", str(output),
+        "--initial-peers", *swarm.initial_peers, "--model", str(model_path), *extra,
     ]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=240, env=tiny_swarm.env)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
-    losses = state["losses"]
-    assert state["epoch"] == 4 and len(losses) == 8
-    assert sum(losses[-2:]) < sum(losses[:2])  # it learns
-    saved = load_file(tmp_path / "out" / "prompts.safetensors")
+
+
+def _counting_data(path, rows: int, seed: int, length: int = 12):
+    """Rows of consecutive token ids from random starts: something even a tiny model learns."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(rows):
+        start = rng.randrange(40)
+        lines.append(json.dumps({"input_ids": [3 + (start + j) % 40 for j in range(length)]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_finetune_cli_trains_saves_and_resumes(tiny_swarm, tiny_model_path, tmp_path):
+    """One trainer, pre-tokenized data, deep prompt tuning: a run of 2 epochs saves its prompts and
+    optimizer; run again to 4 epochs, it goes on from there (the next batches, the run's round
+    count restored) and the loss goes down."""
+    data = _counting_data(tmp_path / "data.jsonl", 8, seed=0)
+    output = tmp_path / "out"
+
+    def run(epochs: int) -> subprocess.CompletedProcess:
+        command = _finetune(
+            tiny_swarm, tiny_model_path, data, output, "--mode", "deep_ptune", "--run-name", "cli", "--batch-size", "4",
+            "--epochs", str(epochs), "--learning-rate", "0.05", "--num-prefix-tokens", "3", "--matchmaking-time", "1",
+        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=tiny_swarm.env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    run(2)
+    first = json.loads((output / "trainer_state.json").read_text())
+    assert first["epoch"] == 2 and len(first["losses"]) == 4 and first["optimizer_steps"] >= 1
+    assert (output / "optimizer.pt").exists()
+    saved = load_file(output / "prompts.safetensors")
     assert saved["prefix"].shape == (1, 3, 64) and saved["deep_prompts"].shape == (4, 1, 3, 64)
     assert saved["deep_prompts"].abs().sum() > 0
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=240, env=tiny_swarm.env)
-    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["losses"] == losses
+    again = run(4)
+    assert "resuming from" in again.stderr, again.stderr[-3000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    losses = state["losses"]
+    assert state["epoch"] == 4 and len(losses) == 8 and losses[:4] == first["losses"]
+    rounds = sorted(map(int, state["rounds"]))
+    assert rounds[: len(first["rounds"])] == sorted(map(int, first["rounds"])) and rounds[-1] > max(map(int, first["rounds"]))
+    assert sum(losses[-2:]) < sum(losses[:2])  # it learns
+
+
+def test_trainers_average_gradients_join_late_and_leave(tiny_swarm, tiny_model_path, tmp_path):
+    """Three LoRA trainers of one run, each on its own data: A and B start together, C joins after the
+    first round (and loads the run's state), A runs out of data first and leaves, B and C go on. Every
+    round that several trainers went through leaves them with the same values; the loss goes down."""
+    common = [
+        "--mode", "lora", "--run-name", "averaged", "--batch-size", "2", "--target-batch-size", "32",
+        "--learning-rate", "0.02", "--lora-r", "4", "--matchmaking-time", "2", "--save-every", "1", "--verbose",
+    ]
+
+    def start(name: str, rows: int, *extra: str) -> subprocess.Popen:
+        data = _counting_data(tmp_path / f"{name}.jsonl", rows, seed=ord(name))
+        log = open(tmp_path / f"{name}.log", "w")
+        command = _finetune(tiny_swarm, tiny_model_path, data, tmp_path / name, *common, *extra)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=tiny_swarm.env)
+
+    trainers = {"a": start("a", 120, "--min-trainers", "2"), "b": start("b", 200, "--min-trainers", "2")}
+    try:
+        deadline = time.monotonic() + 120
+        while "1" not in _rounds(tmp_path / "a"):  # the first averaged round is done
+            assert time.monotonic() < deadline and trainers["a"].poll() is None, _tail(tmp_path / "a.log")
+            time.sleep(0.5)
+        trainers["c"] = start("c", 120)
+        for name, process in trainers.items():
+            assert process.wait(timeout=240) == 0, _tail(tmp_path / f"{name}.log")
+    finally:
+        for process in trainers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    rounds = {name: _rounds(tmp_path / name) for name in trainers}
+    for number in set().union(*rounds.values()):
+        seen = [values[number] for values in rounds.values() if number in values]
+        for other in seen[1:]:
+            assert other == pytest.approx(seen[0], rel=1e-5, abs=1e-6), (number, rounds)
+    assert len(set(rounds["a"]) & set(rounds["b"])) >= 3, rounds  # 0 and at least two averaged rounds
+    joined = min(int(number) for number in rounds["c"] if number != "0")
+    assert joined >= 1 and str(joined) in rounds["b"], rounds  # C started from the run's state, not from scratch
+    assert len(set(rounds["c"]) & set(rounds["b"])) >= 3, rounds  # and averaged with B after that
+    for name in ("a", "b"):
+        losses = json.loads((tmp_path / name / "trainer_state.json").read_text())["losses"]
+        assert sum(losses[-10:]) < sum(losses[:10]), (name, losses)
+
+
+def _rounds(output) -> dict:
+    try:
+        return json.loads((output / "trainer_state.json").read_text())["rounds"]
+    except (OSError, ValueError):
+        return {}
+
+
+def _tail(path, chars: int = 4000) -> str:
+    return path.read_text()[-chars:]

@@ -14,7 +14,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from client.routing import PeerSpan, choose_route, missing_blocks, online_spans
+from client.routing import PeerSpan, choose_route, choose_spread_route, missing_blocks, online_spans
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_span
 from swarm import errors
@@ -164,6 +164,31 @@ def test_route_random_ties_spread_load():
 async def _aiter(items):
     for item in items:
         yield item
+
+
+def test_spread_route_draws_peers_by_throughput_and_covers_the_range():
+    swarm = {
+        "fast": PeerSpan("fast", 0, 4, throughput=300.0),
+        "slow": PeerSpan("slow", 0, 4, throughput=100.0),
+        "front": PeerSpan("front", 0, 2, throughput=100.0),
+        "back": PeerSpan("back", 2, 4, throughput=100.0),
+    }
+    rng = random.Random(0)
+    counts = {peer_id: 0 for peer_id in swarm}
+    for _ in range(4000):
+        route = choose_spread_route(swarm, 0, 4, rng=rng)
+        assert route[0].start == 0 and route[-1].end == 4
+        assert all(a.end == b.start for a, b in zip(route, route[1:]))
+        for hop in route:
+            counts[hop.peer_id] += 1
+    # from block 0: weights fast 1200, slow 400, front 200 (throughput x blocks it takes us through);
+    # after front, from block 2: fast 600, slow 200, back 200
+    assert counts["fast"] / counts["slow"] == pytest.approx(3.0, rel=0.15)
+    assert counts["front"] / 4000 == pytest.approx(200 / 1800, rel=0.2)
+    assert counts["back"] / counts["front"] == pytest.approx(200 / 1000, rel=0.3)
+    assert {hop.peer_id for hop in choose_spread_route(swarm, 1, 3, banned={"fast", "slow"})} == {"front", "back"}
+    with pytest.raises(errors.MissingBlocksError):
+        choose_spread_route(swarm, 0, 4, banned={"fast", "slow", "back"})
 
 
 def _read(messages, max_frame_bytes=2**30):

@@ -1,0 +1,95 @@
+"""Trainers of one run finding each other and averaging over the DHT (hivemind.Optimizer).
+
+hivemind's progress tracker learns of a trainer only once that trainer has reported samples, and
+refreshes its view every few seconds. Trainers that start at once each reach the first round's
+target alone before seeing the others, skip averaging and drift apart (measured: 8 of 8 rounds
+alone with tiny steps). So trainers meet first (`wait_for_trainers`: one DHT subkey per trainer
+under `<run>_trainers`), and the tracker refreshes its view often.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import hivemind
+import torch
+from hivemind.utils import get_dht_time
+
+from swarm.errors import CollaborationError
+
+logger = logging.getLogger(__name__)
+
+ROLL_CALL_TTL_S = 30.0
+START_DELAY_S = 1.0  # after the last awaited trainer announced itself
+POLL_S = 0.2
+# how often each trainer reads the run's progress: hivemind's defaults (0.5 s at most, 3 s with no
+# peer seen) miss the other trainers of rounds that last a few seconds
+TRACKER_OPTS = {"min_refresh_period": 0.1, "default_refresh_period": 0.25, "max_refresh_period": 1.0}
+
+
+def roll_call_key(run_name: str) -> str:
+    return f"{run_name}_trainers"
+
+
+def wait_for_trainers(dht: hivemind.DHT, run_name: str, count: int, timeout_s: float) -> int:
+    """Announce this trainer under the run, wait until `count` trainers (this one included) have, then
+    until the start time they all compute from the same announcements (so their first rounds line up).
+    Returns how many trainers were seen. Raises CollaborationError after `timeout_s`."""
+    key, subkey = roll_call_key(run_name), dht.peer_id.to_bytes()
+    joined_at = get_dht_time()
+    deadline, announced_until, last_seen = time.monotonic() + timeout_s, 0.0, -1
+    while True:
+        now = get_dht_time()
+        if announced_until - now < ROLL_CALL_TTL_S / 2:
+            dht.store(key, subkey=subkey, value=joined_at, expiration_time=now + ROLL_CALL_TTL_S)
+            announced_until = now + ROLL_CALL_TTL_S
+        found = dht.get(key, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        times = sorted(entry.value for entry in entries.values() if isinstance(getattr(entry, "value", None), float))
+        if len(times) != last_seen:
+            logger.info("run %s: %d of %d trainers here", run_name, len(times), count)
+            last_seen = len(times)
+        if len(times) >= count:
+            time.sleep(max(0.0, times[count - 1] + START_DELAY_S - get_dht_time()))
+            return len(times)
+        if time.monotonic() > deadline:
+            raise CollaborationError(f"run {run_name}: {len(times)} of {count} trainers joined within {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def say_goodbye(optimizer: hivemind.Optimizer, dht: hivemind.DHT, timeout_s: float = 5.0) -> None:
+    """Leave the run, then shut the optimizer down. The tracker's goodbye is stored in the background;
+    if the DHT stops before it lands, the others wait for this trainer in their next round (up to the
+    record's 60 s life plus a round's timeout). So wait until the run's progress no longer lists us,
+    before the averagers stop (the DHT's pipe breaks in hivemind 1.1.12 once they have)."""
+    optimizer.tracker.shutdown()
+    me, deadline = dht.peer_id.to_bytes(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = dht.get(optimizer.tracker.training_progress_key, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        if not any(isinstance(entry.value, dict) and entry.value.get("peer_id") == me for entry in entries.values()):
+            break
+        time.sleep(POLL_S)
+    else:
+        logger.warning("the run still lists this trainer after %.0f s; the others may wait for it once", timeout_s)
+    optimizer.shutdown()
+
+
+def make_optimizer(
+    dht: hivemind.DHT, run_name: str, params, *, learning_rate: float, batch_size: int, target_batch_size: int,
+    matchmaking_time: float, verbose: bool,
+) -> hivemind.Optimizer:
+    """AdamW whose gradients are averaged with every trainer of `run_name` once they have together
+    processed `target_batch_size` examples; all trainers then take the same step."""
+    return hivemind.Optimizer(
+        dht=dht, run_id=run_name, params=params,
+        optimizer=functools.partial(torch.optim.AdamW, lr=learning_rate),
+        batch_size_per_step=batch_size, target_batch_size=target_batch_size,
+        matchmaking_time=matchmaking_time, averaging_timeout=max(30.0, 6 * matchmaking_time),
+        # as hivemind's matchmaking asks: request_timeout well under matchmaking_time
+        averager_opts={"request_timeout": min(3.0, matchmaking_time / 2)},
+        tracker_opts=TRACKER_OPTS,
+        verbose=verbose,
+    )
