@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="must be 0 through the swarm")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, applied by the peers while training")
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--num-prefix-tokens", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -194,8 +194,8 @@ def train(args: argparse.Namespace) -> dict:
     from client.collaboration import join_run, make_optimizer, say_goodbye, wait_for_trainers
     from swarm.config import ClientConfig
 
-    if args.lora_dropout:
-        raise ConfigError("--lora-dropout: peers apply no dropout, so only 0 is exact through the swarm")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise ConfigError(f"--lora-dropout {args.lora_dropout}: give a probability in [0, 1)")
     config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key, dht_client_mode=False)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, client_config=config)
     try:
@@ -207,6 +207,7 @@ def train(args: argparse.Namespace) -> dict:
         pad_id = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
         torch.manual_seed(int(hashlib.sha256(args.run_name.encode()).hexdigest()[:15], 16))
         trainable = Trainable(args.mode, model.config, args)  # the same initial values in every trainer of the run
+        torch.seed()  # but each trainer its own LoRA dropout masks
         state = {"epoch": 0, "batch": 0, "optimizer_steps": 0, "losses": [], "rounds": {"0": trainable.fingerprint()}}
         resumed = (args.output / STATE_FILE).exists()
         if resumed:

@@ -3,11 +3,14 @@ adapter (`adapter_config.json` + `adapter_model.safetensors`).
 
 The weights of one projection of all blocks are one parameter each: `a[name]` [blocks, r, in] and
 `b[name]` [blocks, out, r]; a forward through the swarm sends each peer the slice of its blocks
-(`swarm.lora`). Initialised like peft: A Kaiming-uniform, B zero.
+(`swarm.lora`). Initialised like peft: A Kaiming-uniform, B zero. With `dropout` > 0, peers apply
+LoRA dropout while this module is in training mode (`.train()`, the default; `.eval()` turns it
+off), with masks drawn from a fresh seed per forward (or `dropout_seed`, if set).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -25,9 +28,10 @@ class RemoteLoRA(torch.nn.Module):
         unknown = set(target_modules) - set(PROJECTIONS)
         if unknown or not target_modules:
             raise ValueError(f"LoRA targets must be among {sorted(PROJECTIONS)}, got {sorted(target_modules)}")
-        if dropout:
-            raise ValueError("lora_dropout is not supported through the swarm (peers apply none); use 0")
-        self.config, self.r, self.alpha = config, r, alpha
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.config, self.r, self.alpha, self.dropout = config, r, alpha, float(dropout)
+        self.dropout_seed: int | None = None  # None: a new seed for every forward
         self.target_modules = sorted(target_modules)
         shapes, blocks = projection_shapes(config), config.num_hidden_layers
         self.a = torch.nn.ParameterDict()
@@ -45,7 +49,11 @@ class RemoteLoRA(torch.nn.Module):
         return self.alpha / self.r
 
     def weights(self) -> LoraWeights:
-        return LoraWeights(self.scaling, dict(self.a.items()), dict(self.b.items()))
+        weights = LoraWeights(self.scaling, dict(self.a.items()), dict(self.b.items()))
+        if self.training and self.dropout:
+            seed = self.dropout_seed if self.dropout_seed is not None else int(torch.randint(0, 2**62, ()).item())
+            weights = dataclasses.replace(weights, dropout=self.dropout, seed=seed)
+        return weights
 
     # ---- peft format ---------------------------------------------------------------------------
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
@@ -62,7 +70,7 @@ class RemoteLoRA(torch.nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         LoraConfig(
-            r=self.r, lora_alpha=self.alpha, target_modules=self.target_modules, lora_dropout=0.0, bias="none",
+            r=self.r, lora_alpha=self.alpha, target_modules=self.target_modules, lora_dropout=self.dropout, bias="none",
             task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
         ).save_pretrained(path)
         save_file(self.peft_state_dict(), path / "adapter_model.safetensors")
@@ -71,7 +79,7 @@ class RemoteLoRA(torch.nn.Module):
     def from_pretrained(cls, path: str | Path, config) -> "RemoteLoRA":
         """A peft LoRA adapter (safetensors only) for a model with this config."""
         settings, weights = read_peft_adapter(path, config)
-        lora = cls(config, r=settings["r"], alpha=settings["alpha"], target_modules=settings["targets"])
+        lora = cls(config, r=settings["r"], alpha=settings["alpha"], target_modules=settings["targets"], dropout=settings["dropout"])
         with torch.no_grad():
             for name in lora.target_modules:
                 lora.a[name].copy_(weights.a[name])

@@ -8,6 +8,7 @@ plain transformers. The KV cache lives on the peers; `RemoteCache` stands in for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -53,10 +54,11 @@ class RemoteBlocks(torch.autograd.Function):
     sends the output gradient back through the same spans (peers recompute; nothing stays on them)."""
 
     @staticmethod
-    def forward(ctx, hidden_states, position_ids, attention_mask, prompts, lora_scaling, lora_names, sequence, *lora_tensors):
+    def forward(ctx, hidden_states, position_ids, attention_mask, prompts, lora_settings, lora_names, sequence, *lora_tensors):
         lora = None
         if lora_names:
-            lora = LoraWeights.from_tensors(lora_scaling, {name: tensor.detach() for name, tensor in zip(lora_names, lora_tensors)})
+            lora = LoraWeights.from_tensors(lora_settings.scaling, {name: tensor.detach() for name, tensor in zip(lora_names, lora_tensors)})
+            lora = dataclasses.replace(lora, dropout=lora_settings.dropout, seed=lora_settings.seed)
         inputs = BlockInputs(hidden_states.detach(), position_ids, attention_mask, None if prompts is None else prompts.detach(), lora)
         outputs, pieces = RemoteExpertWorker.run_coroutine(sequence.train_forward(inputs))
         ctx.sequence, ctx.pieces, ctx.lora_names = sequence, pieces, lora_names
@@ -182,7 +184,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 named = lora_weights.tensors() if lora_weights is not None else {}
                 hidden_states = RemoteBlocks.apply(
                     inputs_embeds, position_ids, attention_mask, deep_prompts,
-                    lora_weights.scaling if lora_weights is not None else None, list(named), self.sequence, *named.values(),
+                    lora_weights, list(named), self.sequence, *named.values(),  # its scaling, dropout and seed
                 )
             else:
                 inputs = BlockInputs(inputs_embeds, position_ids, attention_mask, deep_prompts, lora_weights)

@@ -31,8 +31,11 @@ def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
     })
 
 
-def _lora_scaling(inputs: BlockInputs) -> float | None:
-    return inputs.lora.scaling if inputs.lora is not None else None
+def _lora_options(inputs: BlockInputs) -> dict:
+    lora = inputs.lora
+    if lora is None:
+        return {}
+    return {"lora_scaling": lora.scaling, **({"lora_dropout": lora.dropout, "lora_seed": lora.seed} if lora.dropout else {})}
 
 
 async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, auth: str | None = None) -> PeerInfo:
@@ -56,7 +59,7 @@ async def call_forward(
 ) -> torch.Tensor:
     names, tensors = _input_tensors(inputs)
     header = ForwardRequest(
-        start_block=start, end_block=end, tensor_names=names, lora_scaling=_lora_scaling(inputs), adapter=adapter, auth=auth
+        start_block=start, end_block=end, tensor_names=names, **_lora_options(inputs), adapter=adapter, auth=auth
     )
 
     async def requests() -> AsyncIterator[Request]:
@@ -77,7 +80,7 @@ async def call_backward(
     without them) and of their LoRA weights (by wire name), given the gradient of the hidden states leaving."""
     names, tensors = _input_tensors(inputs)
     header = BackwardRequest(
-        start_block=start, end_block=end, tensor_names=[*names, "grad_outputs"], lora_scaling=_lora_scaling(inputs), auth=auth
+        start_block=start, end_block=end, tensor_names=[*names, "grad_outputs"], **_lora_options(inputs), auth=auth
     )
 
     async def requests() -> AsyncIterator[Request]:

@@ -164,7 +164,8 @@ class RemoteSequence:
         pieces = [slice(first, min(first + rows, batch)) for first in range(0, batch, rows)]
         hops: list[list] = [[] for _ in pieces]
         outputs = await asyncio.gather(*(
-            self.forward(_rows(inputs, piece, batch), hops=piece_hops, spread=True) for piece, piece_hops in zip(pieces, hops)
+            self.forward(_rows(inputs, piece, batch, number), hops=piece_hops, spread=True)
+            for number, (piece, piece_hops) in enumerate(zip(pieces, hops))
         ))
         shared_prompts = inputs.prompts is not None and inputs.prompts.shape[1] == 1
         return torch.cat(outputs), (list(zip(pieces, hops)), shared_prompts)
@@ -251,17 +252,21 @@ class RemoteSequence:
         network.stop_dht(self.dht)
 
 
-def _rows(inputs: BlockInputs, rows: slice, batch: int) -> BlockInputs:
-    """The rows `rows` of a batch of `batch` rows (tensors with a batch dimension of 1 are shared)."""
+def _rows(inputs: BlockInputs, rows: slice, batch: int, number: int = 0) -> BlockInputs:
+    """The rows `rows` of a batch of `batch` rows (tensors with a batch dimension of 1 are shared);
+    piece `number` of the batch draws its own LoRA dropout masks."""
     if rows == slice(0, batch):
         return inputs
+    lora = inputs.lora
+    if lora is not None and lora.dropout:
+        lora = dataclasses.replace(lora, seed=(lora.seed + number) % 2**63)
 
     def cut(tensor: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
         return tensor if tensor is None or tensor.shape[dim] == 1 else tensor.narrow(dim, rows.start, rows.stop - rows.start)
 
     return dataclasses.replace(
         inputs, hidden_states=cut(inputs.hidden_states), position_ids=cut(inputs.position_ids),
-        attention_mask=cut(inputs.attention_mask), prompts=cut(inputs.prompts, 1),
+        attention_mask=cut(inputs.attention_mask), prompts=cut(inputs.prompts, 1), lora=lora,
     )
 
 

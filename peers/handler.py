@@ -173,11 +173,11 @@ class BlockServicer(BlockService):
             names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
             if kind is BackwardRequest:
                 tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
-                job = functools.partial(_backward_sync, stack, tensors, self.limits, span, header.lora_scaling)
+                job = functools.partial(_backward_sync, stack, tensors, self.limits, span, header)
             else:
                 adapter = self._adapter(header.adapter, span)
                 job = functools.partial(
-                    _forward_sync, stack, name_tensors(header, frame[1], names), self.limits, span, header.lora_scaling, adapter
+                    _forward_sync, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
                 )
             reply = await self._run_compute(job)
         except Exception as exc:  # a bad request must never take the peer down
@@ -392,8 +392,12 @@ class BlockServicer(BlockService):
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
 
 
-def _forward_sync(stack: BlockStack, tensors, limits: Limits, span, lora_scaling, adapter=None) -> list[Response]:
-    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], lora_scaling=lora_scaling)
+def _lora_options(header) -> dict:
+    return {"lora_scaling": header.lora_scaling, "lora_dropout": header.lora_dropout or 0.0, "lora_seed": header.lora_seed or 0}
+
+
+def _forward_sync(stack: BlockStack, tensors, limits: Limits, span, header, adapter=None) -> list[Response]:
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
     if adapter is not None:
         if inputs.lora is not None:
             raise errors.InvalidRequestError("give LoRA weights or an adapter name, not both")
@@ -402,9 +406,9 @@ def _forward_sync(stack: BlockStack, tensors, limits: Limits, span, lora_scaling
     return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response))
 
 
-def _backward_sync(stack: BlockStack, tensors, limits: Limits, span, lora_scaling) -> list[Response]:
+def _backward_sync(stack: BlockStack, tensors, limits: Limits, span, header) -> list[Response]:
     """Gradients of the inputs, then of the deep prompts and LoRA weights the request carried."""
-    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], lora_scaling=lora_scaling)
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
     grad_outputs = check_grad_outputs(tensors.get("grad_outputs"), inputs.hidden_states.shape)
     grad_inputs, grad_prompts, grad_lora = stack.backward(inputs, grad_outputs, span)
     named = {"grad_inputs": grad_inputs}

@@ -6,7 +6,7 @@ a message the client can act on, and never touch the blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,7 +37,7 @@ def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tup
 
 def check_block_inputs(
     tensors: dict[str, torch.Tensor], limits: Limits, *, past_length: int = 0, blocks: int | None = None,
-    lora_scaling: float | None = None,
+    lora_scaling: float | None = None, lora_dropout: float = 0.0, lora_seed: int = 0,
 ) -> BlockInputs:
     """Validate hidden_states [batch, seq, hidden], position_ids [batch|1, seq], attention_mask [batch, past+seq],
     and deep prompts [blocks, batch|1, prefix <= seq, hidden] (only where `blocks` is given)."""
@@ -77,6 +77,8 @@ def check_block_inputs(
         if not torch.isfinite(prompts).all():
             raise InvalidRequestError("prompts contain NaN or infinite values")
     lora = _check_lora(tensors, limits, blocks, lora_scaling)
+    if lora is not None:
+        lora = replace(lora, dropout=lora_dropout, seed=lora_seed)
     return BlockInputs(hidden_states, position_ids, attention_mask, prompts, lora)
 
 

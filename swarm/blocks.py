@@ -7,7 +7,7 @@ session with its own `DynamicCache`. It does not validate inputs (peers do) and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
@@ -90,8 +90,8 @@ class BlockStack(torch.nn.Module):
             prompts = leaf(inputs.prompts) if inputs.prompts is not None else None
             lora = None
             if inputs.lora is not None:
-                lora = lora_weights.LoraWeights(
-                    inputs.lora.scaling, {k: leaf(v) for k, v in inputs.lora.a.items()}, {k: leaf(v) for k, v in inputs.lora.b.items()}
+                lora = replace(
+                    inputs.lora, a={k: leaf(v) for k, v in inputs.lora.a.items()}, b={k: leaf(v) for k, v in inputs.lora.b.items()}
                 )
             outputs = self._run(BlockInputs(hidden_states, inputs.position_ids, inputs.attention_mask, prompts, lora), None, span)
             wrt = {"grad_inputs": hidden_states}
@@ -122,7 +122,7 @@ class BlockStack(torch.nn.Module):
         prompts = inputs.prompts
         if prompts is not None:
             prompts = prompts.to(self.device, self.dtype)
-        with lora_weights.applied(layers, inputs.lora):
+        with lora_weights.applied(layers, inputs.lora, first_block=start):
             for index, (layer, kind) in enumerate(zip(layers, kinds)):
                 if prompts is not None:  # out of place: autograd needs the hidden states before the addition
                     prefix = prompts.shape[2]

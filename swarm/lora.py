@@ -3,14 +3,17 @@
 The trainer owns the LoRA weights and sends those of a peer's blocks with each training request;
 the peer applies them while it runs its blocks (`applied`) and, in a backward, returns their
 gradients. Weights of all blocks of one projection travel as one tensor: `lora_a.<projection>`
-[blocks, r, in_features] and `lora_b.<projection>` [blocks, out_features, r]. No dropout is applied
-on peers (peft's `lora_dropout` > 0 is not exact through the swarm). This module does no I/O.
+[blocks, r, in_features] and `lora_b.<projection>` [blocks, out_features, r]. LoRA dropout (training
+only) zeroes the projection's input of the LoRA path like peft's `lora_dropout`, with masks drawn
+from the request's seed, the block's index and the projection (`dropout_mask`): a backward, which
+runs the forward again, draws the same masks. This module does no I/O.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Iterator
 
@@ -33,13 +36,15 @@ class LoraWeights:
     scaling: float
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
+    dropout: float = 0.0  # training only: the probability of zeroing an input of the LoRA path
+    seed: int = 0  # of the dropout masks
 
     def for_blocks(self, start: int, end: int) -> "LoraWeights":
         """The weights of blocks [start, end) of this range (indices relative to its first block)."""
-        return LoraWeights(self.scaling, {k: v[start:end] for k, v in self.a.items()}, {k: v[start:end] for k, v in self.b.items()})
+        return dataclasses.replace(self, a={k: v[start:end] for k, v in self.a.items()}, b={k: v[start:end] for k, v in self.b.items()})
 
     def to(self, dtype: torch.dtype) -> "LoraWeights":
-        return LoraWeights(self.scaling, {k: v.to(dtype) for k, v in self.a.items()}, {k: v.to(dtype) for k, v in self.b.items()})
+        return dataclasses.replace(self, a={k: v.to(dtype) for k, v in self.a.items()}, b={k: v.to(dtype) for k, v in self.b.items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Wire names -> tensors, in a fixed order."""
@@ -73,8 +78,9 @@ def wire_names(projections) -> list[str]:
 
 
 @contextlib.contextmanager
-def applied(layers, lora: LoraWeights | None) -> Iterator[None]:
-    """Within the block, layers[i]'s projections add `scaling * B_i (A_i x)` to their outputs."""
+def applied(layers, lora: LoraWeights | None, first_block: int = 0) -> Iterator[None]:
+    """Within the block, layers[i]'s projections add `scaling * B_i (A_i dropout(x))` to their outputs;
+    layers[0] is block `first_block` of the model (the dropout masks depend on it)."""
     if lora is None:
         yield
         return
@@ -84,17 +90,29 @@ def applied(layers, lora: LoraWeights | None) -> Iterator[None]:
             for name in lora.a:
                 module = getattr(getattr(layer, PROJECTIONS[name]), name)
                 a, b = lora.a[name][index], lora.b[name][index]
-                handles.append(module.register_forward_hook(_hook(a, b, lora.scaling)))
+                mask = functools.partial(dropout_mask, lora.seed, first_block + index, name, p=lora.dropout) if lora.dropout else None
+                handles.append(module.register_forward_hook(_hook(a, b, lora.scaling, mask)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _hook(a: torch.Tensor, b: torch.Tensor, scaling: float):
+def dropout_mask(seed: int, block: int, name: str, shape, *, p: float) -> torch.Tensor:
+    """The inverted-dropout factors (0 or 1 / (1 - p)) for the LoRA input of one projection of one
+    block, drawn on the CPU from (seed, block, projection): the same wherever and however often it
+    is drawn."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + block * 97 + list(PROJECTIONS).index(name)) % 2**63)
+    keep = torch.rand(tuple(shape), generator=generator) >= p
+    return keep.to(torch.float32) / (1.0 - p)
+
+
+def _hook(a: torch.Tensor, b: torch.Tensor, scaling: float, mask=None):
     def hook(module, args, output):
-        x = args[0]
-        return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype) * scaling
+        x = args[0].to(a.dtype)
+        if mask is not None:
+            x = x * mask(x.shape).to(x.device, x.dtype)
+        return output + (x @ a.T @ b.T).to(output.dtype) * scaling
     return hook
 
 
@@ -119,8 +137,8 @@ def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
     targets = settings.get("target_modules") or []
     if isinstance(targets, str) or not set(targets) <= set(PROJECTIONS) or settings.get("peft_type") != "LORA":
         raise ConfigError(f"adapter {path}: a LoRA adapter of projections among {sorted(PROJECTIONS)} is needed, got {targets}")
-    if settings.get("use_rslora") or settings.get("lora_dropout") or settings.get("bias", "none") != "none":
-        raise ConfigError(f"adapter {path}: only plain LoRA is supported (no rslora, dropout or bias)")
+    if settings.get("use_rslora") or settings.get("bias", "none") != "none":
+        raise ConfigError(f"adapter {path}: only plain LoRA is supported (no rslora or bias)")
     r, alpha = int(settings["r"]), float(settings["lora_alpha"])
     shapes, blocks = projection_shapes(config), config.num_hidden_layers
     a, b = {}, {}
@@ -132,4 +150,5 @@ def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
                 raise ValueError(f"{name}: shapes {list(a[name].shape)}, {list(b[name].shape)} do not fit this model")
     except (KeyError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"adapter {path} does not fit this model: {exc}") from exc
-    return {"r": r, "alpha": alpha, "targets": sorted(targets)}, LoraWeights(alpha / r, a, b)
+    dropout = float(settings.get("lora_dropout") or 0.0)  # a training setting: serving applies none
+    return {"r": r, "alpha": alpha, "targets": sorted(targets), "dropout": dropout}, LoraWeights(alpha / r, a, b)

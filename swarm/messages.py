@@ -19,6 +19,10 @@ PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
 LoraScaling = Annotated[
     float | None, Field(default=None, ge=0, le=1e4, allow_inf_nan=False, description="alpha / r of the LoRA tensors sent")
 ]
+LoraDropout = Annotated[
+    float | None, Field(default=None, ge=0, lt=1, allow_inf_nan=False, description="LoRA dropout on the projections' inputs (training)")
+]
+LoraSeed = Annotated[int | None, Field(default=None, ge=0, lt=2**63, description="seed of the LoRA dropout masks")]
 AdapterName = Annotated[
     str | None, Field(default=None, min_length=1, max_length=128, description="a LoRA adapter the peer serves")
 ]
@@ -40,6 +44,8 @@ class ForwardRequest(_Message):
     start_block: int = Field(ge=0, lt=MAX_BLOCKS)
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
     lora_scaling: LoraScaling = None
+    lora_dropout: LoraDropout = None
+    lora_seed: LoraSeed = None
     adapter: AdapterName = None
     auth: AuthProof = None
 
@@ -53,6 +59,8 @@ class BackwardRequest(_Message):
     start_block: int = Field(ge=0, lt=MAX_BLOCKS)
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
     lora_scaling: LoraScaling = None
+    lora_dropout: LoraDropout = None
+    lora_seed: LoraSeed = None
     auth: AuthProof = None
 
 

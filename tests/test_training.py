@@ -102,6 +102,57 @@ def test_backward_survives_the_loss_of_the_forward_peer(tiny_model_path, tmp_pat
     assert torch.allclose(prefix.grad, expected_grad, atol=1e-4)
 
 
+def test_lora_dropout_equals_peft_with_the_same_masks(model, tiny_model_path, tmp_path):
+    """LoRA dropout applied by the peers: with peft's dropout modules drawing the same masks
+    (`swarm.lora.dropout_mask`), loss and gradients equal peft's; the saved adapter records the
+    dropout; in eval mode no dropout is applied."""
+    from swarm.lora import dropout_mask
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    torch.manual_seed(4)
+    lora = RemoteLoRA(reference.config, r=4, alpha=8, target_modules=["q_proj", "up_proj"], dropout=0.3)
+    lora.dropout_seed = 1234
+    with torch.no_grad():
+        for name in lora.target_modules:
+            lora.b[name].normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "adapter", base_model_name_or_path=str(tiny_model_path))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == pytest.approx(0.3)
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "adapter", is_trainable=True)
+
+    class SameMasks(torch.nn.Module):
+        def __init__(self, block: int, name: str):
+            super().__init__()
+            self.block, self.name = block, name
+
+        def forward(self, x):
+            return x * dropout_mask(1234, self.block, self.name, x.shape, p=0.3)
+
+    for block, layer in enumerate(peft_model.base_model.model.model.layers):
+        for name in lora.target_modules:
+            getattr(getattr(layer, PROJECTIONS[name]), name).lora_dropout["default"] = SameMasks(block, name)
+    input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(19))
+    expected = peft_model(input_ids=input_ids, labels=input_ids).loss
+    expected.backward()
+    loss = model(input_ids=input_ids, labels=input_ids, lora=lora).loss
+    loss.backward()
+    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5)
+    parameters = dict(peft_model.named_parameters())
+    for name in lora.target_modules:
+        for block in range(reference.config.num_hidden_layers):
+            prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
+            for ours, theirs in ((lora.a[name].grad[block], "lora_A"), (lora.b[name].grad[block], "lora_B")):
+                want = parameters[f"{prefix}.{theirs}.default.weight"].grad
+                assert torch.allclose(ours, want, atol=1e-4), (name, block, theirs, (ours - want).abs().max())
+
+    with torch.no_grad():
+        no_dropout = model(input_ids=input_ids, labels=input_ids, lora=lora.eval()).loss
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), tmp_path / "adapter"
+        ).eval()
+        assert torch.allclose(no_dropout, plain(input_ids=input_ids, labels=input_ids).loss, atol=1e-5)
+        assert not torch.allclose(no_dropout, loss.detach(), atol=1e-4)  # the dropout did something
+
+
 def test_long_batches_go_in_pieces_over_every_peer(tiny_model_path, tmp_path, monkeypatch):
     """A training batch longer than max_batch_tokens is split into pieces that run at once, drawn over
     both peers of the blocks by throughput; LoRA and deep prompt gradients (shared by all rows, or one
