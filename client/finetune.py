@@ -33,6 +33,8 @@ from swarm.errors import ConfigError, SwarmError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+PROGRESS_FILE = "progress.json"  # where the run stands, rewritten every few seconds (for watchers such as swarm.api)
+PROGRESS_PERIOD_S = 2.0
 PROMPTS_FILE = "prompts.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"  # written and read by this program only (torch.load with weights_only)
 
@@ -248,7 +250,19 @@ def save_checkpoint(folder: Path, base_model: str, trainable: Trainable, optimiz
     partial.replace(folder / STATE_FILE)
 
 
+def write_progress(folder: Path, state: dict, total_steps: int) -> None:
+    losses = state["losses"]
+    progress = {"epoch": state["epoch"], "batch": state.get("batch", 0), "steps": len(losses), "total_steps": total_steps,
+                "loss": losses[-1] if losses else None, "optimizer_steps": state["optimizer_steps"], "time": time.time()}
+    partial = folder / (PROGRESS_FILE + ".partial")
+    partial.write_text(json.dumps(progress))
+    partial.replace(folder / PROGRESS_FILE)
+
+
 def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
+    args.output.mkdir(parents=True, exist_ok=True)
+    total_steps = -(-len(examples) // args.batch_size) * args.epochs
+    reported = 0.0
     for epoch in range(state["epoch"], args.epochs):
         rng = random.Random(f"{args.seed}:{epoch}")  # the same order when an epoch is resumed
         done = state.get("batch", 0)
@@ -267,6 +281,9 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
             state["losses"].append(round(loss.item(), 5))
             progress.set_postfix(loss=f"{loss.item():.4f}", round=optimizer.local_epoch)
             state["batch"] = number + 1
+            if time.monotonic() - reported > PROGRESS_PERIOD_S:
+                write_progress(args.output, state, total_steps)
+                reported = time.monotonic()
             if optimizer.local_epoch != before:
                 state["optimizer_steps"] += 1
                 state["rounds"][str(optimizer.local_epoch)] = trainable.fingerprint()

@@ -1,0 +1,373 @@
+"""`python -m swarm.api`: an OpenAI-compatible HTTP API over the swarm, and fine-tuning jobs.
+
+    GET  /v1/models                OpenAI: the model this API serves
+    POST /v1/completions           OpenAI: completions (max_tokens, temperature, top_p, stop, seed, n, stream)
+    POST /v1/chat/completions      OpenAI: chat completions with the model's chat template
+    GET  /health                   200 while the swarm connection is up (no key needed)
+    POST /chat                     {"prompt", "max_tokens", "temperature", "adapter"} -> {"text", ...}
+    POST /fine-tune                start a fine-tuning job through the swarm (`swarm.jobs`)
+    GET  /jobs, GET /jobs/{id}     status, progress, loss;  DELETE /jobs/{id} cancels
+
+One swarm connection (one DHT node, one `AutoDistributedModelForCausalLM`) serves every request;
+each generation runs in its own thread with its own inference session, so concurrent requests run
+concurrently and meet in the peers. Streams are server-sent events, token pieces as they come.
+Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from fastapi import Depends, FastAPI, Request  # module level: FastAPI resolves the route annotations here
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from swarm.api_schema import (
+    ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionRequest,
+    FineTuneRequest, SimpleChatReply, SimpleChatRequest, Usage,
+)
+from swarm.cli import fail, setup_logging
+from swarm.config import LOOPBACK_MADDRS, ClientConfig
+from swarm.errors import ConfigError, SwarmError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENT_GENERATIONS = 64
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m swarm.api", description=__doc__.splitlines()[0])
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    parser.add_argument("--model", default="smollm2-135m", help="model name, Hub id or folder (as the peers serve it)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request but /health")
+    parser.add_argument("--jobs-dir", type=Path, default=Path("swarm-jobs"), help="where fine-tuning jobs keep their records")
+    parser.add_argument("--data-root", type=Path, default=Path("."), help="fine-tuning datasets and outputs must be under this folder")
+    parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
+    parser.add_argument("--swarm-key", type=Path)
+    return parser.parse_args(argv)
+
+
+class Engine:
+    """The swarm connection, the tokenizer, and one generation at a time per thread."""
+
+    def __init__(self, model_name: str, initial_peers: list[str], config: ClientConfig):
+        from transformers import AutoTokenizer
+
+        from client import AutoDistributedModelForCausalLM
+
+        self.name = model_name
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=initial_peers, client_config=config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
+        self.executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT_GENERATIONS, thread_name_prefix="generate")
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    def encode_chat(self, messages: list[ChatMessage]) -> torch.Tensor:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"model {self.name} has no chat template: use /v1/completions")
+        ids = self.tokenizer.apply_chat_template(
+            [message.model_dump() for message in messages], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        return ids
+
+    async def generate(
+        self, input_ids: torch.Tensor, *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+        stops: list[str], adapter: str | None,
+    ) -> AsyncIterator[tuple[str, str | None, int]]:
+        """Yield (text piece, finish reason or None, tokens generated so far); the last item has the
+        finish reason ("stop": end of sequence or a stop string; "length": max_tokens)."""
+        from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
+
+        from client.sampling import generation_kwargs
+
+        loop = asyncio.get_running_loop()
+        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stopped = threading.Event()
+        generated = [0]
+
+        class Stop(StoppingCriteria):
+            def __call__(self, ids, scores, **kwargs):
+                generated[0] = ids.shape[1] - input_ids.shape[1]
+                return torch.full((ids.shape[0],), stopped.is_set(), dtype=torch.bool)
+
+        kwargs = generation_kwargs(max_tokens, temperature, top_p, seed)
+        extra = {} if adapter is None else {"adapter": adapter}
+
+        def run():
+            try:
+                return self.model.generate(input_ids, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs, **extra)
+            finally:
+                loop.call_soon_threadsafe(streamer.text_queue.put_nowait, streamer.stop_signal)  # always end the stream
+
+        task = loop.run_in_executor(self.executor, run)
+        text, sent, reason = "", 0, None
+        hold = max((len(stop) for stop in stops), default=1) - 1  # a piece that may begin a stop string waits
+        try:
+            async for piece in streamer:
+                text += piece
+                cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                    stopped.set()
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent : len(text) - hold], None, generated[0]
+                    sent = len(text) - hold
+            output = await task
+        finally:
+            stopped.set()
+        new_tokens = output.shape[1] - input_ids.shape[1]
+        if reason is None:
+            eos = self.model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+            reason = "stop" if new_tokens < max_tokens or (new_tokens and int(output[0, -1]) in eos) else "length"
+        yield text[sent:], reason, new_tokens
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.model.close()
+
+
+def create_app(engine: Engine, jobs, api_key: str | None = None):
+    app = FastAPI(title="swarm API", docs_url="/docs", redoc_url=None)
+
+    def error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'][1:]) or 'body'}: {item['msg']}" for item in exc.errors())
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        return error(400, problems or "invalid request body", "invalid_request_error", param=".".join(str(p) for p in first[1:]) or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
+        return error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(ConfigError)
+    async def bad_input(request: Request, exc: ConfigError):
+        return error(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(SwarmError)
+    async def swarm_down(request: Request, exc: SwarmError):
+        return error(503, f"the swarm could not serve this request: {exc}", "server_error", code="swarm_unavailable")
+
+    async def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+            raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key>")
+
+    guarded = [Depends(authorized)]
+
+    def check_model(name: str) -> None:
+        if name not in (engine.name, Path(engine.name).name):
+            raise HTTPException(404, f"model {name!r} is not served here; this API serves {engine.name!r}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "swarm"}]}
+
+    async def choices(requests: list[tuple[int, torch.Tensor, int | None]], body) -> list[tuple[int, str, str, int]]:
+        async def one(index, ids, seed):
+            text, reason, tokens = "", None, 0
+            async for piece, reason, tokens in engine.generate(
+                ids, max_tokens=body.max_tokens or 256, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                stops=body.stops(), adapter=body.adapter,
+            ):
+                text += piece
+            return index, text, reason, tokens
+        return list(await asyncio.gather(*(one(*item) for item in requests)))
+
+    def seeds(body, count: int) -> list[int | None]:
+        return [None if body.seed is None else body.seed + offset for offset in range(count)]
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        prompts = [engine.encode(prompt) for prompt in body.prompts()]
+        work = [(p * body.n + k, ids, seed) for p, ids in enumerate(prompts) for k, seed in enumerate(seeds(body, body.n))]
+        if body.stream:
+            return StreamingResponse(_stream_completion(engine, body, work), media_type="text/event-stream")
+        results = await choices(work, body)
+        prompt_tokens = sum(ids.shape[1] for ids in prompts)
+        completion_tokens = sum(tokens for *_, tokens in results)
+        return Completion(
+            model=body.model, choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, t, r, _ in sorted(results)],
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens),
+        )
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        ids = engine.encode_chat(body.messages)
+        work = [(k, ids, seed) for k, seed in enumerate(seeds(body, body.n))]
+        if body.stream:
+            return StreamingResponse(_stream_chat(engine, body, work), media_type="text/event-stream")
+        results = await choices(work, body)
+        completion_tokens = sum(tokens for *_, tokens in results)
+        return ChatCompletion(
+            model=body.model,
+            choices=[ChatChoice(index=i, message=ChatMessage(role="assistant", content=t), finish_reason=r) for i, t, r, _ in sorted(results)],
+            usage=Usage(prompt_tokens=ids.shape[1], completion_tokens=completion_tokens, total_tokens=ids.shape[1] + completion_tokens),
+        )
+
+    @app.post("/chat", dependencies=guarded, response_model=SimpleChatReply)
+    async def simple_chat(body: SimpleChatRequest):
+        ids = engine.encode(body.prompt)
+        text, tokens = "", 0
+        async for piece, _, tokens in engine.generate(
+            ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=1.0, seed=None, stops=[], adapter=body.adapter
+        ):
+            text += piece
+        return SimpleChatReply(text=text, prompt_tokens=ids.shape[1], completion_tokens=tokens)
+
+    @app.post("/fine-tune", dependencies=guarded, status_code=201)
+    async def fine_tune(body: FineTuneRequest):
+        return jobs.start(body)
+
+    @app.get("/jobs", dependencies=guarded)
+    async def list_jobs():
+        return {"object": "list", "data": jobs.all()}
+
+    @app.get("/jobs/{job_id}", dependencies=guarded)
+    async def get_job(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    @app.delete("/jobs/{job_id}", dependencies=guarded)
+    async def cancel_job(job_id: str):
+        job = await asyncio.get_running_loop().run_in_executor(None, jobs.cancel, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    return app
+
+
+def _sse(payload) -> str:
+    return f"data: {payload.model_dump_json() if hasattr(payload, 'model_dump_json') else payload}\n\n"
+
+
+async def _merged(engine: Engine, body, work) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(choice index, piece, finish reason) from all the choices' generations as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def one(index, ids, seed):
+        try:
+            async for piece, reason, _ in engine.generate(
+                ids, max_tokens=body.max_tokens or 256, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                stops=body.stops(), adapter=body.adapter,
+            ):
+                await queue.put((index, piece, reason))
+        except Exception as exc:  # reported in the stream, which has already started
+            await queue.put((index, exc, None))
+        finally:
+            await queue.put((index, None, None))
+
+    tasks = [asyncio.create_task(one(*item)) for item in work]
+    done = 0
+    try:
+        while done < len(tasks):
+            index, piece, reason = await queue.get()
+            if piece is None:
+                done += 1
+                continue
+            if isinstance(piece, Exception):
+                raise piece
+            yield index, piece, reason
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream_completion(engine: Engine, body: CompletionRequest, work) -> AsyncIterator[str]:
+    stream_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    try:
+        async for index, piece, reason in _merged(engine, body, work):
+            chunk = Completion(id=stream_id, created=created, model=body.model,
+                               choices=[CompletionChoice(index=index, text=piece, finish_reason=reason)])
+            yield _sse(chunk)
+    except SwarmError as exc:
+        yield _sse(f'{{"error": {{"message": "{_json_text(exc)}", "type": "server_error", "param": null, "code": "swarm_unavailable"}}}}')
+    yield "data: [DONE]\n\n"
+
+
+async def _stream_chat(engine: Engine, body: ChatCompletionRequest, work) -> AsyncIterator[str]:
+    import json
+
+    stream_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(index: int, delta: dict, reason: str | None) -> str:
+        return _sse(json.dumps({
+            "id": stream_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason}],
+        }))
+
+    for index, *_ in work:
+        yield chunk(index, {"role": "assistant", "content": ""}, None)
+    try:
+        async for index, piece, reason in _merged(engine, body, work):
+            yield chunk(index, {"content": piece} if piece else {}, reason)
+    except SwarmError as exc:
+        yield _sse(json.dumps({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "swarm_unavailable"}}))
+    yield "data: [DONE]\n\n"
+
+
+def _json_text(exc: Exception) -> str:
+    import json
+
+    return json.dumps(str(exc))[1:-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    import uvicorn
+
+    from swarm.jobs import JobManager
+
+    engine = None
+    try:
+        config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key)
+        engine = Engine(args.model, args.initial_peers, config)
+        extra = ["--swarm-key", str(args.swarm_key)] if args.swarm_key else []
+        jobs = JobManager(args.jobs_dir, args.data_root, model=args.model, initial_peers=args.initial_peers, extra_args=extra)
+        app = create_app(engine, jobs, args.api_key)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        print(f"swarm: API on http://{args.host}:{args.port}/v1 serving {args.model}", flush=True)
+        server.run()
+        return 0
+    except SwarmError as exc:
+        return fail(str(exc))
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
