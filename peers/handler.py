@@ -26,6 +26,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
+from peers.batching import StepBatcher
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_grad_outputs, check_span
 from swarm import errors
@@ -48,6 +49,7 @@ INPUT_TENSORS = ("hidden_states", "position_ids", "attention_mask")
 STATELESS_TENSORS = (*INPUT_TENSORS, "prompts")  # deep prompts: forward and backward, not sessions
 DRAIN_TIMEOUT_S = 5.0
 PUSH_TIMEOUT_S = 2.0  # for the next hop to take a push; the client sends the step itself otherwise
+PREFILL_CHUNK = 256  # tokens per compute job of a session's long step: other sessions' decode steps run between
 INBOX_FRAMES = 4  # per session: a client sends one step and waits; pushes beyond this are dropped
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
@@ -79,6 +81,7 @@ class BlockServicer(BlockService):
         p2p: P2P | None = None,
         swarm_key: SwarmKey | None = None,
         adapters: dict[str, LoraWeights] | None = None,
+        batch_steps: int = 32,
     ):
         self.stack = stack
         self.info = info
@@ -94,6 +97,8 @@ class BlockServicer(BlockService):
         self.session_idle_timeout_s = session_idle_timeout_s
         self.cache_wait_s = cache_wait_s
         self.executor = executor  # the peer's single compute thread
+        # decode steps of sessions waiting at the same time run as one batch (see peers.batching)
+        self.batcher = StepBatcher(self._run_compute, self._compute_batch, batch_steps) if batch_steps > 1 else None
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
         self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
         self.handoff_grace_s = 0.0
@@ -139,7 +144,10 @@ class BlockServicer(BlockService):
             logger.warning("refused info from %s: %s", _short(context), exc)
             refusal = ErrorReply(code=exc.code, message=str(exc))
             return runtime_pb2.ExpertInfo(serialized_info=refusal.model_dump_json().encode())
-        return runtime_pb2.ExpertInfo(serialized_info=self.info.model_dump_json().encode())
+        info = self.info
+        if self.batcher is not None:
+            info = info.model_copy(update={"decode_steps": self.batcher.steps, "batched_steps": self.batcher.batched_steps})
+        return runtime_pb2.ExpertInfo(serialized_info=info.model_dump_json().encode())
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -352,9 +360,57 @@ class BlockServicer(BlockService):
         push_auth = None
         if step is not None and step[1].push_to:
             push_auth = make_proof(self.swarm_key, self.peer_id or "", step[1].push_to[0])
-        return await self._run_compute(
-            functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth, adapter)
-        )
+        item = (stack, tensors, limits, cache, span, position, step, push_auth, adapter)
+        if step is not None and self.batcher is not None and _is_decode_step(tensors, stack, cache, span, position):
+            return await self.batcher.submit(item)
+        hidden_states = tensors.get("hidden_states")
+        if step is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] > PREFILL_CHUNK:
+            return await self._chunked_prefill(item)
+        return await self._run_compute(functools.partial(self._compute_sync, *item))
+
+    async def _chunked_prefill(self, item):
+        """A long session step in chunks of PREFILL_CHUNK tokens, one compute job each, so that other
+        sessions' decode steps run in between instead of waiting for the whole prompt."""
+        stack, tensors, limits, cache, span, position, step, push_auth, adapter = item
+        inputs = await self._run_compute(functools.partial(_checked_inputs, stack, tensors, limits, cache, span, position, adapter))
+        outputs = []
+        for first in range(0, inputs.hidden_states.shape[1], PREFILL_CHUNK):
+            last = first + PREFILL_CHUNK
+            piece = dataclasses.replace(
+                inputs, hidden_states=inputs.hidden_states[:, first:last],
+                position_ids=None if inputs.position_ids is None else inputs.position_ids[:, first:last],
+                attention_mask=None if inputs.attention_mask is None else inputs.attention_mask[:, : position + last],
+            )
+            outputs.append(await self._run_compute(functools.partial(stack, piece, cache, span)))
+        return _step_reply(step, span, inputs, torch.cat(outputs, dim=1).cpu(), push_auth)
+
+    @staticmethod
+    def _compute_batch(items: list) -> list:
+        """Decode steps of several sessions (on the compute thread): validated one by one, then each
+        group that can share a forward (same blocks, same adapter) as one batch."""
+        results: list = [None] * len(items)
+        groups: dict[tuple, list[tuple[int, BlockInputs]]] = {}
+        for number, (stack, tensors, limits, cache, span, position, step, push_auth, adapter) in enumerate(items):
+            try:
+                inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
+                groups.setdefault((id(stack), span, id(adapter)), []).append((number, inputs))
+            except Exception as exc:
+                results[number] = exc
+        for (_, span, _), members in groups.items():
+            stack = items[members[0][0]][0]
+            try:
+                outputs = stack.step_batch([(inputs, items[number][3]) for number, inputs in members], span)
+            except Exception as exc:
+                for number, _ in members:
+                    results[number] = exc
+                continue
+            for (number, inputs), output in zip(members, outputs):
+                session_step, push_auth = items[number][6], items[number][7]
+                try:
+                    results[number] = _step_reply(session_step, span, inputs, output.cpu(), push_auth)
+                except Exception as exc:
+                    results[number] = exc
+        return results
 
     async def _run_compute(self, job):
         """Run `job` on the peer's compute thread, counted as running (see wait_idle)."""
@@ -366,21 +422,8 @@ class BlockServicer(BlockService):
 
     @staticmethod
     def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step, push_auth=None, adapter=None):
-        inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
-        if cache is not None:
-            try:
-                stack.rollback(cache, span, position)  # the client may regenerate from an earlier token
-            except ValueError as exc:
-                raise errors.InvalidRequestError(str(exc)) from exc
-        outputs = stack(inputs, cache, span).cpu()
-        if step is None:
-            return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)), None
-        session_id, step = step
-        reply = list(encode_frame(Result(tensor_names=["hidden_states"], step_id=step.step_id), [outputs], Response))
-        push = None
-        if step.push_to:
-            push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs), push_auth)
-        return reply, push
+        inputs = _checked_inputs(stack, tensors, limits, cache, span, position, adapter)
+        return _step_reply(step, span, inputs, stack(inputs, cache, span).cpu(), push_auth)
 
     def _error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
         if isinstance(exc, TimeoutError):
@@ -390,6 +433,39 @@ class BlockServicer(BlockService):
             return encode_error(exc, Response, step_id=step_id)
         logger.exception("internal error serving %s from %s", what, _short(context))
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
+
+
+def _checked_inputs(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter) -> BlockInputs:
+    """The validated inputs of a step at `position`, the cache rolled back to it (a client may
+    regenerate from an earlier token)."""
+    inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
+    if cache is not None:
+        try:
+            stack.rollback(cache, span, position)
+        except ValueError as exc:
+            raise errors.InvalidRequestError(str(exc)) from exc
+    return inputs
+
+
+def _step_reply(step, span, inputs: BlockInputs, outputs: torch.Tensor, push_auth):
+    """The reply messages and, for a session step with hops after this one, what to push there."""
+    if step is None:
+        return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response)), None
+    session_id, step = step
+    reply = list(encode_frame(Result(tensor_names=["hidden_states"], step_id=step.step_id), [outputs], Response))
+    push = None
+    if step.push_to:
+        push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs), push_auth)
+    return reply, push
+
+
+def _is_decode_step(tensors: dict, stack: BlockStack, cache, span, position: int) -> bool:
+    """One new token per row, right after what the cache holds, nothing else: a step that can join a batch."""
+    hidden_states = tensors.get("hidden_states")
+    return (
+        cache is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] == 1
+        and "prompts" not in tensors and position == stack.cache_length(cache, span[0])
+    )
 
 
 def _lora_options(header) -> dict:

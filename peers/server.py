@@ -100,6 +100,7 @@ class Peer:
                 p2p=self.p2p,
                 swarm_key=self.swarm_key,
                 adapters=self.adapters,
+                batch_steps=self.config.batch_steps,
             )
             await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE

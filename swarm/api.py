@@ -273,16 +273,18 @@ def _sse(payload) -> str:
     return f"data: {payload.model_dump_json() if hasattr(payload, 'model_dump_json') else payload}\n\n"
 
 
-async def _merged(engine: Engine, body, work) -> AsyncIterator[tuple[int, str, str | None]]:
-    """(choice index, piece, finish reason) from all the choices' generations as they come."""
+async def _merged(engine: Engine, body, work, usage: dict) -> AsyncIterator[tuple[int, str, str | None]]:
+    """(choice index, piece, finish reason) from all the choices' generations as they come; `usage`
+    gets each choice's generated tokens."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def one(index, ids, seed):
         try:
-            async for piece, reason, _ in engine.generate(
+            async for piece, reason, tokens in engine.generate(
                 ids, max_tokens=body.max_tokens or 256, temperature=body.temperature, top_p=body.top_p, seed=seed,
                 stops=body.stops(), adapter=body.adapter,
             ):
+                usage[index] = tokens
                 await queue.put((index, piece, reason))
         except Exception as exc:  # reported in the stream, which has already started
             await queue.put((index, exc, None))
@@ -306,12 +308,17 @@ async def _merged(engine: Engine, body, work) -> AsyncIterator[tuple[int, str, s
 
 
 async def _stream_completion(engine: Engine, body: CompletionRequest, work) -> AsyncIterator[str]:
-    stream_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    stream_id, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), {}
     try:
-        async for index, piece, reason in _merged(engine, body, work):
+        async for index, piece, reason in _merged(engine, body, work, usage):
             chunk = Completion(id=stream_id, created=created, model=body.model,
                                choices=[CompletionChoice(index=index, text=piece, finish_reason=reason)])
             yield _sse(chunk)
+        if (body.stream_options or {}).get("include_usage"):
+            prompt_tokens = sum(ids.shape[1] for _, ids, _ in work)
+            total = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(usage.values()),
+                          total_tokens=prompt_tokens + sum(usage.values()))
+            yield _sse(Completion(id=stream_id, created=created, model=body.model, choices=[], usage=total))
     except SwarmError as exc:
         yield _sse(f'{{"error": {{"message": "{_json_text(exc)}", "type": "server_error", "param": null, "code": "swarm_unavailable"}}}}')
     yield "data: [DONE]\n\n"
@@ -328,11 +335,19 @@ async def _stream_chat(engine: Engine, body: ChatCompletionRequest, work) -> Asy
             "choices": [{"index": index, "delta": delta, "finish_reason": reason}],
         }))
 
+    usage: dict = {}
     for index, *_ in work:
         yield chunk(index, {"role": "assistant", "content": ""}, None)
     try:
-        async for index, piece, reason in _merged(engine, body, work):
+        async for index, piece, reason in _merged(engine, body, work, usage):
             yield chunk(index, {"content": piece} if piece else {}, reason)
+        if (body.stream_options or {}).get("include_usage"):
+            prompt_tokens = work[0][1].shape[1]
+            yield _sse(json.dumps({
+                "id": stream_id, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(usage.values()),
+                          "total_tokens": prompt_tokens + sum(usage.values())},
+            }))
     except SwarmError as exc:
         yield _sse(json.dumps({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "swarm_unavailable"}}))
     yield "data: [DONE]\n\n"

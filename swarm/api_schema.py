@@ -30,6 +30,7 @@ class _Request(BaseModel):
     stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     logprobs: None = Field(None, description="not supported")
+    stream_options: dict | None = Field(None, description='{"include_usage": true}: a last chunk with the usage')
     adapter: str | None = Field(None, min_length=1, max_length=128, description="a LoRA adapter served by peers (our extension)")
 
     @field_validator("stop")

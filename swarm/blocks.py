@@ -73,6 +73,53 @@ class BlockStack(torch.nn.Module):
         """Run blocks `span` (default: all); with `cache`, the inputs continue the cached sequence."""
         return self._run(inputs, cache, span)
 
+    def can_batch(self, span: tuple[int, int]) -> bool:
+        """Whether `step_batch` batches these blocks: full attention only (a sliding-window layer keeps
+        a cache of its own length, which the left padding would not line up with)."""
+        kinds = self.attention_types[span[0] - self.start_block : span[1] - self.start_block]
+        return all(kind == "full_attention" for kind in kinds)
+
+    @torch.inference_mode()
+    def step_batch(self, steps: list[tuple[BlockInputs, DynamicCache]], span: tuple[int, int]) -> list[torch.Tensor]:
+        """Decode steps (one new token per row) of several sessions, each continuing its own cache, as
+        one batched forward; returns each session's outputs and appends to each cache what its own
+        step would have. The caches are left-padded to the longest into a temporary batch cache (the
+        padding masked out, each row at its own position), and each session's new keys and values
+        are copied back from it."""
+        start, end = span
+        if len(steps) == 1 or not self.can_batch(span):
+            return [self._run(inputs, cache, span) for inputs, cache in steps]
+        lengths = [self.cache_length(cache, start) for _, cache in steps]
+        longest = max(lengths)
+        rows = [inputs.hidden_states.shape[0] for inputs, _ in steps]
+        batch_cache = self.new_cache()
+        for index in range(start, end):
+            keys, values = [], []
+            for (_, cache), length in zip(steps, lengths):
+                layer = cache.layers[index]
+                pad = (0, 0, longest - length, 0)  # left, along the sequence
+                keys.append(torch.nn.functional.pad(layer.keys, pad))
+                values.append(torch.nn.functional.pad(layer.values, pad))
+            batch_cache.update(torch.cat(keys), torch.cat(values), index)
+        masks, positions = [], []
+        for (inputs, _), length, count in zip(steps, lengths, rows):
+            mask = inputs.attention_mask
+            if mask is None:
+                mask = torch.ones(count, length + 1, dtype=torch.long)
+            masks.append(torch.nn.functional.pad(mask.to(torch.long), (longest - length, 0)))
+            position = inputs.position_ids if inputs.position_ids is not None else torch.tensor([[length]])
+            positions.append(position.expand(count, 1))
+        hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps])
+        outputs = self._run(BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks)), batch_cache, span)
+        results, first = [], 0
+        for (_, cache), count in zip(steps, rows):
+            for index in range(start, end):
+                layer = batch_cache.layers[index]
+                cache.update(layer.keys[first : first + count, :, -1:], layer.values[first : first + count, :, -1:], index)
+            results.append(outputs[first : first + count])
+            first += count
+        return results
+
     def backward(
         self, inputs: BlockInputs, grad_outputs: torch.Tensor, span: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:

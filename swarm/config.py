@@ -57,6 +57,9 @@ class PeerConfig(BaseModel):
         None, gt=0, description="KV-cache budget in GiB over all sessions and blocks; replaces --cache-tokens when given"
     )
     max_sessions: int = Field(128, gt=0, description="inference sessions served at once; more wait, then get 'overloaded'")
+    batch_steps: int = Field(
+        32, gt=0, le=1024, description="decode steps of different sessions run as one batch, at most this many (1: no batching)"
+    )
     max_length: int = Field(8192, gt=0, description="longest sequence a session may ask for, in tokens")
     max_batch_size: int = Field(64, gt=0, description="largest batch a request may carry")
     public_name: str | None = Field(None, max_length=128, description="name shown to others")

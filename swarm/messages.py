@@ -144,6 +144,8 @@ class PeerInfo(BaseModel):
     version: str = Field(max_length=64)
     max_batch_size: int = Field(gt=0)
     max_length: int = Field(gt=0)
+    decode_steps: int = Field(0, ge=0, description="session decode steps run so far")
+    batched_steps: int = Field(0, ge=0, description="of those, steps that ran in one forward with other sessions' steps")
 
 
 PeerRequest = Annotated[

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-tokens", type=int, help="KV-cache budget in tokens over all sessions")
     parser.add_argument("--cache-gb", type=float, help="KV-cache budget in GiB (replaces --cache-tokens)")
     parser.add_argument("--max-sessions", type=int, help="inference sessions served at once (default 128)")
+    parser.add_argument("--batch-steps", type=int, help="decode steps of different sessions batched together, at most (default 32; 1: off)")
     parser.add_argument("--session-idle-timeout", type=float, dest="session_idle_timeout_s",
                         help="free a session's cache after this many seconds without a step (default 300)")
     parser.add_argument("--cache-wait", type=float, dest="cache_wait_s",
@@ -59,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
     file_layer = load_toml(args.config) if args.config else {}
     flags = {
         key: getattr(args, key)
-        for key in ("model", "blocks", "device", "dtype", "cache_tokens", "cache_gb", "max_sessions",
+        for key in ("model", "blocks", "device", "dtype", "cache_tokens", "cache_gb", "max_sessions", "batch_steps",
                     "session_idle_timeout_s", "cache_wait_s", "max_length", "public_name",
                     "dht_prefix", "announce_period_s", "num_threads", "throughput", "max_memory_gb", "rebalance_period_s",
                     "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s", "adapters")

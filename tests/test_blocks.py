@@ -115,3 +115,43 @@ def test_backward_through_slices_equals_autograd(kind):
     for stack, inputs in zip(reversed(chain), reversed(entered)):
         grad, _, _ = stack.backward(BlockInputs(inputs), grad)
     assert torch.allclose(grad, expected, atol=1e-5), (grad - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decode_steps_of_several_sessions_in_one_batch_equal_each_alone(kind):
+    """Sessions with different lengths (one a left-padded batch of two) decode in one batched forward
+    (`step_batch`): the same outputs and caches as each session alone (qwen2's sliding layers: alone)."""
+    model = build(kind)
+    chain = stacks(model, cuts=(0, 4))
+    stack = chain[0]
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 12)), torch.randint(0, 128, (2, 8))]
+    masks = [None, None, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])]
+
+    def prefill():
+        caches = [stack.new_cache() for _ in prompts]
+        for ids, mask, cache in zip(prompts, masks, caches):
+            run_chain(model, [stack], ids, mask, caches=[cache])
+        return caches
+
+    alone, batched = prefill(), prefill()
+    tokens = [ids[:, -1:] for ids in prompts]
+    full_masks = list(masks)
+    for _ in range(4):
+        steps, expected = [], []
+        for index, (token, cache, mask) in enumerate(zip(tokens, alone, full_masks)):
+            length = stack.cache_length(cache, 0)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+                full_masks[index] = mask
+            position = (mask.cumsum(-1) - 1)[:, -1:] if mask is not None else torch.tensor([[length]])
+            inputs = BlockInputs(model.model.embed_tokens(token), position, mask)
+            expected.append(stack(inputs, cache))
+            steps.append((inputs, batched[index]))
+        outputs = stack.step_batch(steps, (0, 4))
+        for got, want in zip(outputs, expected):
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        tokens = [model.lm_head(model.model.norm(out))[:, -1:].argmax(-1) for out in expected]
+    for cache_alone, cache_batched in zip(alone, batched):
+        for index in range(4):
+            assert torch.allclose(cache_alone.layers[index].keys, cache_batched.layers[index].keys, atol=1e-5)

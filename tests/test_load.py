@@ -9,9 +9,11 @@ import time
 import psutil
 import pytest
 import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from client.remote import call_info
 from swarm import network
 from swarm.local import LocalSwarm
 from swarm.records import parse_peer_records
@@ -98,6 +100,13 @@ def test_sixteen_concurrent_sessions(tiny_model_path, tmp_path):
             assert _cache_left(dht, prefix) == idle_cache
             growth = [_rss(node) - before for node, before in zip(peers, rss_before)]
             assert max(growth) < 64 * 2**20, growth
-            print(f"requests {sum(done)} ({done}), lowest cache left {lowest}, peer RSS growth MiB {[g / 2**20 for g in growth]}")
+            infos = [
+                RemoteExpertWorker.run_coroutine(call_info(model.sequence.p2p, peer_id, prefix, 10.0))
+                for peer_id in _cache_left(dht, prefix)
+            ]
+            batched = [(info.batched_steps, info.decode_steps) for info in infos]
+            assert all(steps > 0 for steps, _ in batched), batched  # decode steps of several sessions ran as one forward
+            print(f"requests {sum(done)} ({done}), lowest cache left {lowest}, peer RSS growth MiB {[g / 2**20 for g in growth]}, "
+                  f"batched / decode steps per peer {batched}")
         finally:
             model.close()
