@@ -38,7 +38,7 @@ from swarm.api_schema import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionRequest,
     FineTuneRequest, SimpleChatReply, SimpleChatRequest, Usage,
 )
-from swarm.cli import fail, setup_logging
+from swarm.cli import fail, serve_http, setup_logging
 from swarm.config import LOOPBACK_MADDRS, ClientConfig
 from swarm.errors import ConfigError, SwarmError
 
@@ -362,8 +362,6 @@ def _json_text(exc: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    import uvicorn
-
     from swarm.jobs import JobManager
 
     engine = None
@@ -372,10 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(args.model, args.initial_peers, config)
         extra = ["--swarm-key", str(args.swarm_key)] if args.swarm_key else []
         jobs = JobManager(args.jobs_dir, args.data_root, model=args.model, initial_peers=args.initial_peers, extra_args=extra)
-        app = create_app(engine, jobs, args.api_key)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-        print(f"swarm: API on http://{args.host}:{args.port}/v1 serving {args.model}", flush=True)
-        server.run()
+        serve_http(create_app(engine, jobs, args.api_key), args.host, args.port,
+                   f"swarm: API on http://{args.host}:{args.port}/v1 serving {args.model}")
         return 0
     except SwarmError as exc:
         return fail(str(exc))

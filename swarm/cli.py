@@ -51,6 +51,15 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
+def serve_http(app, host: str, port: int, banner: str) -> None:
+    """Serve an ASGI app with uvicorn until SIGINT / SIGTERM, after printing `banner`."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    print(banner, flush=True)
+    server.run()
+
+
 def fail(message: str) -> int:
     print(f"swarm: error: {message}", file=sys.stderr, flush=True)
     return 2

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from swarm import network
-from swarm.cli import fail, setup_logging
+from swarm.cli import fail, serve_http, setup_logging
 from swarm.config import LOOPBACK_MADDRS, NetworkConfig
 from swarm.crawl import SwarmState, crawl, empty_state
 from swarm.errors import SwarmError
@@ -157,8 +157,6 @@ def create_app(crawler: Crawler):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    import uvicorn
-
     dht = crawler = None
     try:
         swarm_key = SwarmKey.load(args.swarm_key)
@@ -167,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             loopback_only=NetworkConfig(host_maddrs=args.host_maddrs).is_loopback_only(), swarm_key=swarm_key,
         )
         crawler = Crawler(dht, args.period, args.ping_timeout, swarm_key).start()
-        server = uvicorn.Server(uvicorn.Config(create_app(crawler), host=args.host, port=args.port, log_level="warning"))
-        print(f"swarm: dashboard on http://{args.host}:{args.port}/", flush=True)
-        server.run()  # returns on SIGINT / SIGTERM
+        serve_http(create_app(crawler), args.host, args.port, f"swarm: dashboard on http://{args.host}:{args.port}/")
         return 0
     except SwarmError as exc:
         return fail(str(exc))

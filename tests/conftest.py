@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from swarm.local import LocalSwarm  # noqa: E402
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM a process started with start_new_session=True and its whole group; SIGKILL if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 TINY_BLOCKS = 4
 # peers announce a given throughput instead of measuring it (and caching it in the user's cache folder)

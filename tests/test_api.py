@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.models import resolve_model
+
+from tests.conftest import stop_group
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,13 +62,7 @@ class Api:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ a real headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +22,8 @@ from swarm.identity import Identity
 from swarm.local import LocalSwarm
 from swarm.records import MODELS_KEY, block_key
 
-from tests.conftest import PEER_ENV
-from tests.test_dht_records import HOSTILE_VALUES, record
+from tests.conftest import PEER_ENV, stop_group
+from tests.test_dht_records import HOSTILE_VALUES
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,13 +69,7 @@ class Dashboard:
         raise AssertionError(f"timed out waiting for {what}; state: {self.get('/api/v1/state')[1][:2000]}")
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM
 from client.remote import call_info
 from swarm import errors, network
-from swarm.config import LOOPBACK_MADDRS, ClientConfig
+from swarm.config import ClientConfig
 from swarm.local import LocalSwarm
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey

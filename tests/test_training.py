@@ -102,6 +102,29 @@ def test_backward_survives_the_loss_of_the_forward_peer(tiny_model_path, tmp_pat
     assert torch.allclose(prefix.grad, expected_grad, atol=1e-4)
 
 
+def _swarm_lora_equals_peft(model, lora: RemoteLoRA, peft_model, input_ids) -> torch.Tensor:
+    """Loss and backward through the swarm with `lora` and locally with peft: the same loss, and the
+    same A and B gradients in every block; returns the swarm's loss."""
+    expected = peft_model(input_ids=input_ids, labels=input_ids).loss
+    expected.backward()
+    loss = model(input_ids=input_ids, labels=input_ids, lora=lora).loss
+    loss.backward()
+    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5)
+    _assert_lora_grads_equal(lora, peft_model)
+    return loss.detach()
+
+
+def _assert_lora_grads_equal(lora: RemoteLoRA, peft_model) -> None:
+    """Every block's A and B gradients of `lora` equal those of the same adapter in peft, within 1e-4."""
+    parameters = dict(peft_model.named_parameters())
+    for name in lora.target_modules:
+        for block in range(lora.config.num_hidden_layers):
+            prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
+            for ours, theirs in ((lora.a[name].grad[block], "lora_A"), (lora.b[name].grad[block], "lora_B")):
+                want = parameters[f"{prefix}.{theirs}.default.weight"].grad
+                assert torch.allclose(ours, want, atol=1e-4), (name, block, theirs, (ours - want).abs().max())
+
+
 def test_lora_dropout_equals_peft_with_the_same_masks(model, tiny_model_path, tmp_path):
     """LoRA dropout applied by the peers: with peft's dropout modules drawing the same masks
     (`swarm.lora.dropout_mask`), loss and gradients equal peft's; the saved adapter records the
@@ -131,18 +154,7 @@ def test_lora_dropout_equals_peft_with_the_same_masks(model, tiny_model_path, tm
         for name in lora.target_modules:
             getattr(getattr(layer, PROJECTIONS[name]), name).lora_dropout["default"] = SameMasks(block, name)
     input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(19))
-    expected = peft_model(input_ids=input_ids, labels=input_ids).loss
-    expected.backward()
-    loss = model(input_ids=input_ids, labels=input_ids, lora=lora).loss
-    loss.backward()
-    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5)
-    parameters = dict(peft_model.named_parameters())
-    for name in lora.target_modules:
-        for block in range(reference.config.num_hidden_layers):
-            prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
-            for ours, theirs in ((lora.a[name].grad[block], "lora_A"), (lora.b[name].grad[block], "lora_B")):
-                want = parameters[f"{prefix}.{theirs}.default.weight"].grad
-                assert torch.allclose(ours, want, atol=1e-4), (name, block, theirs, (ours - want).abs().max())
+    loss = _swarm_lora_equals_peft(model, lora, peft_model, input_ids)
 
     with torch.no_grad():
         no_dropout = model(input_ids=input_ids, labels=input_ids, lora=lora.eval()).loss
@@ -150,7 +162,7 @@ def test_lora_dropout_equals_peft_with_the_same_masks(model, tiny_model_path, tm
             AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32), tmp_path / "adapter"
         ).eval()
         assert torch.allclose(no_dropout, plain(input_ids=input_ids, labels=input_ids).loss, atol=1e-5)
-        assert not torch.allclose(no_dropout, loss.detach(), atol=1e-4)  # the dropout did something
+        assert not torch.allclose(no_dropout, loss, atol=1e-4)  # the dropout did something
 
 
 def test_long_batches_go_in_pieces_over_every_peer(tiny_model_path, tmp_path, monkeypatch):
@@ -210,12 +222,7 @@ def test_long_batches_go_in_pieces_over_every_peer(tiny_model_path, tmp_path, mo
                 assert torch.allclose(loss, want_loss, atol=1e-5)
                 assert deep_grad.shape == init.shape
                 assert torch.allclose(deep_grad, want_deep, atol=1e-4), (deep_grad - want_deep).abs().max()
-                parameters = dict(peft_model.named_parameters())
-                for name in lora.target_modules:
-                    for block in range(config.num_hidden_layers):
-                        prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
-                        want = parameters[f"{prefix}.lora_B.default.weight"].grad
-                        assert torch.allclose(lora.b[name].grad[block], want, atol=1e-4), (name, block)
+                _assert_lora_grads_equal(lora, peft_model)
         finally:
             model.close()
     peer_ids = {node.maddrs[0].rsplit("/", 1)[-1] for node in nodes}
@@ -314,21 +321,8 @@ def test_lora_gradients_equal_peft(model, tiny_model_path, tmp_path):
     assert {path.name for path in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     peft_model = PeftModel.from_pretrained(reference, tmp_path / "adapter", is_trainable=True).eval()
 
-    generator = torch.Generator().manual_seed(17)
-    input_ids = torch.randint(3, 128, (2, 10), generator=generator)
-    expected = peft_model(input_ids=input_ids, labels=input_ids).loss
-    expected.backward()
-    loss = model(input_ids=input_ids, labels=input_ids, lora=lora).loss
-    loss.backward()
-
-    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5)
-    parameters = dict(peft_model.named_parameters())
-    for name in lora.target_modules:
-        for block in range(reference.config.num_hidden_layers):
-            prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
-            for ours, theirs in ((lora.a[name].grad[block], "lora_A"), (lora.b[name].grad[block], "lora_B")):
-                want = parameters[f"{prefix}.{theirs}.default.weight"].grad
-                assert torch.allclose(ours, want, atol=1e-4), (name, block, theirs, (ours - want).abs().max())
+    input_ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(17))
+    _swarm_lora_equals_peft(model, lora, peft_model, input_ids)
 
     reloaded = RemoteLoRA.from_pretrained(tmp_path / "adapter", reference.config)
     assert all(torch.equal(reloaded.a[name], lora.a[name].detach()) for name in lora.target_modules)
