@@ -51,13 +51,29 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
+class _Stopped(Exception):
+    pass
+
+
 def serve_http(app, host: str, port: int, banner: str) -> None:
-    """Serve an ASGI app with uvicorn until SIGINT / SIGTERM, after printing `banner`."""
+    """Serve an ASGI app with uvicorn until SIGINT / SIGTERM, after printing `banner`; then return,
+    so the caller's clean-up (DHT process, p2pd) runs. uvicorn re-raises the signal once it has
+    stopped: with the default SIGTERM handler that would kill this process before any clean-up."""
     import uvicorn
 
+    def stopped(signum, frame):
+        raise _Stopped()
+
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     print(banner, flush=True)
-    server.run()
+    try:
+        server.run()
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fail(message: str) -> int:

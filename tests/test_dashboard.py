@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from swarm import network
 from swarm.config import LOOPBACK_MADDRS
 from swarm.identity import Identity
+from swarm.jobs import group_alive
 from swarm.local import LocalSwarm
 from swarm.records import MODELS_KEY, block_key
 
@@ -177,6 +179,9 @@ def test_an_empty_swarm_shows_an_empty_state(tmp_path):
             state = board.state()
             assert state["models"] == [] and state["totals"]["peers"] == 0 and state["error"] is None
             assert board.get("/metrics")[0] == 200
+            board.process.send_signal(signal.SIGTERM)  # to the main process only: it stops its DHT process and p2pd itself
+            assert board.process.wait(timeout=30) == 0
+            assert not group_alive(board.process.pid)
         finally:
             board.close()
 
