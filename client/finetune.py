@@ -36,7 +36,7 @@ STATE_FILE = "trainer_state.json"
 PROGRESS_FILE = "progress.json"  # where the run stands, rewritten every few seconds (for watchers such as swarm.api)
 PROGRESS_PERIOD_S = 2.0
 PROMPTS_FILE = "prompts.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"  # written and read by this program only (torch.load with weights_only)
+OPTIMIZER_FILE = "optimizer.safetensors"  # the optimizer's tensors; its settings as JSON in the metadata
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,7 +225,7 @@ def train(args: argparse.Namespace) -> dict:
             matchmaking_time=args.matchmaking_time, verbose=args.verbose,
         )
         if resumed and (args.output / OPTIMIZER_FILE).exists():
-            optimizer.load_state_dict(torch.load(args.output / OPTIMIZER_FILE, weights_only=True))
+            optimizer.load_state_dict(load_optimizer_state(args.output / OPTIMIZER_FILE))
         try:
             if args.min_trainers > 1:
                 wait_for_trainers(model.sequence.dht, args.run_name, args.min_trainers, args.wait_trainers)
@@ -240,11 +240,44 @@ def train(args: argparse.Namespace) -> dict:
         model.close()
 
 
+def save_optimizer_state(state_dict: dict, path: Path) -> None:
+    """An optimizer's state_dict as safetensors (nothing pickled): tensors under `<param>.<name>`,
+    everything else (param groups, steps kept as numbers, hivemind's local epoch) as JSON."""
+    tensors, others = {}, {}
+    for key, entry in state_dict["state"].items():
+        if isinstance(entry, dict):
+            for name, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{key}.{name}"] = value.detach().contiguous()
+                else:
+                    others[f"{key}.{name}"] = value
+        else:
+            others[str(key)] = entry  # hivemind's local_epoch
+    meta = {"param_groups": state_dict["param_groups"], "others": others}
+    save_file(tensors, path, metadata={"optimizer": json.dumps(meta)})
+
+
+def load_optimizer_state(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as stored:
+        meta = json.loads(stored.metadata()["optimizer"])
+        tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+    state: dict = {}
+    for name, value in [*tensors.items(), *meta["others"].items()]:
+        key, _, field = name.partition(".")
+        if field:
+            state.setdefault(int(key), {})[field] = value
+        else:
+            state[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
 def save_checkpoint(folder: Path, base_model: str, trainable: Trainable, optimizer, state: dict) -> None:
     """The trainable values, the optimizer's state (AdamW moments and the run's round) and where the
     loop stands; the state file goes last, so a checkpoint cut short is not taken for a whole one."""
     trainable.save(folder, base_model)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    save_optimizer_state(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     partial = folder / (STATE_FILE + ".partial")
     partial.write_text(json.dumps(state))
     partial.replace(folder / STATE_FILE)

@@ -354,3 +354,24 @@ def test_peer_config_layers_file_environment_and_flags(tmp_path, monkeypatch):
     assert (config.blocks, config.public_name, config.cache_tokens, config.network.new_swarm) == ("0:10", "from-env", 7, True)
     with pytest.raises(errors.ConfigError, match="cache_tokens"):
         config_from_args(parse_args(["--config", str(config_file), "--cache-tokens", "-1"]))
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    from client.finetune import load_optimizer_state, save_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.95))
+    for _ in range(3):
+        sum((p**2).sum() for p in params).backward()
+        optimizer.step()
+    state = optimizer.state_dict()
+    state["state"]["local_epoch"] = 7  # as hivemind.Optimizer adds it
+    save_optimizer_state(state, tmp_path / "optimizer.safetensors")
+    loaded = load_optimizer_state(tmp_path / "optimizer.safetensors")
+    assert loaded["state"].pop("local_epoch") == 7
+    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.5)
+    fresh.load_state_dict(loaded)
+    assert fresh.param_groups[0]["lr"] == 0.01 and tuple(fresh.param_groups[0]["betas"]) == (0.8, 0.95)
+    for index in (0, 1):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[fresh.param_groups[0]["params"][index]][name], optimizer.state[params[index]][name])
