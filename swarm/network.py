@@ -7,6 +7,7 @@ the caller's job (`swarm.records.parse_peer_records`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 from typing import Any, Sequence
@@ -22,6 +23,8 @@ from swarm.swarm_key import SwarmKey
 from swarm.records import MAX_RECORD_TTL_S, MODELS_KEY, ModelRecord, PeerRecord, RecordShapeValidator, block_keys
 
 logger = logging.getLogger(__name__)
+
+LOOKUP_TIMEOUT_S = 60.0
 
 
 def start_dht(
@@ -138,16 +141,26 @@ async def _store_records(
 def fetch_models(dht: hivemind.DHT) -> dict[Any, Any]:
     """Raw subkey (`<dht prefix>[owner:...]`) -> value mapping of the models index (unvalidated;
     may be hostile: see `swarm.records.parse_models`)."""
-    found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=[MODELS_KEY]))
-    return found.get(MODELS_KEY, {})
+    return _lookup(dht, [MODELS_KEY]).get(MODELS_KEY, {})
 
 
 def fetch_block_records(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[dict[Any, Any]]:
     """Raw subkey -> value mappings for blocks 0..num_blocks-1 (signatures checked by hivemind,
     the rest unvalidated: see `swarm.records.parse_peer_records`)."""
     keys = block_keys(dht_prefix, 0, num_blocks)
-    found = dht.run_coroutine(functools.partial(_get_subkey_values, keys=keys))
+    found = _lookup(dht, keys)
     return [found.get(key, {}) for key in keys]
+
+
+def _lookup(dht: hivemind.DHT, keys: list[str]) -> dict[str, dict[Any, Any]]:
+    """A read that cannot hang its caller: a DHT process that stalls (seen once in a test, with
+    hostile records around) gets LOOKUP_TIMEOUT_S, then a transient error."""
+    future = dht.run_coroutine(functools.partial(_get_subkey_values, keys=keys), return_future=True)
+    try:
+        return future.result(timeout=LOOKUP_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise PeerUnavailableError(f"the DHT did not answer a lookup of {len(keys)} keys within {LOOKUP_TIMEOUT_S:.0f} s") from None
 
 
 async def _get_subkey_values(dht: hivemind.DHT, node: DHTNode, *, keys: list[str]) -> dict[str, dict[Any, Any]]:
