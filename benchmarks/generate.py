@@ -1,31 +1,43 @@
 """Single-sequence generation speed: swarms of 1 and 3 peers on loopback against plain transformers.
 
 Measures, in one run and on the same weights: prefill time of a 128-token prompt and greedy decode
-tokens/s over 64 new tokens (medians of --repeats runs), for local transformers in this process and
-through the swarm; prints the ratios and each peer's memory (RSS of its process group). The
-"relay" row turns off peer-to-peer pushes, so every activation goes through the client: the
-difference to the row below it is what the pushes save.
+tokens/s over 64 new tokens, for local transformers and through the swarm, and prints the ratios and
+each peer's memory (RSS of its process group). The "relay" row turns off peer-to-peer pushes, so
+every activation goes through the client: the difference to the row below it is what pushes save.
 
-    .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 3] [--threads 2] [--peer-threads 1]
+The machine is shared and noisy, so every swarm setup is measured in --repeats rounds, and each
+round also measures the local reference right before the swarm: a round's ratio compares numbers
+taken seconds apart, and the printed ratio is the median over rounds.
 
-On a machine with fewer cores than processes (here: 2 cores for a client and 3 peers), peers with
-one thread each run fastest: a second OpenMP thread per peer only adds contention.
+The local reference is plain transformers with --threads threads, measured twice per round: in this
+process, which runs with `GOMP_SPINCOUNT=10000` like the peers and the client (see
+`swarm.cli.limit_openmp_spinning`), and in a subprocess with the environment as the user gave it
+(libgomp's default spinning, unless the user set it). The faster of the two is the reference.
+
+    .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 5] [--threads 2] [--peer-threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from swarm.cli import limit_openmp_spinning  # noqa: E402
+
+USER_ENVIRONMENT = dict(os.environ)  # before limit_openmp_spinning(): what the local reference subprocess gets
+limit_openmp_spinning()  # before torch is imported: this process is the client, on the same cores as the peers
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
 
 from swarm.local import LocalSwarm  # noqa: E402
 
@@ -33,20 +45,73 @@ PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 
 
-def measure(generate, input_ids, repeats: int) -> tuple[float, float]:
-    """(median prefill seconds, median decode tokens/s)."""
-    prefill_s, decode_tps = [], []
+def measure_once(generate, input_ids) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of one generation of NEW_TOKENS tokens."""
+    started = time.perf_counter()
+    generate(input_ids, 1)
+    first_s = time.perf_counter() - started
+    started = time.perf_counter()
+    generate(input_ids, NEW_TOKENS)
+    total_s = time.perf_counter() - started
+    return first_s, (NEW_TOKENS - 1) / max(total_s - first_s, 1e-9)
+
+
+def load_local(model_name: str):
+    from transformers import AutoModelForCausalLM
+
+    from swarm.models import resolve_model
+
+    local = AutoModelForCausalLM.from_pretrained(resolve_model(model_name).path, dtype=torch.float32).eval()
+
+    def generate(ids, new_tokens):
+        return local.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    return generate
+
+
+def prompt_ids() -> torch.Tensor:
+    return torch.randint(100, 10_000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+
+
+def serve_local(model_name: str, threads: int) -> int:
+    """--serve-local: the local reference in this process, one measurement per line read from stdin."""
+    torch.set_num_threads(threads)
+    generate, input_ids = load_local(model_name), prompt_ids()
     generate(input_ids, 2)  # warm-up
-    for _ in range(repeats):
-        started = time.perf_counter()
-        generate(input_ids, 1)
-        first_s = time.perf_counter() - started
-        started = time.perf_counter()
-        generate(input_ids, NEW_TOKENS)
-        total_s = time.perf_counter() - started
-        prefill_s.append(first_s)
-        decode_tps.append((NEW_TOKENS - 1) / max(total_s - first_s, 1e-9))
-    return statistics.median(prefill_s), statistics.median(decode_tps)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(measure_once(generate, input_ids)), flush=True)
+    return 0
+
+
+class LocalReference:
+    """Plain transformers, measured here (spinning limited) and in a subprocess (the user's environment)."""
+
+    def __init__(self, model_name: str, threads: int):
+        self.generate, self.input_ids = load_local(model_name), prompt_ids()
+        self.generate(self.input_ids, 2)
+        self.worker = subprocess.Popen(
+            [sys.executable, __file__, "--serve-local", "--model", model_name, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=USER_ENVIRONMENT,
+        )
+        if self.worker.stdout.readline().strip() != "ready":
+            raise RuntimeError("the local reference subprocess did not start")
+        self.here: list[float] = []
+        self.user_env: list[float] = []
+
+    def measure(self) -> tuple[float, float]:
+        """(prefill seconds, decode tokens/s) of the faster of the two local runs, measured now."""
+        here = measure_once(self.generate, self.input_ids)
+        self.worker.stdin.write("measure\n")
+        self.worker.stdin.flush()
+        user_env = tuple(json.loads(self.worker.stdout.readline()))
+        self.here.append(here[1])
+        self.user_env.append(user_env[1])
+        return max(here, user_env, key=lambda result: result[1])
+
+    def close(self) -> None:
+        self.worker.stdin.close()
+        self.worker.wait(timeout=30)
 
 
 def group_memory_mib(pid: int) -> tuple[float, float]:
@@ -60,20 +125,22 @@ def group_memory_mib(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def swarm_run(
-    model_name: str, splits: list[str], input_ids, repeats: int, threads: int, push: bool
-) -> tuple[float, float, list[tuple[float, float]]]:
-    """Start a bootstrap node and one peer per split (`threads` torch threads each); measure through them.
-
+def swarm_run(model_name: str, splits: list[str], reference: LocalReference, repeats: int, threads: int | None, push: bool) -> dict:
+    """Start a bootstrap node and one peer per split; measure the swarm and the local reference in
+    alternating rounds. `threads`: torch threads per peer (None: torch's choice, all cores).
     `push`: peers send their output straight to the next peer (else only the client relays it)."""
     from client import AutoDistributedModelForCausalLM
     from swarm.config import ClientConfig
 
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
-    with LocalSwarm(log_dir, env={"OMP_NUM_THREADS": str(threads)}) as swarm:
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    extra_args = ["--num-threads", str(threads)] if threads else []
+    with LocalSwarm(log_dir, env=env) as swarm:
+        if not threads:
+            swarm.env.pop("OMP_NUM_THREADS", None)
         swarm.start_bootstrap()
         for blocks in splits:
-            swarm.start_peer(blocks, model=model_name, extra_args=["--num-threads", str(threads)], wait=False)
+            swarm.start_peer(blocks, model=model_name, extra_args=extra_args, wait=False)
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
         model = AutoDistributedModelForCausalLM.from_pretrained(
@@ -83,39 +150,41 @@ def swarm_run(
             def generate(ids, new_tokens):
                 return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
-            prefill_s, decode_tps = measure(generate, input_ids, repeats)
+            generate(reference.input_ids, 2)  # warm-up
+            rounds = []
+            for _ in range(repeats):
+                local_prefill_s, local_tps = reference.measure()
+                prefill_s, tps = measure_once(generate, reference.input_ids)
+                rounds.append((prefill_s, tps, local_prefill_s, local_tps))
         finally:
             model.close()
-        rss = [group_memory_mib(node.pid) for node in swarm.nodes[1:]]
-    return prefill_s, decode_tps, rss
+        memory = [group_memory_mib(node.pid) for node in swarm.nodes[1:]]
+    median = statistics.median
+    return {
+        "prefill_s": median(r[0] for r in rounds), "tps": median(r[1] for r in rounds),
+        "local_prefill_s": median(r[2] for r in rounds), "local_tps": median(r[3] for r in rounds),
+        "ratio": median(r[1] / r[3] for r in rounds), "ratios": [r[1] / r[3] for r in rounds], "memory": memory,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per setup (each: local, then swarm)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (local model, client)")
-    parser.add_argument("--peer-threads", type=int, default=1, help="torch threads of each peer")
+    parser.add_argument("--peer-threads", type=int, default=0, help="torch threads of each peer (0: torch's choice, all cores)")
+    parser.add_argument("--serve-local", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    USER_ENVIRONMENT.setdefault("HF_HUB_OFFLINE", "1")
+    if args.serve_local:
+        return serve_local(args.model, args.threads)
     torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from swarm.models import load_config, resolve_model
 
-    source = resolve_model(args.model)
-    num_blocks = load_config(source).num_hidden_layers
-    input_ids = torch.randint(100, 10_000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-
-    local = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-
-    def local_generate(ids, new_tokens):
-        return local.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-
-    local_prefill, local_tps = measure(local_generate, input_ids, args.repeats)
-    local_rss = psutil.Process().memory_info().rss / 2**20
-
+    num_blocks = load_config(resolve_model(args.model)).num_hidden_layers
+    reference = LocalReference(args.model, args.threads)
     third = num_blocks // 3
     thirds = [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{num_blocks}"]
     runs = {  # name: (peers' blocks, push)
@@ -124,13 +193,22 @@ def main() -> int:
         "swarm, 3 peers": (thirds, True),
     }
     print(f"model {args.model} ({num_blocks} blocks), prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-          f"{args.threads} threads local/client, {args.peer_threads} per peer, medians of {args.repeats}")
-    print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'ratio vs local':>15}  per peer: RSS / group PSS MiB")
-    print(f"{'local':<16} {1000 * local_prefill:>10.0f} {local_tps:>13.1f} {1.0:>15.2f}  (this process: {local_rss:.0f})")
-    for name, (splits, push) in runs.items():
-        prefill_s, tps, rss = swarm_run(args.model, splits, input_ids, args.repeats, args.peer_threads, push)
-        rss_text = ", ".join(f"{main:.0f} / {group:.0f}" for main, group in rss)
-        print(f"{name:<16} {1000 * prefill_s:>10.0f} {tps:>13.1f} {tps / local_tps:>15.2f}  {rss_text}", flush=True)
+          f"{args.threads} threads local/client, {args.peer_threads or 'all'} per peer, {args.repeats} rounds per setup")
+    print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'local tok/s':>12} {'ratio (median)':>15}  "
+          f"ratio per round; per peer: RSS / group PSS MiB")
+    try:
+        for name, (splits, push) in runs.items():
+            result = swarm_run(args.model, splits, reference, args.repeats, args.peer_threads or None, push)
+            rounds = " ".join(f"{ratio:.2f}" for ratio in result["ratios"])
+            memory = ", ".join(f"{rss:.0f} / {pss:.0f}" for rss, pss in result["memory"])
+            print(f"{name:<16} {1000 * result['prefill_s']:>10.0f} {result['tps']:>13.1f} {result['local_tps']:>12.1f} "
+                  f"{result['ratio']:>15.2f}  [{rounds}]; {memory}", flush=True)
+        here, user_env = statistics.median(reference.here), statistics.median(reference.user_env)
+        print(f"local reference, median tokens/s: {here:.1f} in this process (GOMP_SPINCOUNT="
+              f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}), {user_env:.1f} with the user's environment "
+              f"(GOMP_SPINCOUNT={USER_ENVIRONMENT.get('GOMP_SPINCOUNT', 'unset')}); each round used the faster")
+    finally:
+        reference.close()
     return 0
 
 

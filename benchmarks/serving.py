@@ -4,9 +4,10 @@ local swarm (a bootstrap node and 3 peers, 10 blocks each of the default model).
 For N in --streams (default 1, 4, 16), N threads each stream one chat-less completion at a time
 with the `openai` package for --seconds; prints aggregate generated tokens/s, time to first token
 and time per output token (median and p90), and the ratio of aggregate tokens/s at the largest N
-to N = 1. `--batch-steps 1` turns the peers' batching off, for comparison.
+to N = 1. `--max-batch 1` turns the API's batching off (each request its own session, as a plain
+client would), `--batch-steps 1` the peers' batching, for comparison.
 
-    .venv/bin/python benchmarks/serving.py [--streams 1 4 16] [--max-tokens 32] [--seconds 30] [--peer-threads 1]
+    .venv/bin/python benchmarks/serving.py [--streams 1 4 16] [--max-tokens 32] [--seconds 30] [--peer-threads N] [--max-batch 16]
 """
 
 from __future__ import annotations
@@ -90,18 +91,21 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--peer-threads", type=int, default=1)
+    parser.add_argument("--peer-threads", type=int, default=0, help="torch threads per peer (0: torch's choice, all cores)")
     parser.add_argument("--batch-steps", type=int, default=32, help="the peers' --batch-steps (1: no batching)")
+    parser.add_argument("--max-batch", type=int, default=16, help="the API's --max-batch (1: each request alone)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import openai
 
     folder = Path(tempfile.mkdtemp(prefix="swarm-bench-serving-"))
-    with LocalSwarm(folder, env={"OMP_NUM_THREADS": str(args.peer_threads)}) as swarm:
+    threads = ["--num-threads", str(args.peer_threads)] if args.peer_threads else []
+    with LocalSwarm(folder, env={"OMP_NUM_THREADS": str(args.peer_threads)} if args.peer_threads else {}) as swarm:
+        if not args.peer_threads:
+            swarm.env.pop("OMP_NUM_THREADS", None)
         swarm.start_bootstrap()
         for blocks in ("0:10", "10:20", "20:30"):
-            swarm.start_peer(blocks, model="smollm2-135m", wait=False,
-                             extra_args=["--num-threads", str(args.peer_threads), "--batch-steps", str(args.batch_steps)])
+            swarm.start_peer(blocks, model="smollm2-135m", wait=False, extra_args=[*threads, "--batch-steps", str(args.batch_steps)])
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
         with socket.socket() as probe:
@@ -109,7 +113,7 @@ def main() -> int:
             port = probe.getsockname()[1]
         api = subprocess.Popen(
             [sys.executable, "-m", "swarm.api", "--initial-peers", *swarm.initial_peers, "--port", str(port),
-             "--jobs-dir", str(folder / "jobs")],
+             "--jobs-dir", str(folder / "jobs"), "--max-batch", str(args.max_batch)],
             stdout=open(folder / "api.log", "w"), stderr=subprocess.STDOUT, env=swarm.env, start_new_session=True,
         )
         try:
@@ -124,8 +128,9 @@ def main() -> int:
                         raise RuntimeError(f"the API did not start: see {folder / 'api.log'}") from None
                     time.sleep(0.5)
             run_streams(client, 1, 3.0, 4)  # warm-up
-            print(f"default model through the API and 3 peers ({args.peer_threads} thread(s) each, --batch-steps "
-                  f"{args.batch_steps}), {args.max_tokens} new tokens per request, greedy, {args.seconds:.0f} s per row")
+            print(f"default model through the API (--max-batch {args.max_batch}) and 3 peers ({args.peer_threads or 'all'} "
+                  f"thread(s) each, --batch-steps {args.batch_steps}), {args.max_tokens} new tokens per request, greedy, "
+                  f"{args.seconds:.0f} s per row")
             print(f"{'streams':>7} {'requests':>8} {'tokens/s':>9} {'TTFT med/p90 s':>15} {'TPOT med/p90 ms':>16}  "
                   f"CPU s per token: API / peers  failures")
             processes = {"api": api.pid, **{f"peer{index}": node.pid for index, node in enumerate(swarm.nodes[1:])}}

@@ -15,7 +15,9 @@ from hivemind.proto import runtime_pb2
 
 from swarm import errors, protocol
 from swarm.blocks import BlockInputs
-from swarm.messages import PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened
+from swarm.messages import (
+    PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened, SlotStep,
+)
 from swarm.transport import FrameReader, decode_header, encode_frame, frame_tensors, raise_if_error, translated_errors
 
 Request = runtime_pb2.ExpertRequest
@@ -149,11 +151,13 @@ class SpanStream:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(
-        self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None, adapter: str | None = None
+        self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None, adapter: str | None = None,
+        slots: int | None = None,
     ) -> None:
+        """Open the session (`slots`: a batched session of that many sequences, see `step_slots`)."""
         header = OpenSession(
             session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length,
-            batch_size=batch_size, push_from=push_from, adapter=adapter, auth=self.auth,
+            batch_size=batch_size, slots=slots, push_from=push_from, adapter=adapter, auth=self.auth,
         )
         self.push_from = push_from
         self._loop = asyncio.get_running_loop()
@@ -186,6 +190,16 @@ class SpanStream:
                 _read_result(self._reader, self.peer_id, {"hidden_states": inputs.hidden_states.shape}, step_id)
             )
             return hidden_states, pushed
+
+    async def step_slots(self, header: SlotStep, hidden_states: torch.Tensor | None) -> torch.Tensor | None:
+        """One step of a batched session: `hidden_states` [rows, seq, hidden] (None: only releases);
+        returns this peer's output, shaped like it."""
+        header = header.model_copy(update={"tensor_names": [] if hidden_states is None else ["hidden_states"]})
+        self._send(header, [] if hidden_states is None else [hidden_states])
+        expected = {} if hidden_states is None else {"hidden_states": hidden_states.shape}
+        async with translated_errors(self.peer_id[-8:]):
+            outputs, _ = await self._await_reply(_read_result(self._reader, self.peer_id, expected, header.step_id))
+            return outputs[0] if outputs else None
 
     async def _await_reply(self, reading):
         """The reply, within the step timeout. While it is late, ping the peer every LIVENESS_PERIOD_S:

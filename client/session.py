@@ -153,23 +153,10 @@ class InferenceSession:
 
     async def _open_streams(self, start: int, end: int, *, push_from: str | None) -> list[SpanStream]:
         """Streams through [start, end); the first takes pushes from `push_from`, each next one from its predecessor."""
-        streams = []
-        try:
-            for hop in await self.sequence.route(start, end, self.adapter):
-                stream = SpanStream(
-                    self.sequence.p2p, hop.peer_id, self.sequence.dht_prefix, hop.start, hop.end,
-                    self.sequence.config.step_timeout_s, self.sequence.proof(hop.peer_id),
-                )
-                streams.append(stream)
-                await stream.open(self.session_id, self.max_length, self.batch_size, push_from=push_from, adapter=self.adapter)
-                push_from = hop.peer_id
-        except errors.RemoteError as exc:
-            for stream in streams:
-                stream.close()
-            if exc.transient and streams:
-                self.sequence.ban(streams[-1].peer_id)
-            raise
-        return streams
+        return await open_streams(
+            self.sequence, self.session_id, start, end, max_length=self.max_length, batch_size=self.batch_size,
+            adapter=self.adapter, push_from=push_from,
+        )
 
     def _truncate(self, position: int) -> None:
         if position < self.position:
@@ -190,6 +177,32 @@ class InferenceSession:
         for stream in self.streams:
             stream.close()
         self.closed = True
+
+
+async def open_streams(
+    sequence: RemoteSequence, session_id: str, start: int, end: int, *, max_length: int, batch_size: int = 1,
+    adapter: str | None = None, push_from: str | None = None, slots: int | None = None,
+) -> list[SpanStream]:
+    """Streams of session `session_id` through [start, end) over a fresh route. The first takes pushes
+    from `push_from`, each next one from its predecessor (`slots`, a batched session: no pushes). A
+    peer that fails to open is banned and the error raised: the caller decides whether to retry."""
+    streams = []
+    try:
+        for hop in await sequence.route(start, end, adapter):
+            stream = SpanStream(
+                sequence.p2p, hop.peer_id, sequence.dht_prefix, hop.start, hop.end, sequence.config.step_timeout_s,
+                sequence.proof(hop.peer_id),
+            )
+            streams.append(stream)
+            await stream.open(session_id, max_length, batch_size, push_from=push_from, adapter=adapter, slots=slots)
+            push_from = hop.peer_id if slots is None else None
+    except errors.RemoteError as exc:
+        for stream in streams:
+            stream.close()
+        if exc.transient and streams:
+            sequence.ban(streams[-1].peer_id)
+        raise
+    return streams
 
 
 class History:

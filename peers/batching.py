@@ -2,7 +2,8 @@
 thread at the same time run as one batched forward over its blocks.
 
 There is no waiting window: a step that finds the compute thread idle runs at once, alone; steps that
-arrive while it is busy queue up, and the next turn takes all of them (up to `max_steps`) together.
+arrive while it is busy queue up, and the next turn takes all of them (up to `max_steps` rows) together.
+An item may carry several rows (a batched session's decode step, `peers.slots`): it counts as that many.
 Sessions join and leave the batch at any step; each keeps its own KV cache and position
 (`BlockStack.step_batch`). Prefill runs apart, in chunks (`peers.handler`), so a long prompt holds the
 thread for one chunk at a time.
@@ -11,10 +12,24 @@ thread for one chunk at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any, Awaitable, Callable
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DecodeJob:
+    """Decode rows, one new token each, every row continuing its own cache, which may share a forward
+    with other jobs' rows; `finish(inputs, outputs)` makes the job's result of its rows' outputs (on the
+    compute thread). See `peers.handler.BlockServicer._compute_batch`."""
+
+    stack: Any  # swarm.blocks.BlockStack
+    span: tuple[int, int]
+    adapter: Any  # swarm.lora.LoraWeights | None
+    rows: list[tuple[dict, Any, Any, int]]  # tensors, peers.validation.Limits, cache, position
+    finish: Callable[[list, list], Any]
 
 
 class StepBatcher:
@@ -22,14 +37,14 @@ class StepBatcher:
         """`run_compute(job)` runs a job on the compute thread; `run_batch(items)` (called there)
         returns one result or exception per item."""
         self.run_compute, self.run_batch, self.max_steps = run_compute, run_batch, max_steps
-        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._pending: list[tuple[Any, int, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self.steps = self.batched_steps = 0  # steps run, and those run together with others (see rpc_info)
+        self.steps = self.batched_steps = 0  # rows run, and those run together with others (see rpc_info)
 
-    async def submit(self, item) -> Any:
+    async def submit(self, item, rows: int = 1) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, rows, future))
         self._wakeup.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
@@ -40,23 +55,32 @@ class StepBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                batch, self._pending = self._pending[: self.max_steps], self._pending[self.max_steps :]
-                batch = [(item, future) for item, future in batch if not future.cancelled()]
+                batch = self._take_turn()
                 if not batch:
                     continue
-                self.steps += len(batch)
-                self.batched_steps += len(batch) if len(batch) > 1 else 0
+                rows = sum(count for _, count, _ in batch)
+                self.steps += rows
+                self.batched_steps += rows if rows > 1 else 0
                 try:
-                    results = await self.run_compute(lambda items=[item for item, _ in batch]: self.run_batch(items))
+                    results = await self.run_compute(lambda items=[item for item, _, _ in batch]: self.run_batch(items))
                 except Exception as exc:  # the whole turn failed: every step in it gets the error
                     results = [exc] * len(batch)
-                for (_, future), result in zip(batch, results):
+                for (_, _, future), result in zip(batch, results):
                     if future.done():
                         continue
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
                         future.set_result(result)
+
+    def _take_turn(self) -> list[tuple[Any, int, asyncio.Future]]:
+        """The pending items of the next turn: in order, up to max_steps rows (at least one item)."""
+        taken, rows = 0, 0
+        while taken < len(self._pending) and (taken == 0 or rows + self._pending[taken][1] <= self.max_steps):
+            rows += self._pending[taken][1]
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        return [entry for entry in batch if not entry[2].cancelled()]
 
     def close(self) -> None:
         if self._worker is not None:

@@ -2,7 +2,9 @@
 
 A session reserves, when it opens, the cache its longest sequence could need (batch x max_length
 tokens over the peer's blocks) and one session slot; it gives both back when it ends, is closed, or
-is freed after going idle. A session that cannot get them waits up to a limit, then gets a typed
+is freed after going idle. A batched session (`peers.slots`) opens with a session slot only and takes
+cache for each of its sequences as it starts (`take`), without waiting, and gives it back when the
+sequence ends (`give_back`). A session that cannot get them waits up to a limit, then gets a typed
 'overloaded' error. This module only counts and waits; the caches belong to the sessions (see
 `peers.handler`).
 """
@@ -37,6 +39,22 @@ class CacheBudget:
         if self.sessions >= self.max_sessions:
             return 0
         return (self.total_bytes - self.used_bytes) // self.bytes_per_token
+
+    def take(self, tokens: int) -> None:
+        """Reserve the cache of `tokens` now, or raise `OverloadedError` (no waiting: the caller's other
+        sequences would wait with it)."""
+        size = tokens * self.bytes_per_token
+        if size > self.total_bytes:
+            raise SessionLengthError(f"a sequence of {tokens} tokens exceeds this peer's cache of {self.total_tokens} tokens")
+        if self.used_bytes + size > self.total_bytes:
+            left = (self.total_bytes - self.used_bytes) // self.bytes_per_token
+            raise OverloadedError(f"no cache for {tokens} tokens ({left} left)")
+        self.used_bytes += size
+
+    async def give_back(self, tokens: int) -> None:
+        async with self._changed:
+            self.used_bytes -= tokens * self.bytes_per_token
+            self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def reserve(self, tokens: int, timeout_s: float) -> AsyncIterator[None]:

@@ -26,8 +26,9 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from peers.batching import StepBatcher
+from peers.batching import DecodeJob, StepBatcher
 from peers.cache import CacheBudget
+from peers.slots import serve_slots
 from peers.validation import Limits, check_block_inputs, check_grad_outputs, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
@@ -120,7 +121,7 @@ class BlockServicer(BlockService):
             await asyncio.sleep(0.02)
         return not self._running
 
-    def _adapter(self, name: str | None, span: tuple[int, int]) -> LoraWeights | None:
+    def adapter_weights(self, name: str | None, span: tuple[int, int]) -> LoraWeights | None:
         """The LoRA weights of adapter `name` for blocks `span` (None: no adapter)."""
         if name is None:
             return None
@@ -128,7 +129,7 @@ class BlockServicer(BlockService):
             raise errors.BlocksNotServedError(f"adapter {name!r} is not served here (this peer serves {sorted(self.adapters)})")
         return self.adapters[name].for_blocks(*span)
 
-    def _check_serving(self, stack: BlockStack) -> None:
+    def check_serving(self, stack: BlockStack) -> None:
         if self.closing:
             raise errors.PeerUnavailableError("this peer is shutting down")
         if stack is not self.stack and time.monotonic() > self._switched_at + self.handoff_grace_s:
@@ -176,20 +177,20 @@ class BlockServicer(BlockService):
                 raise errors.InvalidRequestError(f"rpc_{what} expects a {what} request, got {header.type!r}")
             check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
             stack = self.stack
-            self._check_serving(stack)
+            self.check_serving(stack)
             span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
             names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
             if kind is BackwardRequest:
                 tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
                 job = functools.partial(_backward_sync, stack, tensors, self.limits, span, header)
             else:
-                adapter = self._adapter(header.adapter, span)
+                adapter = self.adapter_weights(header.adapter, span)
                 job = functools.partial(
                     _forward_sync, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
                 )
             reply = await self._run_compute(job)
         except Exception as exc:  # a bad request must never take the peer down
-            yield self._error_reply(exc, context, what)
+            yield self.error_reply(exc, context, what)
             await _drain_reader(reader)
             return
         logger.debug("%s peer=%s blocks=%d:%d ms=%.1f", what, _short(context), *span, 1000 * (time.perf_counter() - started))
@@ -204,16 +205,21 @@ class BlockServicer(BlockService):
         try:
             opening = await self._read_opening(reader, context)
         except Exception as exc:
-            yield self._error_reply(exc, context, "open")
+            yield self.error_reply(exc, context, "open")
             await _drain_reader(reader)
             return
         span = (opening.start_block, opening.end_block)
         try:
+            if opening.slots is not None:  # a batched session takes cache for each sequence as it starts
+                async with self.cache.reserve(0, self.cache_wait_s):
+                    async for message in serve_slots(self, reader, opening, span, context):
+                        yield message
+                    return
             async with self.cache.reserve(opening.batch_size * opening.max_length, self.cache_wait_s):
                 async for message in self._serve_session(reader, opening, span, context):
                     yield message
         except errors.SwarmError as exc:  # no cache for this session
-            yield self._error_reply(exc, context, "open")
+            yield self.error_reply(exc, context, "open")
             await _drain_reader(reader)
 
     async def _read_opening(self, reader: FrameReader, context: P2PContext) -> OpenSession:
@@ -232,6 +238,10 @@ class BlockServicer(BlockService):
             raise errors.SessionLengthError(f"max_length {opening.max_length} exceeds this peer's {self.limits.max_length}")
         if opening.batch_size > self.limits.max_batch_size:
             raise errors.InvalidRequestError(f"batch size {opening.batch_size} exceeds {self.limits.max_batch_size}")
+        if opening.slots is not None and (opening.batch_size != 1 or opening.push_from is not None):
+            raise errors.InvalidRequestError("a batched session has batch_size 1 per sequence and takes no pushes")
+        if opening.slots is not None and opening.slots > self.limits.max_batch_size:
+            raise errors.InvalidRequestError(f"{opening.slots} slots exceed this peer's largest batch of {self.limits.max_batch_size}")
         return opening
 
     async def _serve_session(self, reader, opening: OpenSession, span, context) -> AsyncIterator[Response]:
@@ -253,7 +263,7 @@ class BlockServicer(BlockService):
 
     async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context) -> AsyncIterator[Response]:
         stack = self.stack  # the session stays on these blocks, even if the peer moves meanwhile
-        adapter = self._adapter(opening.adapter, span)
+        adapter = self.adapter_weights(opening.adapter, span)
         cache = stack.new_cache()
         session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
         (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
@@ -269,7 +279,7 @@ class BlockServicer(BlockService):
             if item is None:
                 return  # the client closed the session
             if isinstance(item, errors.SwarmError):  # a malformed frame: end the session, keep serving others
-                yield self._error_reply(item, context, "step")
+                yield self.error_reply(item, context, "step")
                 await _drain(inbox, pump)
                 return
             if isinstance(item, BaseException):
@@ -280,15 +290,15 @@ class BlockServicer(BlockService):
                 step, tensors = _step_of(source, item)
                 if step.step_id <= last_step_id:
                     continue  # the other copy of this step ran already
-                self._check_serving(stack)
+                self.check_serving(stack)
                 reply, push = await self._session_step(
                     opening.session_id, stack, cache, step, tensors, session_limits, span, adapter
                 )
             except errors.SwarmError as exc:  # refused before any compute: the cache is intact
-                yield self._error_reply(exc, context, f"step ({source})", step_id=getattr(step, "step_id", None))
+                yield self.error_reply(exc, context, f"step ({source})", step_id=getattr(step, "step_id", None))
                 continue
             except Exception as exc:  # failed mid-compute: the cache may be half-updated, end the session
-                yield self._error_reply(exc, context, "step", step_id=getattr(step, "step_id", None))
+                yield self.error_reply(exc, context, "step", step_id=getattr(step, "step_id", None))
                 await _drain(inbox, pump)
                 return
             last_step_id = step.step_id
@@ -324,7 +334,7 @@ class BlockServicer(BlockService):
             check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
             self._deliver(header, name_tensors(header, tensors, INPUT_TENSORS), str(context.remote_id))
         except Exception as exc:
-            return self._error_reply(exc, context, "push")
+            return self.error_reply(exc, context, "push")
         return Response()
 
     def _deliver(self, header: PushStep, tensors: dict[str, torch.Tensor], sender: str) -> None:
@@ -360,19 +370,39 @@ class BlockServicer(BlockService):
         push_auth = None
         if step is not None and step[1].push_to:
             push_auth = make_proof(self.swarm_key, self.peer_id or "", step[1].push_to[0])
-        item = (stack, tensors, limits, cache, span, position, step, push_auth, adapter)
-        if step is not None and self.batcher is not None and _is_decode_step(tensors, stack, cache, span, position):
-            return await self.batcher.submit(item)
+        if step is not None and _is_decode_step(tensors, stack, cache, span, position):
+            finish = functools.partial(_finish_step, step, span, push_auth)
+            return await self.run_decode(DecodeJob(stack, span, adapter, [(tensors, limits, cache, position)], finish))
         hidden_states = tensors.get("hidden_states")
         if step is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] > PREFILL_CHUNK:
-            return await self._chunked_prefill(item)
-        return await self._run_compute(functools.partial(self._compute_sync, *item))
+            inputs = await self._run_compute(functools.partial(_checked_inputs, stack, tensors, limits, cache, span, position, adapter))
+            outputs = await self._run_chunks(stack, inputs, cache, span, position)
+            return _step_reply(step, span, inputs, outputs, push_auth)
+        return await self._run_compute(functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth, adapter))
 
-    async def _chunked_prefill(self, item):
-        """A long session step in chunks of PREFILL_CHUNK tokens, one compute job each, so that other
-        sessions' decode steps run in between instead of waiting for the whole prompt."""
-        stack, tensors, limits, cache, span, position, step, push_auth, adapter = item
+    async def run_decode(self, job: DecodeJob):
+        """Decode rows, batched with other sessions' rows waiting at the same time (if batching is on)."""
+        if self.batcher is not None:
+            return await self.batcher.submit(job, rows=len(job.rows))
+        (result,) = await self._run_compute(functools.partial(self._compute_batch, [job]))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def run_sequence(self, stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter=None) -> torch.Tensor:
+        """One sequence's step (validated, its cache rolled back to `position`), in PREFILL_CHUNK pieces if long."""
+        if tensors["hidden_states"].shape[1] <= PREFILL_CHUNK:
+            def job() -> torch.Tensor:
+                inputs = _checked_inputs(stack, tensors, limits, cache, span, position, adapter)
+                return stack(inputs, cache, span).cpu()
+
+            return await self._run_compute(job)
         inputs = await self._run_compute(functools.partial(_checked_inputs, stack, tensors, limits, cache, span, position, adapter))
+        return await self._run_chunks(stack, inputs, cache, span, position)
+
+    async def _run_chunks(self, stack: BlockStack, inputs: BlockInputs, cache, span, position: int) -> torch.Tensor:
+        """A long step in chunks of PREFILL_CHUNK tokens, one compute job each, so that other sessions'
+        decode steps run in between instead of waiting for the whole prompt."""
         outputs = []
         for first in range(0, inputs.hidden_states.shape[1], PREFILL_CHUNK):
             last = first + PREFILL_CHUNK
@@ -382,32 +412,41 @@ class BlockServicer(BlockService):
                 attention_mask=None if inputs.attention_mask is None else inputs.attention_mask[:, : position + last],
             )
             outputs.append(await self._run_compute(functools.partial(stack, piece, cache, span)))
-        return _step_reply(step, span, inputs, torch.cat(outputs, dim=1).cpu(), push_auth)
+        return torch.cat(outputs, dim=1).cpu()
 
     @staticmethod
-    def _compute_batch(items: list) -> list:
-        """Decode steps of several sessions (on the compute thread): validated one by one, then each
-        group that can share a forward (same blocks, same adapter) as one batch."""
-        results: list = [None] * len(items)
-        groups: dict[tuple, list[tuple[int, BlockInputs]]] = {}
-        for number, (stack, tensors, limits, cache, span, position, step, push_auth, adapter) in enumerate(items):
+    def _compute_batch(jobs: list[DecodeJob]) -> list:
+        """Decode rows of several jobs (on the compute thread): validated one by one, then each group
+        that can share a forward (same blocks, same adapter) as one batch; one result per job."""
+        results: list = [None] * len(jobs)
+        checked: dict[int, list[BlockInputs]] = {}
+        groups: dict[tuple, list[tuple[int, BlockInputs, object]]] = {}
+        for number, job in enumerate(jobs):
             try:
-                inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
-                groups.setdefault((id(stack), span, id(adapter)), []).append((number, inputs))
+                checked[number] = [
+                    dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=job.adapter)
+                    for tensors, limits, _, position in job.rows
+                ]
             except Exception as exc:
                 results[number] = exc
-        for (_, span, _), members in groups.items():
-            stack = items[members[0][0]][0]
+                continue
+            members = groups.setdefault((id(job.stack), job.span, id(job.adapter)), [])
+            members.extend((number, inputs, row[2]) for inputs, row in zip(checked[number], job.rows))
+        outputs: dict[int, list[torch.Tensor]] = {number: [] for number in checked}
+        for members in groups.values():
+            job = jobs[members[0][0]]
             try:
-                outputs = stack.step_batch([(inputs, items[number][3]) for number, inputs in members], span)
+                batch_outputs = job.stack.step_batch([(inputs, cache) for _, inputs, cache in members], job.span)
             except Exception as exc:
-                for number, _ in members:
+                for number, _, _ in members:
                     results[number] = exc
                 continue
-            for (number, inputs), output in zip(members, outputs):
-                session_step, push_auth = items[number][6], items[number][7]
+            for (number, _, _), output in zip(members, batch_outputs):
+                outputs[number].append(output)
+        for number in checked:
+            if results[number] is None:
                 try:
-                    results[number] = _step_reply(session_step, span, inputs, output.cpu(), push_auth)
+                    results[number] = jobs[number].finish(checked[number], outputs[number])
                 except Exception as exc:
                     results[number] = exc
         return results
@@ -425,7 +464,7 @@ class BlockServicer(BlockService):
         inputs = _checked_inputs(stack, tensors, limits, cache, span, position, adapter)
         return _step_reply(step, span, inputs, stack(inputs, cache, span).cpu(), push_auth)
 
-    def _error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
+    def error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
         if isinstance(exc, TimeoutError):
             exc = errors.PeerTimeoutError(f"no {what} request within {self.session_idle_timeout_s} s")
         if isinstance(exc, errors.SwarmError):
@@ -457,6 +496,10 @@ def _step_reply(step, span, inputs: BlockInputs, outputs: torch.Tensor, push_aut
     if step.push_to:
         push = _push_message(session_id, step, span[1], dataclasses.replace(inputs, hidden_states=outputs), push_auth)
     return reply, push
+
+
+def _finish_step(step, span, push_auth, inputs: list[BlockInputs], outputs: list[torch.Tensor]):
+    return _step_reply(step, span, inputs[0], outputs[0].cpu(), push_auth)
 
 
 def _is_decode_step(tensors: dict, stack: BlockStack, cache, span, position: int) -> bool:

@@ -8,9 +8,10 @@
     POST /fine-tune                start a fine-tuning job through the swarm (`swarm.jobs`)
     GET  /jobs, GET /jobs/{id}     status, progress, loss;  DELETE /jobs/{id} cancels
 
-One swarm connection (one DHT node, one `AutoDistributedModelForCausalLM`) serves every request;
-each generation runs in its own thread with its own inference session, so concurrent requests run
-concurrently and meet in the peers. Streams are server-sent events, token pieces as they come.
+One swarm connection (one DHT node, one `AutoDistributedModelForCausalLM`) serves every request.
+Concurrent requests are generated together (`swarm.api_engine`): one batched session carries all of
+them, so each step is one forward and one message per peer. Streams are server-sent events, token
+pieces as they come.
 Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -18,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import logging
 import secrets
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
-import torch
 from fastapi import Depends, FastAPI, Request  # module level: FastAPI resolves the route annotations here
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,13 +36,14 @@ from swarm.api_schema import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionRequest,
     FineTuneRequest, SimpleChatReply, SimpleChatRequest, Usage,
 )
-from swarm.cli import fail, serve_http, setup_logging
+from swarm.cli import fail, limit_openmp_spinning, serve_http, setup_logging
 from swarm.config import LOOPBACK_MADDRS, ClientConfig
 from swarm.errors import ConfigError, SwarmError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from swarm.api_engine import Engine
 
-MAX_CONCURRENT_GENERATIONS = 64
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,92 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("."), help="fine-tuning datasets and outputs must be under this folder")
     parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
     parser.add_argument("--swarm-key", type=Path)
-    return parser.parse_args(argv)
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="requests generated together in one batched session (1: each request alone)")
+    parser.add_argument("--max-length", type=int, help="longest prompt + completion, in tokens (default: the model's, at most 8192)")
+    args = parser.parse_args(argv)
+    if args.max_batch < 1 or (args.max_length is not None and args.max_length < 2):
+        parser.error("--max-batch must be at least 1 and --max-length at least 2")
+    return args
 
 
-class Engine:
-    """The swarm connection, the tokenizer, and one generation at a time per thread."""
-
-    def __init__(self, model_name: str, initial_peers: list[str], config: ClientConfig):
-        from transformers import AutoTokenizer
-
-        from client import AutoDistributedModelForCausalLM
-
-        self.name = model_name
-        self.model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=initial_peers, client_config=config)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
-        self.executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT_GENERATIONS, thread_name_prefix="generate")
-
-    def encode(self, prompt: str) -> torch.Tensor:
-        return self.tokenizer(prompt, return_tensors="pt").input_ids
-
-    def encode_chat(self, messages: list[ChatMessage]) -> torch.Tensor:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"model {self.name} has no chat template: use /v1/completions")
-        ids = self.tokenizer.apply_chat_template(
-            [message.model_dump() for message in messages], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        return ids
-
-    async def generate(
-        self, input_ids: torch.Tensor, *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
-        stops: list[str], adapter: str | None,
-    ) -> AsyncIterator[tuple[str, str | None, int]]:
-        """Yield (text piece, finish reason or None, tokens generated so far); the last item has the
-        finish reason ("stop": end of sequence or a stop string; "length": max_tokens)."""
-        from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
-
-        from client.sampling import generation_kwargs
-
-        loop = asyncio.get_running_loop()
-        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stopped = threading.Event()
-        generated = [0]
-
-        class Stop(StoppingCriteria):
-            def __call__(self, ids, scores, **kwargs):
-                generated[0] = ids.shape[1] - input_ids.shape[1]
-                return torch.full((ids.shape[0],), stopped.is_set(), dtype=torch.bool)
-
-        kwargs = generation_kwargs(max_tokens, temperature, top_p, seed)
-        extra = {} if adapter is None else {"adapter": adapter}
-
-        def run():
-            try:
-                return self.model.generate(input_ids, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs, **extra)
-            finally:
-                loop.call_soon_threadsafe(streamer.text_queue.put_nowait, streamer.stop_signal)  # always end the stream
-
-        task = loop.run_in_executor(self.executor, run)
-        text, sent, reason = "", 0, None
-        hold = max((len(stop) for stop in stops), default=1) - 1  # a piece that may begin a stop string waits
-        try:
-            async for piece in streamer:
-                text += piece
-                cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                    stopped.set()
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent : len(text) - hold], None, generated[0]
-                    sent = len(text) - hold
-            output = await task
-        finally:
-            stopped.set()
-        new_tokens = output.shape[1] - input_ids.shape[1]
-        if reason is None:
-            eos = self.model.generation_config.eos_token_id
-            eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-            reason = "stop" if new_tokens < max_tokens or (new_tokens and int(output[0, -1]) in eos) else "length"
-        yield text[sent:], reason, new_tokens
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.model.close()
-
-
-def create_app(engine: Engine, jobs, api_key: str | None = None):
+def create_app(engine: "Engine", jobs, api_key: str | None = None):
     app = FastAPI(title="swarm API", docs_url="/docs", redoc_url=None)
 
     def error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -190,7 +113,7 @@ def create_app(engine: Engine, jobs, api_key: str | None = None):
     async def list_models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "swarm"}]}
 
-    async def choices(requests: list[tuple[int, torch.Tensor, int | None]], body) -> list[tuple[int, str, str, int]]:
+    async def choices(requests: list[tuple[int, object, int | None]], body) -> list[tuple[int, str, str, int]]:
         async def one(index, ids, seed):
             text, reason, tokens = "", None, 0
             async for piece, reason, tokens in engine.generate(
@@ -362,12 +285,14 @@ def _json_text(exc: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    limit_openmp_spinning()  # before torch is imported: peers may share these cores
+    from swarm.api_engine import Engine
     from swarm.jobs import JobManager
 
     engine = None
     try:
         config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key)
-        engine = Engine(args.model, args.initial_peers, config)
+        engine = Engine(args.model, args.initial_peers, config, max_batch=args.max_batch, max_length=args.max_length)
         extra = ["--swarm-key", str(args.swarm_key)] if args.swarm_key else []
         jobs = JobManager(args.jobs_dir, args.data_root, model=args.model, initial_peers=args.initial_peers, extra_args=extra)
         serve_http(create_app(engine, jobs, args.api_key), args.host, args.port,

@@ -1,6 +1,7 @@
-"""Shared plumbing of the entrypoints: logging set-up, and running until SIGINT/SIGTERM.
+"""Shared plumbing of the entrypoints: logging set-up, OpenMP's idle spinning, and running until
+SIGINT/SIGTERM.
 
-Only entrypoints call these; importing swarm modules never configures logging.
+Only entrypoints call these; importing swarm modules never configures logging or the environment.
 """
 
 from __future__ import annotations
@@ -8,11 +9,31 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import logging
+import os
 import signal
 import sys
 from typing import Awaitable, Callable
 
 from swarm.errors import SwarmError
+
+
+# Iterations an idle OpenMP thread (libgomp, torch's CPU thread pool) spins before it sleeps. libgomp's
+# default, 300,000, keeps a thread busy for milliseconds after every forward; where a client and peers
+# share the cores, each process's spinning threads slow the one computing (measured here: 3 peers
+# with 2 threads each went from 0.8x to 0.95x local decode speed with 10,000). Within a forward the
+# gaps between operations are far shorter, so 10,000 costs the compute itself nothing measurable.
+OPENMP_SPIN_COUNT = "10000"
+
+
+def limit_openmp_spinning() -> None:
+    """Make idle OpenMP threads sleep soon, unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+
+    libgomp reads the setting when it loads, so this must run before torch is imported."""
+    if "torch" in sys.modules:
+        logging.getLogger(__name__).debug("torch is already imported: GOMP_SPINCOUNT left as it is")
+        return
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swarm.cli import setup_logging
+from swarm.cli import limit_openmp_spinning, setup_logging
 from swarm.local import LocalSwarm
 
 PROMPT = "The capital of France is"
@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     setup_logging()
+    limit_openmp_spinning()  # this process is the client, on the same cores as the peers
 
     from swarm.models import DEFAULT_MODEL, resolve_model
 
     print(f"swarm demo: preparing {DEFAULT_MODEL} (converted once into the user cache)", flush=True)
     resolve_model(DEFAULT_MODEL)
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
-    with LocalSwarm(log_dir, env={"OMP_NUM_THREADS": "1"}) as swarm:
+    with LocalSwarm(log_dir) as swarm:  # peers use every core; idle ones sleep (limit_openmp_spinning)
         print("swarm demo: starting a bootstrap node and 3 peers on 127.0.0.1 ...", flush=True)
         swarm.start_bootstrap()
         for index, blocks in enumerate(("0:10", "10:20", "20:30")):

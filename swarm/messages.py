@@ -15,6 +15,7 @@ from swarm.records import MAX_BLOCKS
 MAX_SESSION_ID_CHARS = 64
 MAX_TENSORS_PER_FRAME = 24  # inputs, deep prompts, a gradient and LoRA A/B of 7 projections
 MAX_PUSH_HOPS = 32
+MAX_SLOTS = 1024  # sequences of one batched session (peers also cap them at their max batch size)
 PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
 LoraScaling = Annotated[
     float | None, Field(default=None, ge=0, le=1e4, allow_inf_nan=False, description="alpha / r of the LoRA tensors sent")
@@ -73,6 +74,11 @@ class OpenSession(_Message):
     end_block: int = Field(gt=0, le=MAX_BLOCKS)
     max_length: int = Field(gt=0, le=2**20, description="tokens per sequence the session may reach")
     batch_size: int = Field(gt=0, le=1024)
+    slots: int | None = Field(
+        default=None, gt=0, le=MAX_SLOTS,
+        description="a batched session: this many independent sequences, each with its own cache and position, "
+        "stepped with SlotStep (batch_size must be 1, max_length is per sequence, no pushes)",
+    )
     push_from: PeerIdText | None = Field(
         default=None, description="the previous hop's peer id: the only peer allowed to push steps into this session"
     )
@@ -92,6 +98,28 @@ class InferenceStep(_Message):
         default_factory=list, max_length=MAX_PUSH_HOPS,
         description="the following hops' peer ids: send this step's output straight to the first, which passes it on",
     )
+
+
+SlotIndex = Annotated[int, Field(ge=0, lt=MAX_SLOTS)]
+
+
+class SlotStep(_Message):
+    """One step of some sequences of a batched session (`OpenSession.slots`): row i of hidden_states
+    [rows, seq, hidden] continues sequence `slots[i]` from `positions[i]`.
+
+    A row at position 0 starts its slot's sequence anew and reserves cache for `lengths[i]` tokens, the
+    most that sequence may reach; a position below what the slot holds rolls it back first. Several rows
+    make a decode step (seq 1); a longer step carries one row. `release` frees slots whose sequences
+    ended, before the step runs; a step may carry no rows and only release slots."""
+
+    type: Literal["slots"] = "slots"
+    step_id: int = Field(ge=0, description="increases with every step of the session")
+    slots: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
+    positions: list[Annotated[int, Field(ge=0, le=2**20)]] = Field(default_factory=list, max_length=MAX_SLOTS)
+    lengths: list[Annotated[int, Field(gt=0, le=2**20)]] = Field(
+        default_factory=list, max_length=MAX_SLOTS, description="tokens each row's sequence may reach"
+    )
+    release: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
 
 
 class PushStep(_Message):
@@ -149,7 +177,7 @@ class PeerInfo(BaseModel):
 
 
 PeerRequest = Annotated[
-    Union[ForwardRequest, BackwardRequest, OpenSession, InferenceStep, PushStep], Field(discriminator="type")
+    Union[ForwardRequest, BackwardRequest, OpenSession, InferenceStep, SlotStep, PushStep], Field(discriminator="type")
 ]
 PeerReply = Annotated[Union[SessionOpened, Result, ErrorReply], Field(discriminator="type")]
 

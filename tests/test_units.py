@@ -375,3 +375,81 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     for index in (0, 1):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(fresh.state[fresh.param_groups[0]["params"][index]][name], optimizer.state[params[index]][name])
+
+
+def _slot_step(**fields) -> "SlotStep":
+    from swarm.messages import SlotStep
+
+    return SlotStep(step_id=0, **fields)
+
+
+def test_slot_steps_plan_starts_continuations_and_releases():
+    from peers.slots import RowPlan, plan_step
+
+    held = {0: (5, 20), 1: (3, 10)}  # slot -> (cached tokens, reserved tokens)
+    plan = functools.partial(plan_step, slots=4, max_length=64)
+    assert plan(_slot_step(slots=[2], positions=[0], lengths=[30]), held, shape=(1, 7)) == [RowPlan(2, 0, 30, True)]
+    decode = plan(_slot_step(slots=[1, 0], positions=[3, 5], lengths=[1, 1]), held, shape=(2, 1))
+    assert decode == [RowPlan(1, 3, 10, False), RowPlan(0, 5, 20, False)]  # continuing rows keep their reservation
+    assert plan(_slot_step(slots=[0], positions=[0], lengths=[9], release=[0]), held, shape=(1, 9))[0].start
+    assert plan(_slot_step(release=[0, 1]), held, shape=None) == []
+    refused = [
+        (_slot_step(slots=[0], positions=[5], lengths=[1], release=[0]), (1, 1), errors.InvalidRequestError),  # released
+        (_slot_step(slots=[0], positions=[4], lengths=[1]), (1, 1), errors.InvalidRequestError),  # not where it stands
+        (_slot_step(slots=[0], positions=[5], lengths=[1]), (1, 16), errors.SessionLengthError),  # past its reservation
+        (_slot_step(slots=[2], positions=[0], lengths=[65]), (1, 3), errors.SessionLengthError),  # over max_length
+        (_slot_step(slots=[2], positions=[0], lengths=[2]), (1, 3), errors.SessionLengthError),  # shorter than its prompt
+        (_slot_step(slots=[3], positions=[1], lengths=[1]), (1, 1), errors.InvalidRequestError),  # holds nothing
+        (_slot_step(slots=[4], positions=[0], lengths=[8]), (1, 1), errors.InvalidRequestError),  # no such slot
+        (_slot_step(slots=[0, 0], positions=[5, 5], lengths=[1, 1]), (2, 1), errors.InvalidRequestError),
+        (_slot_step(slots=[0, 1], positions=[5, 3], lengths=[1]), (2, 1), errors.InvalidRequestError),
+        (_slot_step(slots=[0, 1], positions=[5, 3], lengths=[1, 1]), (2, 2), errors.InvalidRequestError),  # decode is 1 token
+        (_slot_step(slots=[0, 2], positions=[5, 0], lengths=[1, 8]), (2, 1), errors.InvalidRequestError),  # starts alone
+        (_slot_step(slots=[0], positions=[5], lengths=[1]), (2, 1), errors.InvalidRequestError),  # rows != slots
+        (_slot_step(slots=[0], positions=[5], lengths=[1]), None, errors.InvalidRequestError),  # no hidden states
+        (_slot_step(release=[1, 1]), None, errors.InvalidRequestError),
+        (_slot_step(), (1, 1), errors.InvalidRequestError),  # hidden states without slots
+    ]
+    for step, shape, kind in refused:
+        with pytest.raises(kind):
+            plan(step, held, shape=shape)
+
+
+def test_cache_budget_takes_without_waiting_and_gives_back():
+    async def run():
+        budget = CacheBudget(total_bytes=100, bytes_per_token=10, max_sessions=2)
+        budget.take(6)
+        with pytest.raises(errors.OverloadedError):
+            budget.take(5)
+        with pytest.raises(errors.SessionLengthError):
+            budget.take(11)
+        await budget.give_back(6)
+        budget.take(10)
+        assert budget.tokens_left == 0
+
+    asyncio.run(run())
+
+
+def test_step_batcher_counts_rows_per_turn():
+    from peers.batching import StepBatcher
+
+    async def run():
+        turns = []
+
+        async def run_compute(job):
+            await asyncio.sleep(0.01)
+            return job()
+
+        def run_batch(items):
+            turns.append(list(items))
+            return items
+
+        batcher = StepBatcher(run_compute, run_batch, max_steps=4)
+        results = await asyncio.gather(*(batcher.submit(name, rows) for name, rows in [("a", 1), ("b", 3), ("c", 2), ("d", 5), ("e", 1)]))
+        batcher.close()
+        return results, turns
+
+    results, turns = asyncio.run(run())
+    assert results == ["a", "b", "c", "d", "e"]
+    # all five wait before the first turn: a turn takes items in order up to 4 rows, and at least one item
+    assert turns == [["a", "b"], ["c"], ["d"], ["e"]]

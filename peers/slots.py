@@ -1,0 +1,169 @@
+"""Batched sessions: one inference stream carrying many independent sequences ("slots"), each with its
+own KV cache, position and cache reservation, stepped together: a decode step of k sequences is one
+message in, one batched forward (shared with other sessions' decode steps waiting at the same time),
+one message out.
+
+`plan_step` checks a `SlotStep` against the session's slots (pure); `serve_slots` runs a session
+through the servicer (`peers.handler`): a sequence's prefill runs in chunks, decode rows join the
+peer's batches. A slot reserves cache for its sequence when it starts and gives it back when it is
+released, restarted or the session ends. No pushes: the client relays every step (`client.batched`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import AsyncIterator
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from peers.batching import DecodeJob
+from peers.validation import Limits
+from swarm import errors
+from swarm.messages import PEER_REQUEST, OpenSession, Result, SessionOpened, SlotStep
+from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
+
+logger = logging.getLogger(__name__)
+
+Response = runtime_pb2.ExpertResponse
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    slot: int
+    position: int
+    length: int  # tokens reserved for the slot's sequence
+    start: bool  # position 0: the slot starts a new sequence (a fresh cache, `length` tokens reserved)
+
+
+def plan_step(
+    step: SlotStep, held: dict[int, tuple[int, int]], *, slots: int, max_length: int, shape: tuple[int, int] | None
+) -> list[RowPlan]:
+    """What each row of `step` does, or the error that refuses the whole step before anything changes.
+
+    `held`: slot -> (tokens in its cache, tokens reserved) before the step; `shape`: (rows, seq) of the
+    step's hidden states (None: no tensor)."""
+    rows = len(step.slots)
+    if len(step.positions) != rows or len(step.lengths) != rows:
+        raise errors.InvalidRequestError(f"{rows} slots need as many positions and lengths, got {len(step.positions)} and {len(step.lengths)}")
+    for name, values in (("slots", step.slots), ("release", step.release)):
+        if len(set(values)) != len(values):
+            raise errors.InvalidRequestError(f"{name} lists a slot twice")
+        if any(value >= slots for value in values):
+            raise errors.InvalidRequestError(f"{name} must lie in 0..{slots - 1}")
+    if rows == 0:
+        if shape is not None:
+            raise errors.InvalidRequestError("a step without slots carries no hidden states")
+        return []
+    if shape is None or shape[0] != rows:
+        raise errors.InvalidRequestError(f"hidden_states must have one row per slot ({rows}), got {None if shape is None else shape[0]}")
+    seq = shape[1]
+    if rows > 1 and seq != 1:
+        raise errors.InvalidRequestError("a step of several slots is a decode step: one token per row")
+    remaining = {slot: value for slot, value in held.items() if slot not in step.release}
+    plans = []
+    for slot, position, length in zip(step.slots, step.positions, step.lengths):
+        if position == 0:
+            if rows > 1:
+                raise errors.InvalidRequestError(f"slot {slot} starts at position 0: a sequence starts in a step of its own")
+            if not seq <= length <= max_length:
+                raise errors.SessionLengthError(f"slot {slot}: length {length} must lie in {seq}..{max_length}")
+            plans.append(RowPlan(slot, 0, length, True))
+            continue
+        if slot not in remaining:
+            raise errors.InvalidRequestError(f"slot {slot} holds no sequence: start it at position 0")
+        cached, reserved = remaining[slot]
+        if position != cached:
+            raise errors.InvalidRequestError(f"slot {slot} holds {cached} tokens: continue at {cached} or restart at 0, not {position}")
+        if position + seq > reserved:
+            raise errors.SessionLengthError(f"slot {slot}: {position} + {seq} tokens exceed its length of {reserved}")
+        plans.append(RowPlan(slot, position, reserved, False))
+    return plans
+
+
+@dataclasses.dataclass
+class _Slot:
+    cache: object  # a DynamicCache over the session's blocks
+    length: int  # tokens reserved
+
+
+async def serve_slots(servicer, reader: FrameReader, opening: OpenSession, span: tuple[int, int], context) -> AsyncIterator[Response]:
+    """A batched session's steps until the client closes it, goes idle, or sends a malformed frame."""
+    stack = servicer.stack  # the session stays on these blocks, even if the peer moves meanwhile
+    adapter = servicer.adapter_weights(opening.adapter, span)
+    table: dict[int, _Slot] = {}
+    steps = 0
+    (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
+    yield reply
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(servicer.session_idle_timeout_s):
+                    frame = await reader.read()
+            except TimeoutError:
+                logger.info("batched session %s idle for %.0f s: freeing its cache", opening.session_id[:8], servicer.session_idle_timeout_s)
+                return
+            except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
+                yield servicer.error_reply(exc, context, "slot step")
+                return
+            if frame is None:
+                return
+            step = None
+            try:
+                step = decode_header(PEER_REQUEST, frame[0])
+                if not isinstance(step, SlotStep):
+                    raise errors.InvalidRequestError(f"a batched session takes slot steps, got {step.type!r}")
+                outputs = await _run_step(servicer, stack, adapter, table, opening, span, step, frame[1])
+            except errors.SwarmError as exc:  # refused before any compute: the caches are intact
+                yield servicer.error_reply(exc, context, "slot step", step_id=getattr(step, "step_id", None))
+                continue
+            except Exception as exc:  # failed mid-compute: caches may be half-updated, end the session
+                yield servicer.error_reply(exc, context, "slot step", step_id=getattr(step, "step_id", None))
+                return
+            steps += 1
+            names = ["hidden_states"] if outputs is not None else []
+            for message in encode_frame(Result(tensor_names=names, step_id=step.step_id), [] if outputs is None else [outputs], Response):
+                yield message
+    finally:
+        for slot in table.values():
+            await servicer.cache.give_back(slot.length)
+        logger.info("batched session %s on blocks %d:%d ended after %d steps", opening.session_id[:8], *span, steps)
+
+
+async def _run_step(servicer, stack, adapter, table: dict[int, _Slot], opening: OpenSession, span, step: SlotStep, tensors) -> torch.Tensor | None:
+    named = name_tensors(step, tensors, ("hidden_states",)) if tensors or step.tensor_names else {}
+    hidden_states = named.get("hidden_states")
+    if hidden_states is not None and hidden_states.ndim != 3:
+        raise errors.InvalidRequestError(f"hidden_states must be [rows, seq, hidden], got {list(hidden_states.shape)}")
+    servicer.check_serving(stack)
+    held = {slot: (stack.cache_length(entry.cache, span[0]), entry.length) for slot, entry in table.items()}
+    shape = None if hidden_states is None else (hidden_states.shape[0], hidden_states.shape[1])
+    plans = plan_step(step, held, slots=opening.slots, max_length=opening.max_length, shape=shape)
+    for slot in step.release:
+        await _free(servicer, table, slot)
+    for plan in plans:
+        if plan.start:
+            await _free(servicer, table, plan.slot)
+            servicer.cache.take(plan.length)  # OverloadedError: the client tries again later
+            table[plan.slot] = _Slot(stack.new_cache(), plan.length)
+    if not plans:
+        return None
+    hidden_size = servicer.limits.hidden_size
+    rows = [({"hidden_states": hidden_states[index : index + 1]}, Limits(hidden_size, 1, plan.length), table[plan.slot].cache, plan.position)
+            for index, plan in enumerate(plans)]
+    if len(plans) == 1 and (plans[0].start or hidden_states.shape[1] > 1):  # one sequence's prefill
+        tensors_row, limits, cache, position = rows[0]
+        return await servicer.run_sequence(stack, tensors_row, limits, cache, span, position, adapter)
+    return await servicer.run_decode(DecodeJob(stack, span, adapter, rows, _concatenated))
+
+
+def _concatenated(inputs, outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(outputs).cpu()  # [rows, 1, hidden]
+
+
+async def _free(servicer, table: dict[int, _Slot], slot: int) -> None:
+    entry = table.pop(slot, None)
+    if entry is not None:
+        await servicer.cache.give_back(entry.length)
