@@ -31,10 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.cli import limit_openmp_spinning  # noqa: E402
+from swarm.cli import OPENMP_SPIN_COUNT, limit_openmp_spinning  # noqa: E402
 
 USER_ENVIRONMENT = dict(os.environ)  # before limit_openmp_spinning(): what the local reference subprocess gets
-limit_openmp_spinning()  # before torch is imported: this process is the client, on the same cores as the peers
+if "--client-spin=default" not in sys.argv:
+    limit_openmp_spinning()  # before torch is imported: this process is the client, on the same cores as the peers
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -135,6 +136,7 @@ def swarm_run(model_name: str, splits: list[str], reference: LocalReference, rep
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     extra_args = ["--num-threads", str(threads)] if threads else []
+    env["GOMP_SPINCOUNT"] = os.environ.get("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)  # peers limit it anyway, unless told
     with LocalSwarm(log_dir, env=env) as swarm:
         if not threads:
             swarm.env.pop("OMP_NUM_THREADS", None)
@@ -173,6 +175,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per setup (each: local, then swarm)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (local model, client)")
     parser.add_argument("--peer-threads", type=int, default=0, help="torch threads of each peer (0: torch's choice, all cores)")
+    parser.add_argument("--client-spin", choices=["limited", "default"], default="limited",
+                        help="this process's OpenMP spinning: limited like the peers', or libgomp's default (give it as --client-spin=default)")
     parser.add_argument("--serve-local", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--peer-threads", type=int, default=0, help="torch threads per peer (0: torch's choice, all cores)")
     parser.add_argument("--batch-steps", type=int, default=32, help="the peers' --batch-steps (1: no batching)")
     parser.add_argument("--max-batch", type=int, default=16, help="the API's --max-batch (1: each request alone)")
+    parser.add_argument("--lanes", type=int, default=2, help="the API's --lanes (batched sessions in flight at once)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import openai
@@ -113,7 +114,7 @@ def main() -> int:
             port = probe.getsockname()[1]
         api = subprocess.Popen(
             [sys.executable, "-m", "swarm.api", "--initial-peers", *swarm.initial_peers, "--port", str(port),
-             "--jobs-dir", str(folder / "jobs"), "--max-batch", str(args.max_batch)],
+             "--jobs-dir", str(folder / "jobs"), "--max-batch", str(args.max_batch), "--lanes", str(args.lanes)],
             stdout=open(folder / "api.log", "w"), stderr=subprocess.STDOUT, env=swarm.env, start_new_session=True,
         )
         try:
@@ -128,7 +129,7 @@ def main() -> int:
                         raise RuntimeError(f"the API did not start: see {folder / 'api.log'}") from None
                     time.sleep(0.5)
             run_streams(client, 1, 3.0, 4)  # warm-up
-            print(f"default model through the API (--max-batch {args.max_batch}) and 3 peers ({args.peer_threads or 'all'} "
+            print(f"default model through the API (--max-batch {args.max_batch} --lanes {args.lanes}) and 3 peers ({args.peer_threads or 'all'} "
                   f"thread(s) each, --batch-steps {args.batch_steps}), {args.max_tokens} new tokens per request, greedy, "
                   f"{args.seconds:.0f} s per row")
             print(f"{'streams':>7} {'requests':>8} {'tokens/s':>9} {'TTFT med/p90 s':>15} {'TPOT med/p90 ms':>16}  "

@@ -96,6 +96,11 @@ class BatchedGenerator:
         self._thread = threading.Thread(target=self._loop, name="batched-generator", daemon=True)
         self._thread.start()
 
+    @property
+    def load(self) -> int:
+        """Requests waiting or running (read without the lock: a hint for choosing among generators)."""
+        return len(self._queue) + len(self._active)
+
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         total = len(request.input_ids) + request.max_new_tokens

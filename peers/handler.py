@@ -10,6 +10,8 @@ just before it (`rpc_push`), which sends its output straight on instead of makin
 it. A peer that pushed says so in its reply once the next hop has taken the push; only then does
 the client skip sending that step itself. A step that arrives twice runs once. Every reply names
 its step, so a client re-running a step after a failover can tell stale replies from current ones.
+A batched session (`OpenSession.slots`: many sequences on one stream) is served by `peers.slots`,
+which uses `run_decode` and `run_sequence` here.
 """
 
 from __future__ import annotations
@@ -503,11 +505,12 @@ def _finish_step(step, span, push_auth, inputs: list[BlockInputs], outputs: list
 
 
 def _is_decode_step(tensors: dict, stack: BlockStack, cache, span, position: int) -> bool:
-    """One new token per row, right after what the cache holds, nothing else: a step that can join a batch."""
+    """One new token per row, right after what the cache holds (not empty: a first step has no cache to
+    pad into a batch), nothing else: a step that can join a batch."""
     hidden_states = tensors.get("hidden_states")
     return (
         cache is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] == 1
-        and "prompts" not in tensors and position == stack.cache_length(cache, span[0])
+        and "prompts" not in tensors and 0 < position == stack.cache_length(cache, span[0])
     )
 
 

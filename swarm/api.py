@@ -59,10 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--swarm-key", type=Path)
     parser.add_argument("--max-batch", type=int, default=16,
                         help="requests generated together in one batched session (1: each request alone)")
+    parser.add_argument("--lanes", type=int, default=2,
+                        help="batched sessions in flight at once: while one lane's step runs on a peer, another's can run on the next")
     parser.add_argument("--max-length", type=int, help="longest prompt + completion, in tokens (default: the model's, at most 8192)")
     args = parser.parse_args(argv)
-    if args.max_batch < 1 or (args.max_length is not None and args.max_length < 2):
-        parser.error("--max-batch must be at least 1 and --max-length at least 2")
+    if args.max_batch < 1 or args.lanes < 1 or (args.max_length is not None and args.max_length < 2):
+        parser.error("--max-batch and --lanes must be at least 1, --max-length at least 2")
     return args
 
 
@@ -107,7 +109,7 @@ def create_app(engine: "Engine", jobs, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name}
+        return {"status": "ok", "model": engine.name, "batching": engine.batching_stats()}
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models():
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = None
     try:
         config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key)
-        engine = Engine(args.model, args.initial_peers, config, max_batch=args.max_batch, max_length=args.max_length)
+        engine = Engine(args.model, args.initial_peers, config, max_batch=args.max_batch, lanes=args.lanes, max_length=args.max_length)
         extra = ["--swarm-key", str(args.swarm_key)] if args.swarm_key else []
         jobs = JobManager(args.jobs_dir, args.data_root, model=args.model, initial_peers=args.initial_peers, extra_args=extra)
         serve_http(create_app(engine, jobs, args.api_key), args.host, args.port,

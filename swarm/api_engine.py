@@ -1,9 +1,11 @@
 """The HTTP API's generation engine: one swarm connection, the tokenizer, and text generation for
 every request, streamed as text pieces.
 
-Requests run through `client.generator.BatchedGenerator` (one per adapter): concurrent requests
-share one batched session, so every peer runs one forward and receives one message per step for all
-of them. With `max_batch` 1, or a generation config that needs logits processors the batched loop
+Requests run through `client.generator.BatchedGenerator`s: concurrent requests share a batched
+session, so every peer runs one forward and receives one message per step for all of them. There
+are `lanes` generators per adapter, each with its own session, and a request joins the least busy:
+while one lane's step runs on one peer, another lane's step can run on the next one (a single
+session keeps only one peer busy at a time). With `max_batch` 1, or a generation config that needs logits processors the batched loop
 lacks, each request runs its own transformers `generate()` in a thread, with its own session. This
 module does not speak HTTP (`swarm.api` does).
 """
@@ -30,15 +32,18 @@ PEER_MAX_LENGTH = 8192  # peers' default --max-length
 
 
 class Engine:
-    def __init__(self, model_name: str, initial_peers: list[str], config: ClientConfig, *, max_batch: int = 16, max_length: int | None = None):
+    def __init__(
+        self, model_name: str, initial_peers: list[str], config: ClientConfig, *, max_batch: int = 16, lanes: int = 2,
+        max_length: int | None = None,
+    ):
         self.name = model_name
         self.model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=initial_peers, client_config=config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
         self.executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT_GENERATIONS, thread_name_prefix="generate")
-        self.max_batch = max_batch
+        self.max_batch, self.lanes = max_batch, lanes
         self.max_length = max_length or min(getattr(self.model.config, "max_position_embeddings", PEER_MAX_LENGTH), PEER_MAX_LENGTH)
         self.batched = max_batch > 1 and supports(self.model.generation_config)
-        self._generators: dict[str | None, BatchedGenerator] = {}  # by adapter
+        self._generators: dict[str | None, list[BatchedGenerator]] = {}  # by adapter: its lanes
         self._lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
@@ -123,13 +128,22 @@ class Engine:
         return loop.run_in_executor(self.executor, run), stopped.set, generated
 
     def _generator(self, adapter: str | None) -> BatchedGenerator:
+        """The least busy lane for `adapter` (lanes start on first use)."""
         with self._lock:
             if adapter not in self._generators:
-                self._generators[adapter] = BatchedGenerator(self.model, max_batch=self.max_batch, max_length=self.max_length, adapter=adapter)
-            return self._generators[adapter]
+                self._generators[adapter] = [
+                    BatchedGenerator(self.model, max_batch=self.max_batch, max_length=self.max_length, adapter=adapter)
+                    for _ in range(self.lanes)
+                ]
+            return min(self._generators[adapter], key=lambda generator: generator.load)
+
+    def batching_stats(self) -> dict[str, int]:
+        """Batched steps run so far and the sequences they carried (rows), over every lane."""
+        generators = [generator for lanes in self._generators.values() for generator in lanes]
+        return {"steps": sum(generator.steps for generator in generators), "rows": sum(generator.rows for generator in generators)}
 
     def close(self) -> None:
-        for generator in self._generators.values():
+        for generator in (generator for lanes in self._generators.values() for generator in lanes):
             generator.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.model.close()

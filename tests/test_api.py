@@ -146,9 +146,24 @@ def test_concurrent_requests_equal_sequential_ones(api):
         return client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
 
     sequential = [complete(prompt) for prompt in prompts]
+    before = api.request("GET", "/health")[1]["batching"]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         concurrent_ = list(pool.map(complete, prompts))
     assert concurrent_ == sequential
+    after = api.request("GET", "/health")[1]["batching"]
+    assert after["rows"] - before["rows"] > after["steps"] - before["steps"]  # steps carried several requests
+
+
+def test_requests_alone_without_batching(smollm2_swarm, reference, tmp_path):
+    alone = Api(smollm2_swarm, tmp_path, "--max-batch", "1")
+    try:
+        tokenizer, _ = reference
+        prompt = "Water boils at"
+        reply = alone.client().completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0)
+        assert reply.choices[0].text == _greedy(reference, tokenizer(prompt, return_tensors="pt").input_ids, 8)
+        assert alone.request("GET", "/health")[1]["batching"] == {"steps": 0, "rows": 0}
+    finally:
+        alone.close()
 
 
 def test_fine_tune_jobs_run_cancel_and_survive_a_restart(api, smollm2_swarm, tmp_path_factory):
