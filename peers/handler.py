@@ -29,9 +29,10 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from peers.batching import DecodeJob, StepBatcher
+from peers.compute import backward_job, checked_inputs, decode_batch, forward_job
 from peers.cache import CacheBudget
 from peers.slots import serve_slots
-from peers.validation import Limits, check_block_inputs, check_grad_outputs, check_span
+from peers.validation import Limits, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
 from swarm import protocol
@@ -101,7 +102,7 @@ class BlockServicer(BlockService):
         self.cache_wait_s = cache_wait_s
         self.executor = executor  # the peer's single compute thread
         # decode steps of sessions waiting at the same time run as one batch (see peers.batching)
-        self.batcher = StepBatcher(self._run_compute, self._compute_batch, batch_steps) if batch_steps > 1 else None
+        self.batcher = StepBatcher(self._run_compute, decode_batch, batch_steps) if batch_steps > 1 else None
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
         self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
         self.handoff_grace_s = 0.0
@@ -184,11 +185,11 @@ class BlockServicer(BlockService):
             names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
             if kind is BackwardRequest:
                 tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
-                job = functools.partial(_backward_sync, stack, tensors, self.limits, span, header)
+                job = functools.partial(backward_job, stack, tensors, self.limits, span, header)
             else:
                 adapter = self.adapter_weights(header.adapter, span)
                 job = functools.partial(
-                    _forward_sync, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
+                    forward_job, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
                 )
             reply = await self._run_compute(job)
         except Exception as exc:  # a bad request must never take the peer down
@@ -377,7 +378,7 @@ class BlockServicer(BlockService):
             return await self.run_decode(DecodeJob(stack, span, adapter, [(tensors, limits, cache, position)], finish))
         hidden_states = tensors.get("hidden_states")
         if step is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] > PREFILL_CHUNK:
-            inputs = await self._run_compute(functools.partial(_checked_inputs, stack, tensors, limits, cache, span, position, adapter))
+            inputs = await self._run_compute(functools.partial(checked_inputs, stack, tensors, limits, cache, span, position, adapter))
             outputs = await self._run_chunks(stack, inputs, cache, span, position)
             return _step_reply(step, span, inputs, outputs, push_auth)
         return await self._run_compute(functools.partial(self._compute_sync, stack, tensors, limits, cache, span, position, step, push_auth, adapter))
@@ -386,7 +387,7 @@ class BlockServicer(BlockService):
         """Decode rows, batched with other sessions' rows waiting at the same time (if batching is on)."""
         if self.batcher is not None:
             return await self.batcher.submit(job, rows=len(job.rows))
-        (result,) = await self._run_compute(functools.partial(self._compute_batch, [job]))
+        (result,) = await self._run_compute(functools.partial(decode_batch, [job]))
         if isinstance(result, BaseException):
             raise result
         return result
@@ -395,11 +396,11 @@ class BlockServicer(BlockService):
         """One sequence's step (validated, its cache rolled back to `position`), in PREFILL_CHUNK pieces if long."""
         if tensors["hidden_states"].shape[1] <= PREFILL_CHUNK:
             def job() -> torch.Tensor:
-                inputs = _checked_inputs(stack, tensors, limits, cache, span, position, adapter)
+                inputs = checked_inputs(stack, tensors, limits, cache, span, position, adapter)
                 return stack(inputs, cache, span).cpu()
 
             return await self._run_compute(job)
-        inputs = await self._run_compute(functools.partial(_checked_inputs, stack, tensors, limits, cache, span, position, adapter))
+        inputs = await self._run_compute(functools.partial(checked_inputs, stack, tensors, limits, cache, span, position, adapter))
         return await self._run_chunks(stack, inputs, cache, span, position)
 
     async def _run_chunks(self, stack: BlockStack, inputs: BlockInputs, cache, span, position: int) -> torch.Tensor:
@@ -416,43 +417,6 @@ class BlockServicer(BlockService):
             outputs.append(await self._run_compute(functools.partial(stack, piece, cache, span)))
         return torch.cat(outputs, dim=1).cpu()
 
-    @staticmethod
-    def _compute_batch(jobs: list[DecodeJob]) -> list:
-        """Decode rows of several jobs (on the compute thread): validated one by one, then each group
-        that can share a forward (same blocks, same adapter) as one batch; one result per job."""
-        results: list = [None] * len(jobs)
-        checked: dict[int, list[BlockInputs]] = {}
-        groups: dict[tuple, list[tuple[int, BlockInputs, object]]] = {}
-        for number, job in enumerate(jobs):
-            try:
-                checked[number] = [
-                    dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=job.adapter)
-                    for tensors, limits, _, position in job.rows
-                ]
-            except Exception as exc:
-                results[number] = exc
-                continue
-            members = groups.setdefault((id(job.stack), job.span, id(job.adapter)), [])
-            members.extend((number, inputs, row[2]) for inputs, row in zip(checked[number], job.rows))
-        outputs: dict[int, list[torch.Tensor]] = {number: [] for number in checked}
-        for members in groups.values():
-            job = jobs[members[0][0]]
-            try:
-                batch_outputs = job.stack.step_batch([(inputs, cache) for _, inputs, cache in members], job.span)
-            except Exception as exc:
-                for number, _, _ in members:
-                    results[number] = exc
-                continue
-            for (number, _, _), output in zip(members, batch_outputs):
-                outputs[number].append(output)
-        for number in checked:
-            if results[number] is None:
-                try:
-                    results[number] = jobs[number].finish(checked[number], outputs[number])
-                except Exception as exc:
-                    results[number] = exc
-        return results
-
     async def _run_compute(self, job):
         """Run `job` on the peer's compute thread, counted as running (see wait_idle)."""
         self._running += 1
@@ -463,7 +427,7 @@ class BlockServicer(BlockService):
 
     @staticmethod
     def _compute_sync(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, step, push_auth=None, adapter=None):
-        inputs = _checked_inputs(stack, tensors, limits, cache, span, position, adapter)
+        inputs = checked_inputs(stack, tensors, limits, cache, span, position, adapter)
         return _step_reply(step, span, inputs, stack(inputs, cache, span).cpu(), push_auth)
 
     def error_reply(self, exc: BaseException, context: P2PContext, what: str, step_id: int | None = None) -> Response:
@@ -474,18 +438,6 @@ class BlockServicer(BlockService):
             return encode_error(exc, Response, step_id=step_id)
         logger.exception("internal error serving %s from %s", what, _short(context))
         return encode_error(errors.RemoteError("internal error on the peer"), Response, code="internal", step_id=step_id)
-
-
-def _checked_inputs(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter) -> BlockInputs:
-    """The validated inputs of a step at `position`, the cache rolled back to it (a client may
-    regenerate from an earlier token)."""
-    inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
-    if cache is not None:
-        try:
-            stack.rollback(cache, span, position)
-        except ValueError as exc:
-            raise errors.InvalidRequestError(str(exc)) from exc
-    return inputs
 
 
 def _step_reply(step, span, inputs: BlockInputs, outputs: torch.Tensor, push_auth):
@@ -512,32 +464,6 @@ def _is_decode_step(tensors: dict, stack: BlockStack, cache, span, position: int
         cache is not None and hidden_states is not None and hidden_states.ndim == 3 and hidden_states.shape[1] == 1
         and "prompts" not in tensors and 0 < position == stack.cache_length(cache, span[0])
     )
-
-
-def _lora_options(header) -> dict:
-    return {"lora_scaling": header.lora_scaling, "lora_dropout": header.lora_dropout or 0.0, "lora_seed": header.lora_seed or 0}
-
-
-def _forward_sync(stack: BlockStack, tensors, limits: Limits, span, header, adapter=None) -> list[Response]:
-    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
-    if adapter is not None:
-        if inputs.lora is not None:
-            raise errors.InvalidRequestError("give LoRA weights or an adapter name, not both")
-        inputs = dataclasses.replace(inputs, lora=adapter)
-    outputs = stack(inputs, None, span).cpu()
-    return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response))
-
-
-def _backward_sync(stack: BlockStack, tensors, limits: Limits, span, header) -> list[Response]:
-    """Gradients of the inputs, then of the deep prompts and LoRA weights the request carried."""
-    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
-    grad_outputs = check_grad_outputs(tensors.get("grad_outputs"), inputs.hidden_states.shape)
-    grad_inputs, grad_prompts, grad_lora = stack.backward(inputs, grad_outputs, span)
-    named = {"grad_inputs": grad_inputs}
-    if grad_prompts is not None:
-        named["grad_prompts"] = grad_prompts
-    named.update({f"grad_{name}": grad for name, grad in grad_lora.items()})
-    return list(encode_frame(Result(tensor_names=list(named)), [grad.cpu() for grad in named.values()], Response))
 
 
 def _push_message(session_id: str, step, next_block: int, outputs: BlockInputs, auth: str | None = None):

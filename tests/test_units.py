@@ -377,7 +377,7 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
             assert torch.equal(fresh.state[fresh.param_groups[0]["params"][index]][name], optimizer.state[params[index]][name])
 
 
-def _slot_step(**fields) -> "SlotStep":
+def _slot_step(**fields):
     from swarm.messages import SlotStep
 
     return SlotStep(step_id=0, **fields)

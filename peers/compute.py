@@ -1,0 +1,97 @@
+"""The jobs a peer runs on its compute thread: a step's inputs checked (and its cache rolled back),
+a stateless forward or backward, and decode rows of several sessions as batched forwards.
+
+Plain functions of a stack, tensors and caches: no event loop and no network (`peers.handler` runs
+them in its executor and sends what they return).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from peers.batching import DecodeJob
+from peers.validation import Limits, check_block_inputs, check_grad_outputs
+from swarm import errors
+from swarm.blocks import BlockInputs, BlockStack
+from swarm.messages import Result
+from swarm.transport import encode_frame
+
+Response = runtime_pb2.ExpertResponse
+
+
+def checked_inputs(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter) -> BlockInputs:
+    """The validated inputs of a step at `position`, the cache rolled back to it (a client may
+    regenerate from an earlier token)."""
+    inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
+    if cache is not None:
+        try:
+            stack.rollback(cache, span, position)
+        except ValueError as exc:
+            raise errors.InvalidRequestError(str(exc)) from exc
+    return inputs
+
+
+def decode_batch(jobs: list[DecodeJob]) -> list:
+    """Decode rows of several jobs (on the compute thread): validated one by one, then each group
+    that can share a forward (same blocks, same adapter) as one batch; one result per job."""
+    results: list = [None] * len(jobs)
+    checked: dict[int, list[BlockInputs]] = {}
+    groups: dict[tuple, list[tuple[int, BlockInputs, object]]] = {}
+    for number, job in enumerate(jobs):
+        try:
+            checked[number] = [
+                dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=job.adapter)
+                for tensors, limits, _, position in job.rows
+            ]
+        except Exception as exc:
+            results[number] = exc
+            continue
+        members = groups.setdefault((id(job.stack), job.span, id(job.adapter)), [])
+        members.extend((number, inputs, row[2]) for inputs, row in zip(checked[number], job.rows))
+    outputs: dict[int, list[torch.Tensor]] = {number: [] for number in checked}
+    for members in groups.values():
+        job = jobs[members[0][0]]
+        try:
+            batch_outputs = job.stack.step_batch([(inputs, cache) for _, inputs, cache in members], job.span)
+        except Exception as exc:
+            for number, _, _ in members:
+                results[number] = exc
+            continue
+        for (number, _, _), output in zip(members, batch_outputs):
+            outputs[number].append(output)
+    for number in checked:
+        if results[number] is None:
+            try:
+                results[number] = jobs[number].finish(checked[number], outputs[number])
+            except Exception as exc:
+                results[number] = exc
+    return results
+
+
+def _lora_options(header) -> dict:
+    return {"lora_scaling": header.lora_scaling, "lora_dropout": header.lora_dropout or 0.0, "lora_seed": header.lora_seed or 0}
+
+
+def forward_job(stack: BlockStack, tensors, limits: Limits, span, header, adapter=None) -> list[Response]:
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
+    if adapter is not None:
+        if inputs.lora is not None:
+            raise errors.InvalidRequestError("give LoRA weights or an adapter name, not both")
+        inputs = dataclasses.replace(inputs, lora=adapter)
+    outputs = stack(inputs, None, span).cpu()
+    return list(encode_frame(Result(tensor_names=["hidden_states"]), [outputs], Response))
+
+
+def backward_job(stack: BlockStack, tensors, limits: Limits, span, header) -> list[Response]:
+    """Gradients of the inputs, then of the deep prompts and LoRA weights the request carried."""
+    inputs = check_block_inputs(tensors, limits, blocks=span[1] - span[0], **_lora_options(header))
+    grad_outputs = check_grad_outputs(tensors.get("grad_outputs"), inputs.hidden_states.shape)
+    grad_inputs, grad_prompts, grad_lora = stack.backward(inputs, grad_outputs, span)
+    named = {"grad_inputs": grad_inputs}
+    if grad_prompts is not None:
+        named["grad_prompts"] = grad_prompts
+    named.update({f"grad_{name}": grad for name, grad in grad_lora.items()})
+    return list(encode_frame(Result(tensor_names=list(named)), [grad.cpu() for grad in named.values()], Response))
