@@ -57,14 +57,19 @@ class BatchedSession:
                 logger.warning("opening the batched session failed (%s), retry %d", exc, retries.failures)
 
     async def step(
-        self, slots: list[int], positions: list[int], lengths: list[int], hidden_states: torch.Tensor | None,
-        release: list[int] = (),
+        self, slots: list[int] = (), positions: list[int] = (), tokens: list[int] = (), hidden_states: torch.Tensor | None = None,
+        *, release: list[int] = (), starts: list[int] = (), start_lengths: list[int] = (),
     ) -> torch.Tensor | None:
-        """Run `hidden_states` [rows, seq, hidden] (row i: sequence `slots[i]` at `positions[i]`, which may
-        reach `lengths[i]` tokens) through every hop, after releasing the slots in `release`."""
+        """One step through every hop (see `SlotStep` for the order): free the slots in `release`, start
+        new sequences in `starts` (reserving `start_lengths` tokens each; such a step has no rows), then
+        run the rows: `hidden_states` [1, sum(tokens), hidden], row i's `tokens[i]` tokens continuing
+        sequence `slots[i]` at `positions[i]`. Returns the outputs in the same layout (None: no rows)."""
         if self.closed:
             raise errors.SessionError("this batched session is closed")
-        header = SlotStep(step_id=next(self._step_ids), slots=slots, positions=positions, lengths=lengths, release=list(release))
+        header = SlotStep(
+            step_id=next(self._step_ids), release=list(release), starts=list(starts), start_lengths=list(start_lengths),
+            slots=list(slots), positions=list(positions), tokens=list(tokens),
+        )
         for stream in self.streams:
             try:
                 hidden_states = await stream.step_slots(header, hidden_states)

@@ -2,9 +2,12 @@
 one batched session (`client.batched`), so concurrent requests share each peer's forward and each
 message, and the embedding and head run once per step for all of them.
 
-Requests join at any step and leave when they end. A prompt is fed in chunks of `prefill_chunk`
-tokens, one chunk per turn between decode steps, so a long prompt does not stall the others'
-decoding. Greedy requests take the argmax; sampling uses each request's own `SeededSampler`. When a
+Requests join at any step and leave when they end. Each turn is one step through the peers whose
+rows are every decoding sequence's next token and, within `prefill_chunk` tokens, the prompts of
+sequences that start (`BlockStack.step_packed` runs them side by side in one forward), so a long
+prompt is fed over several turns and does not stall the others' decoding. A sequence's cache is
+reserved on every peer before its first row (a step of its own, which a full peer may refuse: the
+sequence then waits). Greedy requests take the argmax; sampling uses each request's own `SeededSampler`. When a
 peer fails, the loop opens a new session on a new route and starts every active sequence again from
 its tokens (prompt and generated so far): no request is lost and no token changes.
 
@@ -64,6 +67,7 @@ class _Active:
     future: concurrent.futures.Future
     slot: int
     tokens: list[int]  # prompt + generated
+    started: bool = False  # its slot holds a fresh sequence with cache reserved on every peer
     cached: int = 0  # tokens the peers hold for this sequence
     retry_at: float = 0.0  # no cache on a peer: do not start again before this
     overloaded_since: float | None = None
@@ -157,59 +161,71 @@ class BatchedGenerator:
                 self._active.append(_Active(request, future, free.pop(0), list(request.input_ids)))
 
     def _turn(self) -> None:
-        """One prefill chunk (the oldest sequence that needs one), then one decode step of all the others."""
+        """Start the sequences that are new, then one step: every decoding sequence's next token and
+        up to `prefill_chunk` tokens of the prompts being fed."""
         self._finish_cancelled()
         if self._session is None:
             self._session = BatchedSession(self.model.sequence, slots=self.max_batch, max_length=self.max_length, adapter=self.adapter)
             self._released.clear()
             RemoteExpertWorker.run_coroutine(self._session.open())
         now = time.monotonic()
-        starting = [active for active in self._active if active.cached == 0 or len(active.tokens) - active.cached > 1]
-        ready = [active for active in starting if active.retry_at <= now]
-        if ready:
-            self._prefill(ready[0])
-        decoding = [active for active in self._active if active.cached > 0 and len(active.tokens) - active.cached == 1]
-        if decoding:
-            self._step(decoding)
-        elif not ready:
+        for active in [active for active in self._active if not active.started and active.retry_at <= now]:
+            if not self._start(active):
+                break  # a peer is full: later requests wait their turn too
+        rows, budget = [], self.prefill_chunk
+        for active in self._active:
+            if not active.started:
+                continue
+            pending = len(active.tokens) - active.cached
+            if pending == 1 and active.cached:
+                rows.append((active, active.tokens[-1:]))
+            elif budget > 0:
+                rows.append((active, active.tokens[active.cached : active.cached + budget]))
+                budget -= len(rows[-1][1])
+        if rows:
+            self._step(rows)
+        else:
             if self._released:
-                RemoteExpertWorker.run_coroutine(self._session.step([], [], [], None, self._take_released()))
-            time.sleep(min(active.retry_at for active in starting) - now if starting else 0.01)
+                RemoteExpertWorker.run_coroutine(self._session.step(release=self._take_released()))
+            waiting = [active.retry_at for active in self._active if not active.started]
+            time.sleep(max(0.0, min(waiting) - now) if waiting else 0.01)
 
-    def _prefill(self, active: _Active) -> None:
-        chunk = active.tokens[active.cached : active.cached + self.prefill_chunk]
+    def _start(self, active: _Active) -> bool:
+        """Reserve the sequence's cache on every peer (a step of its own); False if a peer had no room."""
         released = list(self._released)
         try:
-            outputs = self._run([active], [chunk])
+            RemoteExpertWorker.run_coroutine(self._session.step(
+                release=self._take_released(), starts=[active.slot], start_lengths=[active.length],
+            ))
         except errors.OverloadedError as exc:  # the hops after the refusing one did not see the releases
             self._released = released + self._released
-            active.cached, active.retry_at = 0, time.monotonic() + OVERLOADED_RETRY_S
+            active.retry_at = time.monotonic() + OVERLOADED_RETRY_S
             active.overloaded_since = active.overloaded_since or time.monotonic()
             if time.monotonic() - active.overloaded_since > self.model.sequence.config.route_wait_s:
                 self._end(active, exc)
-            return
-        active.overloaded_since = None
-        active.cached += len(chunk)
-        if active.cached == len(active.tokens):
-            self._extend([active], outputs)
+            return False
+        active.started, active.cached, active.overloaded_since = True, 0, None
+        return True
 
-    def _step(self, decoding: list[_Active]) -> None:
-        outputs = self._run(decoding, [[active.tokens[-1]] for active in decoding])
-        for active in decoding:
-            active.cached += 1
-        self._extend(decoding, outputs)
-
-    def _run(self, actives: list[_Active], chunks: list[list[int]]) -> torch.Tensor:
-        """Feed `chunks` (one per sequence, of equal length) through the peers; their last outputs [rows, hidden]."""
+    def _step(self, rows: list[tuple[_Active, list[int]]]) -> None:
+        """Feed each row's tokens; sequences whose tokens are all in then get their next token."""
         with torch.no_grad():
-            hidden_states = self.model.embed_tokens(torch.tensor(chunks))  # [rows, seq, hidden]
+            hidden_states = self.model.embed_tokens(torch.tensor([[token for _, chunk in rows for token in chunk]]))  # [1, tokens, hidden]
             outputs = RemoteExpertWorker.run_coroutine(self._session.step(
-                [active.slot for active in actives], [active.cached for active in actives],
-                [active.length for active in actives], hidden_states, self._take_released(),
+                [active.slot for active, _ in rows], [active.cached for active, _ in rows], [len(chunk) for _, chunk in rows],
+                hidden_states, release=self._take_released(),
             ))
         self.steps += 1
-        self.rows += len(actives)
-        return outputs[:, -1:]
+        self.rows += len(rows)
+        last, done, first = [], [], 0
+        for active, chunk in rows:
+            first += len(chunk)
+            active.cached += len(chunk)
+            if active.cached == len(active.tokens):
+                last.append(first - 1)
+                done.append(active)
+        if done:
+            self._extend(done, outputs[0, last].unsqueeze(1))  # [rows, 1, hidden]
 
     def _extend(self, actives: list[_Active], outputs: torch.Tensor) -> None:
         """Pick each sequence's next token from its last output [rows, 1, hidden]; end those that are done."""
@@ -252,7 +268,7 @@ class BatchedGenerator:
         logger.warning("batched session failed (%s): re-routing %d sequences, retry %d", exc, len(self._active), self._retries.failures)
         self.resets += 1
         for active in self._active:
-            active.cached = 0
+            active.started, active.cached = False, 0
 
     def _fail_all(self, exc: BaseException) -> None:
         for active in list(self._active):

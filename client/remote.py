@@ -192,7 +192,7 @@ class SpanStream:
             return hidden_states, pushed
 
     async def step_slots(self, header: SlotStep, hidden_states: torch.Tensor | None) -> torch.Tensor | None:
-        """One step of a batched session: `hidden_states` [rows, seq, hidden] (None: only releases);
+        """One step of a batched session: `hidden_states` [1, tokens, hidden] (None: no rows);
         returns this peer's output, shaped like it."""
         header = header.model_copy(update={"tensor_names": [] if hidden_states is None else ["hidden_states"]})
         self._send(header, [] if hidden_states is None else [hidden_states])

@@ -20,6 +20,7 @@ from swarm.messages import Result
 from swarm.transport import encode_frame
 
 Response = runtime_pb2.ExpertResponse
+PACKED_SCORES_LIMIT = 2**20  # attention scores per head of one packed forward (new tokens x cached + new tokens)
 
 
 def checked_inputs(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter) -> BlockInputs:
@@ -55,7 +56,7 @@ def decode_batch(jobs: list[DecodeJob]) -> list:
     for members in groups.values():
         job = jobs[members[0][0]]
         try:
-            batch_outputs = job.stack.step_batch([(inputs, cache) for _, inputs, cache in members], job.span)
+            batch_outputs = _run_rows(job.stack, [(inputs, cache) for _, inputs, cache in members], job.span)
         except Exception as exc:
             for number, _, _ in members:
                 results[number] = exc
@@ -69,6 +70,31 @@ def decode_batch(jobs: list[DecodeJob]) -> list:
             except Exception as exc:
                 results[number] = exc
     return results
+
+
+def _run_rows(stack: BlockStack, rows: list[tuple[BlockInputs, object]], span: tuple[int, int]) -> list[torch.Tensor]:
+    """Rows continuing their own caches, in as few forwards as it pays: one-token rows on non-empty
+    caches left-padded into one batch (`step_batch`); rows of several tokens or on empty caches packed
+    side by side with them (`step_packed`) while the attention over every row's cache stays small;
+    otherwise those rows one by one."""
+    lengths = [stack.cache_length(cache, span[0]) for _, cache in rows]
+    counts = [inputs.hidden_states.shape[1] for inputs, _ in rows]
+    if all(count == 1 and length for count, length in zip(counts, lengths)):
+        return stack.step_batch(rows, span)
+    packable = all(
+        inputs.hidden_states.shape[0] == 1 and inputs.attention_mask is None and inputs.position_ids is None for inputs, _ in rows
+    )  # a batched session's rows; an ordinary session's (batches, masks) go the other ways
+    if len(rows) > 1 and packable and stack.can_batch(span) and sum(counts) * (sum(lengths) + sum(counts)) <= PACKED_SCORES_LIMIT:
+        return stack.step_packed(rows, span)
+    outputs: list[torch.Tensor | None] = [None] * len(rows)
+    batched = [index for index, (count, length) in enumerate(zip(counts, lengths)) if count == 1 and length]
+    for index in set(range(len(rows))) - set(batched):
+        inputs, cache = rows[index]
+        outputs[index] = stack(inputs, cache, span)
+    if batched:
+        for index, output in zip(batched, stack.step_batch([rows[index] for index in batched], span)):
+            outputs[index] = output
+    return outputs
 
 
 def _lora_options(header) -> dict:

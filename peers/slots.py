@@ -4,9 +4,10 @@ message in, one batched forward (shared with other sessions' decode steps waitin
 one message out.
 
 `plan_step` checks a `SlotStep` against the session's slots (pure); `serve_slots` runs a session
-through the servicer (`peers.handler`): a sequence's prefill runs in chunks, decode rows join the
-peer's batches. A slot reserves cache for its sequence when it starts and gives it back when it is
-released, restarted or the session ends. No pushes: the client relays every step (`client.batched`).
+through the servicer (`peers.handler`): a step's rows (decode tokens and prefill chunks alike) run
+as one forward, shared with other sessions' decode steps waiting at the same time. A slot reserves
+cache for its sequence when it starts and gives it back when it is released, restarted or the
+session ends. No pushes: the client relays every step (`client.batched`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hivemind.proto import runtime_pb2
 from peers.batching import DecodeJob
 from peers.validation import Limits
 from swarm import errors
-from swarm.messages import PEER_REQUEST, OpenSession, Result, SessionOpened, SlotStep
+from swarm.messages import MAX_SLOT_STEP_TOKENS, PEER_REQUEST, OpenSession, Result, SessionOpened, SlotStep
 from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,9 @@ Response = runtime_pb2.ExpertResponse
 @dataclasses.dataclass(frozen=True)
 class RowPlan:
     slot: int
-    position: int
+    position: int  # tokens the slot holds before the step
+    tokens: int  # new tokens of this row
     length: int  # tokens reserved for the slot's sequence
-    start: bool  # position 0: the slot starts a new sequence (a fresh cache, `length` tokens reserved)
 
 
 def plan_step(
@@ -43,43 +44,43 @@ def plan_step(
 ) -> list[RowPlan]:
     """What each row of `step` does, or the error that refuses the whole step before anything changes.
 
-    `held`: slot -> (tokens in its cache, tokens reserved) before the step; `shape`: (rows, seq) of the
+    `held`: slot -> (tokens in its cache, tokens reserved) before the step; `shape`: (batch, seq) of the
     step's hidden states (None: no tensor)."""
-    rows = len(step.slots)
-    if len(step.positions) != rows or len(step.lengths) != rows:
-        raise errors.InvalidRequestError(f"{rows} slots need as many positions and lengths, got {len(step.positions)} and {len(step.lengths)}")
-    for name, values in (("slots", step.slots), ("release", step.release)):
+    for name, values in (("release", step.release), ("starts", step.starts), ("slots", step.slots)):
         if len(set(values)) != len(values):
             raise errors.InvalidRequestError(f"{name} lists a slot twice")
         if any(value >= slots for value in values):
             raise errors.InvalidRequestError(f"{name} must lie in 0..{slots - 1}")
+    if len(step.start_lengths) != len(step.starts):
+        raise errors.InvalidRequestError(f"{len(step.starts)} starts need as many start_lengths, got {len(step.start_lengths)}")
+    for slot, length in zip(step.starts, step.start_lengths):
+        if length > max_length:
+            raise errors.SessionLengthError(f"slot {slot}: length {length} exceeds this session's {max_length}")
+    rows = len(step.slots)
+    if len(step.positions) != rows or len(step.tokens) != rows:
+        raise errors.InvalidRequestError(f"{rows} slots need as many positions and tokens, got {len(step.positions)} and {len(step.tokens)}")
+    if rows and step.starts:
+        raise errors.InvalidRequestError("a step that starts sequences carries no rows")
     if rows == 0:
         if shape is not None:
-            raise errors.InvalidRequestError("a step without slots carries no hidden states")
+            raise errors.InvalidRequestError("a step without rows carries no hidden states")
         return []
-    if shape is None or shape[0] != rows:
-        raise errors.InvalidRequestError(f"hidden_states must have one row per slot ({rows}), got {None if shape is None else shape[0]}")
-    seq = shape[1]
-    if rows > 1 and seq != 1:
-        raise errors.InvalidRequestError("a step of several slots is a decode step: one token per row")
+    total = sum(step.tokens)
+    if shape != (1, total):
+        raise errors.InvalidRequestError(f"hidden_states must be [1, {total}, hidden]: the rows' {total} tokens side by side, got {shape}")
+    if total > MAX_SLOT_STEP_TOKENS:
+        raise errors.InvalidRequestError(f"{total} tokens in one step exceed {MAX_SLOT_STEP_TOKENS}")
     remaining = {slot: value for slot, value in held.items() if slot not in step.release}
     plans = []
-    for slot, position, length in zip(step.slots, step.positions, step.lengths):
-        if position == 0:
-            if rows > 1:
-                raise errors.InvalidRequestError(f"slot {slot} starts at position 0: a sequence starts in a step of its own")
-            if not seq <= length <= max_length:
-                raise errors.SessionLengthError(f"slot {slot}: length {length} must lie in {seq}..{max_length}")
-            plans.append(RowPlan(slot, 0, length, True))
-            continue
+    for slot, position, tokens in zip(step.slots, step.positions, step.tokens):
         if slot not in remaining:
-            raise errors.InvalidRequestError(f"slot {slot} holds no sequence: start it at position 0")
+            raise errors.InvalidRequestError(f"slot {slot} holds no sequence: start it first")
         cached, reserved = remaining[slot]
         if position != cached:
-            raise errors.InvalidRequestError(f"slot {slot} holds {cached} tokens: continue at {cached} or restart at 0, not {position}")
-        if position + seq > reserved:
-            raise errors.SessionLengthError(f"slot {slot}: {position} + {seq} tokens exceed its length of {reserved}")
-        plans.append(RowPlan(slot, position, reserved, False))
+            raise errors.InvalidRequestError(f"slot {slot} holds {cached} tokens: continue at {cached}, not {position}")
+        if position + tokens > reserved:
+            raise errors.SessionLengthError(f"slot {slot}: {position} + {tokens} tokens exceed its length of {reserved}")
+        plans.append(RowPlan(slot, position, tokens, reserved))
     return plans
 
 
@@ -136,31 +137,29 @@ async def _run_step(servicer, stack, adapter, table: dict[int, _Slot], opening: 
     named = name_tensors(step, tensors, ("hidden_states",)) if tensors or step.tensor_names else {}
     hidden_states = named.get("hidden_states")
     if hidden_states is not None and hidden_states.ndim != 3:
-        raise errors.InvalidRequestError(f"hidden_states must be [rows, seq, hidden], got {list(hidden_states.shape)}")
+        raise errors.InvalidRequestError(f"hidden_states must be [1, tokens, hidden], got {list(hidden_states.shape)}")
     servicer.check_serving(stack)
     held = {slot: (stack.cache_length(entry.cache, span[0]), entry.length) for slot, entry in table.items()}
     shape = None if hidden_states is None else (hidden_states.shape[0], hidden_states.shape[1])
     plans = plan_step(step, held, slots=opening.slots, max_length=opening.max_length, shape=shape)
     for slot in step.release:
         await _free(servicer, table, slot)
-    for plan in plans:
-        if plan.start:
-            await _free(servicer, table, plan.slot)
-            servicer.cache.take(plan.length)  # OverloadedError: the client tries again later
-            table[plan.slot] = _Slot(stack.new_cache(), plan.length)
+    for slot, length in zip(step.starts, step.start_lengths):
+        await _free(servicer, table, slot)
+        servicer.cache.take(length)  # OverloadedError: the client tries again later
+        table[slot] = _Slot(stack.new_cache(), length)
     if not plans:
         return None
-    hidden_size = servicer.limits.hidden_size
-    rows = [({"hidden_states": hidden_states[index : index + 1]}, Limits(hidden_size, 1, plan.length), table[plan.slot].cache, plan.position)
-            for index, plan in enumerate(plans)]
-    if len(plans) == 1 and (plans[0].start or hidden_states.shape[1] > 1):  # one sequence's prefill
-        tensors_row, limits, cache, position = rows[0]
-        return await servicer.run_sequence(stack, tensors_row, limits, cache, span, position, adapter)
-    return await servicer.run_decode(DecodeJob(stack, span, adapter, rows, _concatenated))
+    hidden_size, rows, first = servicer.limits.hidden_size, [], 0
+    for plan in plans:
+        piece = hidden_states[:, first : first + plan.tokens]  # [1, tokens, hidden]
+        rows.append(({"hidden_states": piece}, Limits(hidden_size, 1, plan.length), table[plan.slot].cache, plan.position))
+        first += plan.tokens
+    return await servicer.run_decode(DecodeJob(stack, span, adapter, rows, _side_by_side))
 
 
-def _concatenated(inputs, outputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(outputs).cpu()  # [rows, 1, hidden]
+def _side_by_side(inputs, outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(outputs, dim=1).cpu()  # [1, tokens, hidden]
 
 
 async def _free(servicer, table: dict[int, _Slot], slot: int) -> None:

@@ -120,6 +120,50 @@ class BlockStack(torch.nn.Module):
             first += count
         return results
 
+    @torch.inference_mode()
+    def step_packed(self, steps: list[tuple[BlockInputs, DynamicCache]], span: tuple[int, int]) -> list[torch.Tensor]:
+        """Steps of several sequences (batch 1 each, any number of new tokens, no mask or positions given),
+        each continuing its own cache, as one forward over all their tokens side by side along the
+        sequence: a block mask lets every token attend to its own sequence's cached and earlier tokens
+        only. Returns each sequence's outputs [1, tokens, hidden] and appends to each cache what its own
+        step would have. The attention over every sequence's cache costs tokens x cached tokens of all
+        of them: callers pack short contexts only. Full attention only (`can_batch`)."""
+        start, end = span
+        lengths = [self.cache_length(cache, start) for _, cache in steps]
+        counts = [inputs.hidden_states.shape[1] for inputs, _ in steps]
+        cached, total = sum(lengths), sum(counts)
+        packed = self.new_cache()
+        if cached:
+            for index in range(start, end):
+                layers = [cache.layers[index] for (_, cache), length in zip(steps, lengths) if length]
+                packed.update(torch.cat([layer.keys for layer in layers], dim=2), torch.cat([layer.values for layer in layers], dim=2), index)
+        mask = torch.zeros(total, cached + total, dtype=torch.bool)  # [query tokens, cached + new tokens]
+        first_cached = first_new = 0
+        for length, count in zip(lengths, counts):
+            rows = slice(first_new, first_new + count)
+            mask[rows, first_cached : first_cached + length] = True
+            mask[rows, cached + first_new : cached + first_new + count] = torch.ones(count, count, dtype=torch.bool).tril()
+            first_cached, first_new = first_cached + length, first_new + count
+        position_ids = torch.cat([torch.arange(length, length + count) for length, count in zip(lengths, counts)]).unsqueeze(0)
+        hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps], dim=1)  # [1, total, hidden]
+        position_ids, mask = position_ids.to(self.device), mask[None, None].to(self.device)
+        position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
+        layers = self.layers[start - self.start_block : end - self.start_block]
+        with lora_weights.applied(layers, steps[0][0].lora, first_block=start):
+            for layer in layers:
+                hidden_states = layer(
+                    hidden_states, attention_mask=mask, position_ids=position_ids, past_key_values=packed, use_cache=True,
+                    position_embeddings=position_embeddings,
+                )
+        results, first = [], 0
+        for (_, cache), count in zip(steps, counts):
+            for index in range(start, end):
+                layer = packed.layers[index]
+                cache.update(layer.keys[:, :, cached + first : cached + first + count], layer.values[:, :, cached + first : cached + first + count], index)
+            results.append(hidden_states[:, first : first + count])
+            first += count
+        return results
+
     def backward(
         self, inputs: BlockInputs, grad_outputs: torch.Tensor, span: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:

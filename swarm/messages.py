@@ -101,25 +101,29 @@ class InferenceStep(_Message):
 
 
 SlotIndex = Annotated[int, Field(ge=0, lt=MAX_SLOTS)]
+MAX_SLOT_STEP_TOKENS = 4096  # new tokens in one step of a batched session, over all its rows
 
 
 class SlotStep(_Message):
-    """One step of some sequences of a batched session (`OpenSession.slots`): row i of hidden_states
-    [rows, seq, hidden] continues sequence `slots[i]` from `positions[i]`.
+    """One step of a batched session (`OpenSession.slots`), in this order:
 
-    A row at position 0 starts its slot's sequence anew and reserves cache for `lengths[i]` tokens, the
-    most that sequence may reach; a position below what the slot holds rolls it back first. Several rows
-    make a decode step (seq 1); a longer step carries one row. `release` frees slots whose sequences
-    ended, before the step runs; a step may carry no rows and only release slots."""
+    1. `release`: these slots' sequences ended; their caches are freed.
+    2. `starts`: new sequences (a fresh cache each, cache reserved for `start_lengths[i]` tokens, the
+       most that sequence may reach); a slot that holds a sequence is restarted. A step that starts
+       sequences carries no rows: a peer without room refuses it, and no earlier hop has run anything.
+    3. rows: row i continues sequence `slots[i]` at `positions[i]` (exactly what the slot holds) with
+       `tokens[i]` new tokens. The rows' hidden states come side by side along the sequence:
+       hidden_states [1, sum(tokens), hidden]; the reply has the outputs in the same layout.
+    """
 
     type: Literal["slots"] = "slots"
     step_id: int = Field(ge=0, description="increases with every step of the session")
+    release: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
+    starts: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
+    start_lengths: list[Annotated[int, Field(gt=0, le=2**20)]] = Field(default_factory=list, max_length=MAX_SLOTS)
     slots: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
     positions: list[Annotated[int, Field(ge=0, le=2**20)]] = Field(default_factory=list, max_length=MAX_SLOTS)
-    lengths: list[Annotated[int, Field(gt=0, le=2**20)]] = Field(
-        default_factory=list, max_length=MAX_SLOTS, description="tokens each row's sequence may reach"
-    )
-    release: list[SlotIndex] = Field(default_factory=list, max_length=MAX_SLOTS)
+    tokens: list[Annotated[int, Field(gt=0, le=MAX_SLOT_STEP_TOKENS)]] = Field(default_factory=list, max_length=MAX_SLOTS)
 
 
 class PushStep(_Message):

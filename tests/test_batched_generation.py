@@ -147,26 +147,35 @@ def test_bad_slot_steps_get_typed_errors_and_the_session_goes_on(model, referenc
         def step(*args, **kwargs):
             return RemoteExpertWorker.run_coroutine(session.step(*args, **kwargs))
 
-        hidden = model.embed_tokens(torch.tensor([prompt])).detach()
+        hidden = model.embed_tokens(torch.tensor([prompt])).detach()  # [1, tokens, hidden]
+        n = len(prompt)
         bad = [
-            (([0], [3], [64], hidden), errors.InvalidRequestError),  # slot 0 holds nothing yet
-            (([9], [0], [64], hidden), errors.InvalidRequestError),  # no slot 9
-            (([0, 0], [0, 0], [64, 64], hidden.repeat(2, 1, 1)), errors.InvalidRequestError),  # a slot twice
-            (([0], [0], [2], hidden), errors.SessionLengthError),  # shorter than its own prompt
-            (([0], [0], [64], hidden[..., :5]), errors.InvalidRequestError),  # wrong hidden size
-            (([0], [0], [64], hidden * float("nan")), errors.InvalidRequestError),
-            (([0, 1], [0, 0], [64, 64], hidden.repeat(2, 1, 1)), errors.InvalidRequestError),  # starts share no step
+            (([0], [0], [n], hidden), {}, errors.InvalidRequestError),  # slot 0 holds nothing yet
+            (([], [], [], None), {"starts": [9], "start_lengths": [64]}, errors.InvalidRequestError),  # no slot 9
+            (([], [], [], None), {"starts": [1], "start_lengths": [65]}, errors.SessionLengthError),  # over max_length
+            (([], [], [], None), {"starts": [0, 0], "start_lengths": [8, 8]}, errors.InvalidRequestError),  # a slot twice
         ]
-        for args, kind in bad:
+        for args, kwargs, kind in bad:
+            with pytest.raises(kind):
+                step(*args, **kwargs)
+        assert step(starts=[0], start_lengths=[n + 4]) is None
+        worse = [
+            (([0], [0], [n], hidden[..., :5]), errors.InvalidRequestError),  # wrong hidden size
+            (([0], [0], [n], hidden * float("nan")), errors.InvalidRequestError),
+            (([0], [0], [n - 1], hidden), errors.InvalidRequestError),  # tokens do not add up
+            (([0], [0], [3 * n], torch.cat([hidden] * 3, dim=1)), errors.SessionLengthError),  # past its length (n + 4)
+            (([0], [2], [n], hidden), errors.InvalidRequestError),  # not where the slot stands
+        ]
+        for args, kind in worse:
             with pytest.raises(kind):
                 step(*args)
-        outputs = step([0], [0], [64], hidden)  # the session still serves, exactly
+        outputs = step([0], [0], [n], hidden)  # the session still serves, exactly
         with torch.no_grad():
             logits = model.lm_head(model.norm(outputs[:, -1]))
             expected = reference(torch.tensor([prompt])).logits[:, -1]
         assert torch.allclose(logits, expected, atol=1e-4)
+        assert step(release=[0]) is None
         with pytest.raises(errors.InvalidRequestError):
-            step([0], [len(prompt) + 1], [64], hidden[:, :1])  # a gap after what slot 0 holds
-        assert step([], [], [], None, release=[0]) is None
+            step([0], [n], [1], hidden[:, :1])  # released: it holds nothing any more
     finally:
         session.close()

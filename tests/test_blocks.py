@@ -155,3 +155,33 @@ def test_decode_steps_of_several_sessions_in_one_batch_equal_each_alone(kind):
     for cache_alone, cache_batched in zip(alone, batched):
         for index in range(4):
             assert torch.allclose(cache_alone.layers[index].keys, cache_batched.layers[index].keys, atol=1e-5)
+
+
+def test_packed_steps_of_several_sequences_equal_each_alone():
+    """Sequences with caches of different lengths (one empty) and different numbers of new tokens run
+    side by side in one forward (`step_packed`): the same outputs and caches as each alone."""
+    model = build("llama")
+    stack = stacks(model, cuts=(0, 4))[0]
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 128, (1, length)) for length in (6, 0, 11, 3)]
+    new = [torch.randint(0, 128, (1, count)) for count in (1, 5, 1, 4)]
+
+    def prefilled():
+        caches = [stack.new_cache() for _ in prompts]
+        for ids, cache in zip(prompts, caches):
+            if ids.shape[1]:
+                stack(BlockInputs(model.model.embed_tokens(ids)), cache)
+        return caches
+
+    alone, packed = prefilled(), prefilled()
+    with torch.no_grad():
+        expected = [stack(BlockInputs(model.model.embed_tokens(ids)), cache) for ids, cache in zip(new, alone)]
+        got = stack.step_packed([(BlockInputs(model.model.embed_tokens(ids)), cache) for ids, cache in zip(new, packed)], (0, 4))
+        follow = [torch.randint(0, 128, (1, 1)) for _ in prompts]  # a decode step after: the caches line up
+        expected += [stack(BlockInputs(model.model.embed_tokens(ids)), cache) for ids, cache in zip(follow, alone)]
+        got += stack.step_batch([(BlockInputs(model.model.embed_tokens(ids)), cache) for ids, cache in zip(follow, packed)], (0, 4))
+    for want, have in zip(expected, got):
+        assert want.shape == have.shape and torch.allclose(want, have, atol=1e-5), (want - have).abs().max()
+    for cache_alone, cache_packed in zip(alone, packed):
+        for index in range(4):
+            assert torch.allclose(cache_alone.layers[index].keys, cache_packed.layers[index].keys, atol=1e-5)

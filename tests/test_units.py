@@ -383,32 +383,31 @@ def _slot_step(**fields):
     return SlotStep(step_id=0, **fields)
 
 
-def test_slot_steps_plan_starts_continuations_and_releases():
+def test_slot_steps_plan_rows_starts_and_releases():
     from peers.slots import RowPlan, plan_step
 
     held = {0: (5, 20), 1: (3, 10)}  # slot -> (cached tokens, reserved tokens)
     plan = functools.partial(plan_step, slots=4, max_length=64)
-    assert plan(_slot_step(slots=[2], positions=[0], lengths=[30]), held, shape=(1, 7)) == [RowPlan(2, 0, 30, True)]
-    decode = plan(_slot_step(slots=[1, 0], positions=[3, 5], lengths=[1, 1]), held, shape=(2, 1))
-    assert decode == [RowPlan(1, 3, 10, False), RowPlan(0, 5, 20, False)]  # continuing rows keep their reservation
-    assert plan(_slot_step(slots=[0], positions=[0], lengths=[9], release=[0]), held, shape=(1, 9))[0].start
+    rows = plan(_slot_step(slots=[1, 0], positions=[3, 5], tokens=[1, 6]), held, shape=(1, 7))
+    assert rows == [RowPlan(1, 3, 1, 10), RowPlan(0, 5, 6, 20)]  # a decode token and a prefill chunk side by side
+    assert plan(_slot_step(starts=[2, 0], start_lengths=[30, 9], release=[1]), held, shape=None) == []
     assert plan(_slot_step(release=[0, 1]), held, shape=None) == []
     refused = [
-        (_slot_step(slots=[0], positions=[5], lengths=[1], release=[0]), (1, 1), errors.InvalidRequestError),  # released
-        (_slot_step(slots=[0], positions=[4], lengths=[1]), (1, 1), errors.InvalidRequestError),  # not where it stands
-        (_slot_step(slots=[0], positions=[5], lengths=[1]), (1, 16), errors.SessionLengthError),  # past its reservation
-        (_slot_step(slots=[2], positions=[0], lengths=[65]), (1, 3), errors.SessionLengthError),  # over max_length
-        (_slot_step(slots=[2], positions=[0], lengths=[2]), (1, 3), errors.SessionLengthError),  # shorter than its prompt
-        (_slot_step(slots=[3], positions=[1], lengths=[1]), (1, 1), errors.InvalidRequestError),  # holds nothing
-        (_slot_step(slots=[4], positions=[0], lengths=[8]), (1, 1), errors.InvalidRequestError),  # no such slot
-        (_slot_step(slots=[0, 0], positions=[5, 5], lengths=[1, 1]), (2, 1), errors.InvalidRequestError),
-        (_slot_step(slots=[0, 1], positions=[5, 3], lengths=[1]), (2, 1), errors.InvalidRequestError),
-        (_slot_step(slots=[0, 1], positions=[5, 3], lengths=[1, 1]), (2, 2), errors.InvalidRequestError),  # decode is 1 token
-        (_slot_step(slots=[0, 2], positions=[5, 0], lengths=[1, 8]), (2, 1), errors.InvalidRequestError),  # starts alone
-        (_slot_step(slots=[0], positions=[5], lengths=[1]), (2, 1), errors.InvalidRequestError),  # rows != slots
-        (_slot_step(slots=[0], positions=[5], lengths=[1]), None, errors.InvalidRequestError),  # no hidden states
+        (_slot_step(slots=[0], positions=[5], tokens=[1], release=[0]), (1, 1), errors.InvalidRequestError),  # released
+        (_slot_step(slots=[0], positions=[4], tokens=[1]), (1, 1), errors.InvalidRequestError),  # not where it stands
+        (_slot_step(slots=[0], positions=[5], tokens=[16]), (1, 16), errors.SessionLengthError),  # past its reservation
+        (_slot_step(starts=[2], start_lengths=[65]), None, errors.SessionLengthError),  # over max_length
+        (_slot_step(starts=[2], start_lengths=[8, 8]), None, errors.InvalidRequestError),
+        (_slot_step(starts=[2], start_lengths=[8], slots=[0], positions=[5], tokens=[1]), (1, 1), errors.InvalidRequestError),
+        (_slot_step(slots=[3], positions=[0], tokens=[1]), (1, 1), errors.InvalidRequestError),  # holds nothing
+        (_slot_step(starts=[4], start_lengths=[8]), None, errors.InvalidRequestError),  # no such slot
+        (_slot_step(slots=[0, 0], positions=[5, 5], tokens=[1, 1]), (1, 2), errors.InvalidRequestError),
+        (_slot_step(slots=[0, 1], positions=[5, 3], tokens=[1]), (1, 1), errors.InvalidRequestError),
+        (_slot_step(slots=[0, 1], positions=[5, 3], tokens=[1, 1]), (2, 1), errors.InvalidRequestError),  # not side by side
+        (_slot_step(slots=[0, 1], positions=[5, 3], tokens=[1, 1]), (1, 3), errors.InvalidRequestError),  # token count
+        (_slot_step(slots=[0], positions=[5], tokens=[1]), None, errors.InvalidRequestError),  # no hidden states
         (_slot_step(release=[1, 1]), None, errors.InvalidRequestError),
-        (_slot_step(), (1, 1), errors.InvalidRequestError),  # hidden states without slots
+        (_slot_step(), (1, 1), errors.InvalidRequestError),  # hidden states without rows
     ]
     for step, shape, kind in refused:
         with pytest.raises(kind):
