@@ -2,8 +2,10 @@
 
 Measures, in one run and on the same weights: prefill time of a 128-token prompt and greedy decode
 tokens/s over 64 new tokens, for local transformers and through the swarm, and prints the ratios and
-each peer's memory (RSS of its process group). The "relay" row turns off peer-to-peer pushes, so
-every activation goes through the client: the difference to the row below it is what pushes save.
+each peer's memory (RSS of its process group). The swarm rows use the client's defaults, which on
+loopback relay every activation through the client (`ClientConfig.push_steps="auto"`); the "push"
+row makes each peer send its output straight to the next one, as the client does where round trips
+are slower.
 
 The machine is shared and noisy, so every swarm setup is measured in --repeats rounds, and each
 round also measures the local reference right before the swarm: a round's ratio compares numbers
@@ -126,10 +128,10 @@ def group_memory_mib(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def swarm_run(model_name: str, splits: list[str], reference: LocalReference, repeats: int, threads: int | None, push: bool) -> dict:
+def swarm_run(model_name: str, splits: list[str], reference: LocalReference, repeats: int, threads: int | None, push) -> dict:
     """Start a bootstrap node and one peer per split; measure the swarm and the local reference in
     alternating rounds. `threads`: torch threads per peer (None: torch's choice, all cores).
-    `push`: peers send their output straight to the next peer (else only the client relays it)."""
+    `push`: ClientConfig.push_steps (True: peers send their output straight to the next peer)."""
     from client import AutoDistributedModelForCausalLM
     from swarm.config import ClientConfig
 
@@ -191,10 +193,10 @@ def main() -> int:
     reference = LocalReference(args.model, args.threads)
     third = num_blocks // 3
     thirds = [f"0:{third}", f"{third}:{2 * third}", f"{2 * third}:{num_blocks}"]
-    runs = {  # name: (peers' blocks, push)
-        "swarm, 1 peer": ([f"0:{num_blocks}"], True),
-        "3 peers, relay": (thirds, False),
-        "swarm, 3 peers": (thirds, True),
+    runs = {  # name: (peers' blocks, ClientConfig.push_steps)
+        "swarm, 1 peer": ([f"0:{num_blocks}"], "auto"),
+        "swarm, 3 peers": (thirds, "auto"),  # the default: on loopback it relays (see push_min_rtt_s)
+        "3 peers, push": (thirds, True),
     }
     print(f"model {args.model} ({num_blocks} blocks), prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
           f"{args.threads} threads local/client, {args.peer_threads or 'all'} per peer, {args.repeats} rounds per setup")

@@ -91,7 +91,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--peer-threads", type=int, default=0, help="torch threads per peer (0: torch's choice, all cores)")
+    parser.add_argument("--peer-threads", type=int, default=1,
+                        help="torch threads per peer (0: torch's choice, all cores); with 16 streams on 2 cores, 1 goes furthest "
+                        "with the API's 2 lanes, all cores with --lanes 1")
     parser.add_argument("--batch-steps", type=int, default=32, help="the peers' --batch-steps (1: no batching)")
     parser.add_argument("--max-batch", type=int, default=16, help="the API's --max-batch (1: each request alone)")
     parser.add_argument("--lanes", type=int, default=2, help="the API's --lanes (batched sessions in flight at once)")

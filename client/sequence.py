@@ -90,6 +90,12 @@ class RemoteSequence:
 
         await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids[:MAX_PINGS_PER_UPDATE]))
 
+    def pushes_pay(self, peer_id: str) -> bool:
+        """Whether the previous hop should push steps to `peer_id` (see ClientConfig.push_steps)."""
+        if self.config.push_steps != "auto":
+            return bool(self.config.push_steps)
+        return self.latency_s.get(peer_id, float("inf")) >= self.config.push_min_rtt_s
+
     def proof(self, peer_id: str) -> str | None:
         """What a call to `peer_id` carries to show we hold the swarm's key (None in a public swarm)."""
         return make_proof(self.swarm_key, self.peer_id, peer_id)

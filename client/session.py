@@ -103,11 +103,10 @@ class InferenceSession:
     def _push_chain(self, index: int) -> list[str]:
         """The hops after streams[index] that take pushes from their predecessor, up to the first that does not."""
         chain = []
-        if self.sequence.config.push_steps:
-            for previous, stream in zip(self.streams[index:], self.streams[index + 1 :]):
-                if stream.push_from != previous.peer_id or len(chain) == MAX_PUSH_HOPS:
-                    break
-                chain.append(stream.peer_id)
+        for previous, stream in zip(self.streams[index:], self.streams[index + 1 :]):
+            if stream.push_from != previous.peer_id or len(chain) == MAX_PUSH_HOPS or not self.sequence.pushes_pay(stream.peer_id):
+                break
+            chain.append(stream.peer_id)
         return chain
 
     async def _replace(self, index: int, cause: Exception, step_id: int) -> None:

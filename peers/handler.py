@@ -25,17 +25,17 @@ import time
 from typing import AsyncIterator
 
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from peers.batching import DecodeJob, StepBatcher
 from peers.compute import backward_job, checked_inputs, decode_batch, forward_job
+from peers.pushes import PushChannels
 from peers.cache import CacheBudget
 from peers.slots import serve_slots
 from peers.validation import Limits, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
-from swarm import protocol
 from swarm.blocks import BlockInputs
 from swarm.protocol import BlockService
 from swarm.messages import (
@@ -44,7 +44,7 @@ from swarm.messages import (
 from swarm.lora import LoraWeights, projection_shapes, wire_names
 from swarm.swarm_key import SwarmKey, check_access, make_proof
 from swarm.transport import (
-    FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message, translated_errors,
+    FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -253,18 +253,21 @@ class BlockServicer(BlockService):
             raise errors.InvalidRequestError("this session is already open on these blocks")
         inbox = self._inboxes[key] = _Inbox(push_from=opening.push_from)
         pump = asyncio.create_task(_pump(reader, inbox))
+        pushes = PushChannels(self.p2p, self.info.dht_prefix, PUSH_TIMEOUT_S) if self.p2p is not None else None
         try:
-            async for message in self._session_steps(inbox, pump, opening, span, context):
+            async for message in self._session_steps(inbox, pump, opening, span, context, pushes):
                 yield message
         finally:
             del self._inboxes[key]
             pump.cancel()
+            if pushes is not None:
+                pushes.close()
             logger.info(
                 "session %s on blocks %d:%d ended after %d steps (%d pushed by the previous hop)",
                 opening.session_id[:8], *span, inbox.steps, inbox.pushed_steps,
             )
 
-    async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context) -> AsyncIterator[Response]:
+    async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context, pushes) -> AsyncIterator[Response]:
         stack = self.stack  # the session stays on these blocks, even if the peer moves meanwhile
         adapter = self.adapter_weights(opening.adapter, span)
         cache = stack.new_cache()
@@ -307,7 +310,7 @@ class BlockServicer(BlockService):
             last_step_id = step.step_id
             inbox.steps += 1
             inbox.pushed_steps += source == "push"
-            if push is not None and self.p2p is not None and await self._push(opening.session_id, step.push_to[0], push):
+            if push is not None and pushes is not None and await self._push(pushes, opening.session_id, step.push_to[0], push):
                 pushed = Result(tensor_names=["hidden_states"], step_id=step.step_id, pushed=True)
                 reply[-1].metadata = pushed.model_dump_json().encode()
             logger.debug(
@@ -349,15 +352,18 @@ class BlockServicer(BlockService):
         except asyncio.QueueFull:
             raise errors.OverloadedError("this session's inbox is full") from None
 
-    async def _push(self, session_id: str, target: str, header_and_tensors) -> bool:
+    async def rpc_push_stream(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        async for request in requests:
+            yield await self.rpc_push(request, context)
+
+    async def _push(self, pushes: PushChannels, session_id: str, target: str, header_and_tensors) -> bool:
         """Send a step's output to the next hop; True once it took it (it then owes the client the reply)."""
         header, tensors, message = header_and_tensors
         try:
             if target == self.peer_id:  # the next hop is this peer too
                 self._deliver(header, tensors, self.peer_id)
                 return True
-            async with translated_errors(target[-8:]), asyncio.timeout(PUSH_TIMEOUT_S):
-                reply = await protocol.stub(self.p2p, PeerID.from_base58(target), self.info.dht_prefix).rpc_push(message)
+            reply = await pushes.send(target, message)
         except (errors.SwarmError, ValueError) as exc:
             logger.debug("push of session %s to %s failed: %s", session_id[:8], target[-8:], exc)
             return False

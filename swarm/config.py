@@ -135,9 +135,13 @@ class ClientConfig(BaseModel):
     max_batch_tokens: int = Field(
         4096, gt=0, description="training: tokens per forward/backward request; a longer batch goes as pieces in parallel"
     )
-    push_steps: bool = Field(
-        True, description="let each peer of a session send its output straight to the next one (the client relays it too)"
+    push_steps: bool | Literal["auto"] = Field(
+        "auto",
+        description="let each peer of a session send its output straight to the next one instead of through the client: "
+        "True, False, or auto (push to a peer whose measured round trip is at least push_min_rtt_s: a push saves one "
+        "network traversal per hop but costs more messages, a loss where traversals are as cheap as on loopback)",
     )
+    push_min_rtt_s: float = Field(0.005, ge=0, description="push_steps=auto: the round trip, in seconds, from which pushes pay")
 
 
 def parse_blocks(text: str) -> tuple[int, int] | int | Literal["auto"]:

@@ -40,6 +40,12 @@ class BlockService(ServicerBase):
         """One PushStep frame in one message, from the previous hop of a session; an empty reply or an ErrorReply."""
         raise NotImplementedError
 
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """rpc_push over one open stream: each PushStep message answered by an empty reply or an ErrorReply."""
+        raise NotImplementedError
+
 
 async def register(p2p: P2P, implementation: BlockService, namespace: str) -> None:
     await BlockService().add_p2p_handlers(p2p, wrapper=implementation, namespace=namespace)

@@ -123,7 +123,9 @@ def pool(tiny_model_path, tmp_path_factory):
         swarm.start_bootstrap()
         pool = Pool(swarm, str(tiny_model_path))
         pool.start([span for span in RANGES for _ in range(PEERS_PER_RANGE)])
-        config = ClientConfig(route_wait_s=20.0)  # the default step timeout: lost peers are found by liveness pings
+        # the default step timeout: lost peers are found by liveness pings; pushes on, so that peers
+        # killed mid-push are covered too (on loopback, push_steps="auto" would relay)
+        config = ClientConfig(route_wait_s=20.0, push_steps=True)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             str(tiny_model_path), initial_peers=swarm.initial_peers, client_config=config
         )

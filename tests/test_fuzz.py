@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from swarm import errors, protocol
-from swarm.messages import PEER_REPLY, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PushStep
+from swarm.messages import PEER_REPLY, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PushStep, SlotStep
 from swarm.transport import FrameReader, decode_header, encode_frame
 
 pytestmark = pytest.mark.timeout(600)
@@ -53,7 +53,7 @@ def random_names(rng: random.Random, count: int) -> list[str]:
 
 def bad_request(rng: random.Random) -> tuple[str, list[Request]]:
     """(rpc name, messages) of one malformed or hostile request."""
-    kind = rng.randrange(10)
+    kind = rng.randrange(13)
     if kind == 0:  # bytes that are not JSON
         return "rpc_forward", [Request(metadata=rng.randbytes(rng.randint(1, 300)))]
     if kind == 1:  # JSON of no known message, or with fields we do not take
@@ -95,6 +95,27 @@ def bad_request(rng: random.Random) -> tuple[str, list[Request]]:
     if kind == 8:  # a push into a session that does not exist, or is not ours to push into
         push = PushStep(session_id=rng.randbytes(8).hex(), start_block=0, position=0, step_id=0, tensor_names=["hidden_states"])
         return "rpc_push", frame(push, [torch.zeros(1, 1, HIDDEN)])
+    if kind == 10:  # a batched session (slots), then a step it must refuse
+        opening = OpenSession(session_id=rng.randbytes(8).hex(), start_block=0, end_block=2, max_length=8, batch_size=1, slots=4)
+        step = rng.choice([
+            (SlotStep(step_id=0, slots=[0], positions=[0], tokens=[1], tensor_names=["hidden_states"]), [torch.zeros(1, 1, HIDDEN)]),
+            (SlotStep(step_id=0, starts=[7], start_lengths=[4]), []),
+            (SlotStep(step_id=0, starts=[1], start_lengths=[9]), []),
+            (SlotStep(step_id=0, release=[2, 2]), []),
+            (SlotStep(step_id=0, slots=[1], positions=[0], tokens=[3], tensor_names=["hidden_states"]), [torch.zeros(1, 2, HIDDEN)]),
+            (InferenceStep(position=0, step_id=0, tensor_names=["hidden_states"]), [torch.zeros(1, 1, HIDDEN)]),
+        ])
+        return "rpc_inference", [*frame(opening), *frame(*step)]
+    if kind == 11:  # a batched session the peer must refuse
+        opening = rng.choice([
+            OpenSession(session_id="s", start_block=0, end_block=2, max_length=8, batch_size=2, slots=4),
+            OpenSession(session_id="s", start_block=0, end_block=2, max_length=8, batch_size=1, slots=1000),
+            OpenSession(session_id="s", start_block=0, end_block=2, max_length=8, batch_size=1, slots=2, push_from="x"),
+        ])
+        return "rpc_inference", frame(opening)
+    if kind == 12:  # pushes over an open push stream: into no session, or garbage
+        push = PushStep(session_id=rng.randbytes(8).hex(), start_block=0, position=0, step_id=0, tensor_names=["hidden_states"])
+        return "rpc_push_stream", rng.choice([frame(push, [torch.zeros(1, 1, HIDDEN)]), [Request(metadata=rng.randbytes(40))]])
     return "rpc_push", [Request(metadata=rng.randbytes(rng.randint(1, 100)))]  # garbage pushed
 
 

@@ -116,7 +116,19 @@ def session_summary(node, session_id: str, timeout_s: float = 15.0) -> re.Match:
     raise AssertionError(f"{node.name} logged no end of session {session_id[:8]}: {node.log_tail()}")
 
 
-def test_peers_push_each_step_to_the_next_peer(model, reference, tiny_swarm):
+def test_peers_push_each_step_to_the_next_peer(reference, tiny_swarm, tiny_model_path):
+    """Pushes on (push_steps="auto", the default, relays on loopback: round trips are too cheap here for
+    pushes to pay): each step reaches the second peer from the first over one open push stream."""
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(tiny_model_path), initial_peers=tiny_swarm.initial_peers, client_config=ClientConfig(push_steps=True)
+    )
+    try:
+        _push_and_check(model, reference, tiny_swarm)
+    finally:
+        model.close()
+
+
+def _push_and_check(model, reference, tiny_swarm):
     input_ids = prompts(1, 5, seed=11)
     kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     with model.inference_session(max_length=64) as session:
@@ -140,3 +152,4 @@ def test_relaying_through_the_client_alone_is_exact(tiny_swarm, tiny_model_path,
         assert session_summary(tiny_swarm.nodes[2], session.session_id).groups() == ("16", "0")
     finally:
         relayed.close()
+

@@ -452,3 +452,16 @@ def test_step_batcher_counts_rows_per_turn():
     assert results == ["a", "b", "c", "d", "e"]
     # all five wait before the first turn: a turn takes items in order up to 4 rows, and at least one item
     assert turns == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_pushes_pay_where_round_trips_are_slow():
+    from types import SimpleNamespace
+
+    from client.sequence import RemoteSequence
+    from swarm.config import ClientConfig
+
+    latency = {"near": 0.001, "far": 0.040}
+    view = lambda **config: SimpleNamespace(config=ClientConfig(**config), latency_s=latency)  # noqa: E731
+    assert [RemoteSequence.pushes_pay(view(), peer) for peer in ("near", "far", "unmeasured")] == [False, True, True]
+    assert RemoteSequence.pushes_pay(view(push_steps=True), "near") and not RemoteSequence.pushes_pay(view(push_steps=False), "far")
+    assert RemoteSequence.pushes_pay(view(push_min_rtt_s=0.0005), "near")
