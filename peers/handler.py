@@ -11,7 +11,7 @@ it. A peer that pushed says so in its reply once the next hop has taken the push
 the client skip sending that step itself. A step that arrives twice runs once. Every reply names
 its step, so a client re-running a step after a failover can tell stale replies from current ones.
 A batched session (`OpenSession.slots`: many sequences on one stream) is served by `peers.slots`,
-which uses `run_decode` and `run_sequence` here.
+which runs its steps through `run_decode` here.
 """
 
 from __future__ import annotations
@@ -397,17 +397,6 @@ class BlockServicer(BlockService):
         if isinstance(result, BaseException):
             raise result
         return result
-
-    async def run_sequence(self, stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter=None) -> torch.Tensor:
-        """One sequence's step (validated, its cache rolled back to `position`), in PREFILL_CHUNK pieces if long."""
-        if tensors["hidden_states"].shape[1] <= PREFILL_CHUNK:
-            def job() -> torch.Tensor:
-                inputs = checked_inputs(stack, tensors, limits, cache, span, position, adapter)
-                return stack(inputs, cache, span).cpu()
-
-            return await self._run_compute(job)
-        inputs = await self._run_compute(functools.partial(checked_inputs, stack, tensors, limits, cache, span, position, adapter))
-        return await self._run_chunks(stack, inputs, cache, span, position)
 
     async def _run_chunks(self, stack: BlockStack, inputs: BlockInputs, cache, span, position: int) -> torch.Tensor:
         """A long step in chunks of PREFILL_CHUNK tokens, one compute job each, so that other sessions'

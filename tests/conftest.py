@@ -83,3 +83,21 @@ def smollm2_swarm(tmp_path_factory):
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
         yield swarm
+
+
+# A test module that asks for `reference` or `model` without defining its own gets these: plain
+# transformers on the tiny model, and a client of the tiny swarm.
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_swarm, tiny_model_path):
+    from client import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=tiny_swarm.initial_peers)
+    yield model
+    model.close()

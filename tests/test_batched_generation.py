@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from client.batched import BatchedSession
@@ -26,18 +25,6 @@ from tests.conftest import PEER_ENV
 pytestmark = pytest.mark.timeout(300)
 
 NEW_TOKENS = 20
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_swarm, tiny_model_path):
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=tiny_swarm.initial_peers)
-    yield model
-    model.close()
 
 
 def _prompts(count: int, seed: int = 0) -> list[list[int]]:

@@ -7,24 +7,11 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from swarm.config import ClientConfig
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_swarm, tiny_model_path):
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=tiny_swarm.initial_peers)
-    yield model
-    model.close()
 
 
 def prompts(count: int, length: int, seed: int = 0) -> torch.Tensor:
