@@ -395,7 +395,8 @@ def test_trainers_average_gradients_join_late_and_leave(tiny_swarm, tiny_model_p
         command = _finetune(tiny_swarm, tiny_model_path, data, tmp_path / name, *common, *extra)
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=tiny_swarm.env)
 
-    trainers = {"a": start("a", 200, "--min-trainers", "2"), "b": start("b", 200, "--min-trainers", "2")}
+    # A and B hold enough data to outlast C by many rounds: C takes a few rounds just to start
+    trainers = {"a": start("a", 400, "--min-trainers", "2"), "b": start("b", 400, "--min-trainers", "2")}
     try:
         deadline = time.monotonic() + 120
         while "1" not in _rounds(tmp_path / "a"):  # the first averaged round is done
