@@ -30,7 +30,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from client.batched import BatchedSession
 from client.retries import Retries
 from client.sampling import SeededSampler
-from swarm import errors
+from swarm import errors, kernels
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class BatchedGenerator:
 
     def _extend(self, actives: list[_Active], outputs: torch.Tensor) -> None:
         """Pick each sequence's next token from its last output [rows, 1, hidden]; end those that are done."""
-        with torch.no_grad():
+        with torch.no_grad(), kernels.batched_rows():
             logits = self.model.lm_head(self.model.norm(outputs.to(self.model.dtype)))[:, -1].float()  # [rows, vocab]
         for row, active in enumerate(actives):
             scores = logits[row : row + 1]

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from swarm import kernels
 from swarm import lora as lora_weights
 
 
@@ -110,7 +111,8 @@ class BlockStack(torch.nn.Module):
             position = inputs.position_ids if inputs.position_ids is not None else torch.tensor([[length]])
             positions.append(position.expand(count, 1))
         hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps])
-        outputs = self._run(BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks)), batch_cache, span)
+        with kernels.batched_rows():
+            outputs = self._run(BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks)), batch_cache, span)
         results, first = [], 0
         for (_, cache), count in zip(steps, rows):
             for index in range(start, end):
@@ -149,7 +151,7 @@ class BlockStack(torch.nn.Module):
         position_ids, mask = position_ids.to(self.device), mask[None, None].to(self.device)
         position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
         layers = self.layers[start - self.start_block : end - self.start_block]
-        with lora_weights.applied(layers, steps[0][0].lora, first_block=start):
+        with lora_weights.applied(layers, steps[0][0].lora, first_block=start), kernels.batched_rows():
             for layer in layers:
                 hidden_states = layer(
                     hidden_states, attention_mask=mask, position_ids=position_ids, past_key_values=packed, use_cache=True,

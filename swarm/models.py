@@ -30,6 +30,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
+from swarm import kernels
 from swarm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def load_block(
     layer.load_state_dict(state, strict=True, assign=True)
     if any(tensor.is_meta for tensor in [*layer.parameters(), *layer.buffers()]):
         raise UnsupportedModelError(f"{config.model_type} layers hold tensors that are not in the checkpoint")
+    kernels.use_rows_linear(layer)
     return layer.to(device).eval().requires_grad_(False)
 
 
@@ -157,7 +159,7 @@ def load_client_parts(
     )  # [vocab, hidden]
     with torch.device("meta"):
         norm = norm_class(config)(config.hidden_size, eps=config.rms_norm_eps)
-        lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        lm_head = kernels.RowsLinear(config.hidden_size, config.vocab_size, bias=False)
     norm.load_state_dict({"weight": weights["model.norm.weight"]}, strict=True, assign=True)
     if tied:
         lm_head.weight = embed_tokens.weight

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from swarm import kernels
 from swarm.blocks import BlockInputs, BlockStack
 
 pytestmark = pytest.mark.timeout(120)
@@ -185,3 +186,25 @@ def test_packed_steps_of_several_sequences_equal_each_alone():
     for cache_alone, cache_packed in zip(alone, packed):
         for index in range(4):
             assert torch.allclose(cache_alone.layers[index].keys, cache_packed.layers[index].keys, atol=1e-5)
+
+
+def test_rows_linear_is_f_linear_bit_for_bit_outside_batched_steps():
+    """`swarm.kernels.linear`: the same bits as `F.linear` for any row count outside `batched_rows()`
+    (from 16 rows it takes another route to the same kernel), within float32 rounding inside it;
+    bias, bfloat16 and small weights always go to `F.linear`."""
+    torch.manual_seed(0)
+    weight = torch.randn(1536, 576)
+    for rows in (1, 4, 8, 12, 16, 40, 63, 64, 100):
+        x = torch.randn(2, rows, 576)[:1]
+        expected = torch.nn.functional.linear(x, weight)
+        assert torch.equal(kernels.linear(x, weight), expected), rows
+        with kernels.batched_rows():
+            got = kernels.linear(x, weight)
+        assert got.shape == expected.shape and got.is_contiguous()
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    layer = torch.nn.Sequential(torch.nn.Linear(576, 1536, bias=False), torch.nn.Linear(1536, 8))
+    kernels.use_rows_linear(layer)
+    assert type(layer[0]) is kernels.RowsLinear and type(layer[1]) is torch.nn.Linear  # a bias keeps F.linear
+    x = torch.randn(1, 10, 576).bfloat16()
+    with kernels.batched_rows():
+        assert torch.equal(kernels.linear(x, weight.bfloat16()), torch.nn.functional.linear(x, weight.bfloat16()))
