@@ -44,8 +44,7 @@ def decode_batch(jobs: list[DecodeJob]) -> list:
     for number, job in enumerate(jobs):
         try:
             checked[number] = [
-                dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=job.adapter)
-                for tensors, limits, _, position in job.rows
+                checked_inputs(job.stack, tensors, limits, None, job.span, position, job.adapter) for tensors, limits, _, position in job.rows
             ]
         except Exception as exc:
             results[number] = exc

@@ -110,19 +110,15 @@ def test_peers_push_each_step_to_the_next_peer(reference, tiny_swarm, tiny_model
         str(tiny_model_path), initial_peers=tiny_swarm.initial_peers, client_config=ClientConfig(push_steps=True)
     )
     try:
-        _push_and_check(model, reference, tiny_swarm)
+        input_ids = prompts(1, 5, seed=11)
+        kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with model.inference_session(max_length=64) as session:
+            actual = model.generate(input_ids, **kwargs)
+        assert torch.equal(actual, reference.generate(input_ids, **kwargs))
+        steps, pushed = map(int, session_summary(tiny_swarm.nodes[2], session.session_id).groups())  # the peer on 2:4
+        assert steps == 16 and pushed > 0
     finally:
         model.close()
-
-
-def _push_and_check(model, reference, tiny_swarm):
-    input_ids = prompts(1, 5, seed=11)
-    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with model.inference_session(max_length=64) as session:
-        actual = model.generate(input_ids, **kwargs)
-    assert torch.equal(actual, reference.generate(input_ids, **kwargs))
-    steps, pushed = map(int, session_summary(tiny_swarm.nodes[2], session.session_id).groups())  # the peer on 2:4
-    assert steps == 16 and pushed > 0
 
 
 def test_relaying_through_the_client_alone_is_exact(tiny_swarm, tiny_model_path, reference):
@@ -139,4 +135,3 @@ def test_relaying_through_the_client_alone_is_exact(tiny_swarm, tiny_model_path,
         assert session_summary(tiny_swarm.nodes[2], session.session_id).groups() == ("16", "0")
     finally:
         relayed.close()
-
