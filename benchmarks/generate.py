@@ -12,8 +12,8 @@ round also measures the local reference right before the swarm: a round's ratio 
 taken seconds apart, and the printed ratio is the median over rounds.
 
 The local reference is plain transformers with --threads threads, measured twice per round: in this
-process, which runs with `GOMP_SPINCOUNT=10000` like the peers and the client (see
-`swarm.cli.limit_openmp_spinning`), and in a subprocess with the environment as the user gave it
+process, which runs with `GOMP_SPINCOUNT=10000` like the client (peers spin longer, see
+`swarm.cli.PEER_SPIN_COUNT`), and in a subprocess with the environment as the user gave it
 (libgomp's default spinning, unless the user set it). The faster of the two is the reference.
 
     .venv/bin/python benchmarks/generate.py [--model smollm2-135m] [--repeats 5] [--threads 2] [--peer-threads N]
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.cli import OPENMP_SPIN_COUNT, limit_openmp_spinning  # noqa: E402
+from swarm.cli import PEER_SPIN_COUNT, limit_openmp_spinning  # noqa: E402
 
 USER_ENVIRONMENT = dict(os.environ)  # before limit_openmp_spinning(): what the local reference subprocess gets
 if "--client-spin=default" not in sys.argv:
@@ -138,7 +138,7 @@ def swarm_run(model_name: str, splits: list[str], reference: LocalReference, rep
     log_dir = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
     env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     extra_args = ["--num-threads", str(threads)] if threads else []
-    env["GOMP_SPINCOUNT"] = os.environ.get("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)  # peers limit it anyway, unless told
+    env["GOMP_SPINCOUNT"] = os.environ.get("GOMP_SPINCOUNT", PEER_SPIN_COUNT)  # what peers set anyway, unless told
     with LocalSwarm(log_dir, env=env) as swarm:
         if not threads:
             swarm.env.pop("OMP_NUM_THREADS", None)

@@ -17,23 +17,31 @@ from typing import Awaitable, Callable
 from swarm.errors import SwarmError
 
 
-# Iterations an idle OpenMP thread (libgomp, torch's CPU thread pool) spins before it sleeps. libgomp's
-# default, 300,000, keeps a thread busy for milliseconds after every forward; where a client and peers
-# share the cores, each process's spinning threads slow the one computing (measured here: 3 peers
-# with 2 threads each went from 0.8x to 0.95x local decode speed with 10,000). Within a forward the
-# gaps between operations are far shorter, so 10,000 costs the compute itself nothing measurable.
-OPENMP_SPIN_COUNT = "10000"
+# Iterations an idle OpenMP thread (libgomp, torch's CPU thread pool) spins before it sleeps; on this
+# project's 2-core VM one iteration takes about 20 ns. libgomp's default, 300,000 (6 ms here), keeps a
+# thread busy long after every forward; where a client and peers share the cores, each process's
+# spinning threads slow the one computing. Too short a spin costs too: a peer's worker thread then
+# sleeps in the gaps between the operations of one forward (15 times per 10-block decode step at
+# 10,000, once at 30,000) and every wake-up costs 0.1-0.2 ms on a VM.
+# Measured with two 3-peer swarms at once, generations alternating between them (paired): peers at
+# 30,000 decode 5% faster than at 10,000, 45,000 3% faster than 30,000, 60,000 3% faster than 45,000,
+# and 100,000 9% slower than 60,000 (its threads still spin when the next peer starts computing).
+# A client runs one large operation per token (the head) and then Python for milliseconds, so it
+# gains nothing from spinning and keeps the short count.
+PEER_SPIN_COUNT = "50000"
+CLIENT_SPIN_COUNT = "10000"
 
 
-def limit_openmp_spinning() -> None:
-    """Make idle OpenMP threads sleep soon, unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY.
+def limit_openmp_spinning(spin_count: str = CLIENT_SPIN_COUNT) -> None:
+    """Make idle OpenMP threads sleep after `spin_count` iterations, unless the user set
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY. Peers pass PEER_SPIN_COUNT.
 
     libgomp reads the setting when it loads, so this must run before torch is imported."""
     if "torch" in sys.modules:
         logging.getLogger(__name__).debug("torch is already imported: GOMP_SPINCOUNT left as it is")
         return
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+        os.environ["GOMP_SPINCOUNT"] = spin_count
 
 
 def setup_logging(verbose: bool = False) -> None:
