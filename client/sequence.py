@@ -30,6 +30,8 @@ BAN_MAX_S = 300.0
 REFRESH_PERIOD_S = 10.0
 MISSED_LOOKUP_GRACE_S = 30.0
 MAX_PINGS_PER_UPDATE = 64  # a flood of fake records must not make us dial thousands of peers at once
+PINGS_PER_PEER = 3  # a peer's round trip is the fastest of these: the first also dials the peer (measured on
+# loopback: 4-14 ms for a first ping, against 1.6 ms for a warm one, which made push_steps="auto" push at random)
 
 
 class RemoteSequence:
@@ -80,13 +82,17 @@ class RemoteSequence:
 
     async def _measure_latencies(self, peer_ids: list[str]) -> None:
         async def ping(peer_id: str) -> None:
-            started = time.perf_counter()
-            try:
-                await call_info(self.p2p, peer_id, self.dht_prefix, self.config.ping_timeout_s, self.proof(peer_id))
-                self.latency_s[peer_id] = time.perf_counter() - started
-            except errors.SwarmError as exc:
-                logger.warning("peer %s did not answer a ping: %s", peer_id[-8:], exc)
-                self.ban(peer_id)
+            fastest = float("inf")
+            for _ in range(PINGS_PER_PEER):
+                started = time.perf_counter()
+                try:
+                    await call_info(self.p2p, peer_id, self.dht_prefix, self.config.ping_timeout_s, self.proof(peer_id))
+                except errors.SwarmError as exc:
+                    logger.warning("peer %s did not answer a ping: %s", peer_id[-8:], exc)
+                    self.ban(peer_id)
+                    return
+                fastest = min(fastest, time.perf_counter() - started)
+            self.latency_s[peer_id] = fastest
 
         await asyncio.gather(*(ping(peer_id) for peer_id in peer_ids[:MAX_PINGS_PER_UPDATE]))
 
