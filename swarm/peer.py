@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from swarm.cli import PEER_SPIN_COUNT, fail, limit_openmp_spinning, run_until_signal, setup_logging
+from swarm.cli import PEER_SPIN_COUNT, fail, limit_openmp_spinning, limit_p2pd_threads, run_until_signal, setup_logging
 from swarm.config import PeerConfig, build_config, env_overrides, load_toml
 from swarm.errors import SwarmError
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     limit_openmp_spinning(PEER_SPIN_COUNT)
+    limit_p2pd_threads()
     try:
         config = config_from_args(args)
         from peers.server import Peer  # heavy imports only once the flags are known to be valid
