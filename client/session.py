@@ -80,13 +80,14 @@ class InferenceSession:
                 f"{position + new_tokens} tokens exceed this session's max_length={self.max_length}"
             )
         self._truncate(position)
+        sent = inputs.without_defaults(position)  # what every hop gets: the defaults cost each hop time to decode
         hidden_states, index, step_id, pushed = inputs.hidden_states, 0, next(self._step_ids), False
         while index < len(self.streams):
             stream = self.streams[index]
             self._remember(stream.start, hidden_states, position)
             try:
                 hidden_states, pushed = await stream.step(
-                    _with_hidden(inputs, hidden_states), position, step_id, self._push_chain(index), send=not pushed
+                    _with_hidden(sent, hidden_states), position, step_id, self._push_chain(index), send=not pushed
                 )
                 index += 1
             except errors.RemoteError as exc:
@@ -140,7 +141,7 @@ class InferenceSession:
         if self.position == 0:
             return
         hidden_states = self._inputs_at[streams[0].start].view(self.position)
-        history = BlockInputs(hidden_states, self._position_ids.view(self.position), self._attention_mask)
+        history = BlockInputs(hidden_states, self._position_ids.view(self.position), self._attention_mask).without_defaults(0)
         for stream in streams:
             self._inputs_at[stream.start] = History()
             self._inputs_at[stream.start].write(hidden_states, 0)

@@ -26,6 +26,22 @@ class BlockInputs:
     prompts: torch.Tensor | None = None  # [blocks, batch or 1, prefix, hidden]
     lora: "lora_weights.LoraWeights | None" = None  # LoRA of the span's blocks (see swarm.lora)
 
+    def without_defaults(self, past_length: int) -> "BlockInputs":
+        """These inputs without the position ids and mask that `BlockStack` assumes when they are
+        missing (positions past_length, past_length + 1, ... in every row; a mask of ones over
+        past + new tokens): the same outputs, bit for bit, from fewer tensors to send and check."""
+        seq_length = self.hidden_states.shape[1]
+        position_ids, mask = self.position_ids, self.attention_mask
+        if position_ids is not None and position_ids.shape[-1] == seq_length and bool(
+            (position_ids == torch.arange(past_length, past_length + seq_length)).all()
+        ):
+            position_ids = None
+        if mask is not None and mask.shape[-1] == past_length + seq_length and bool(mask.all()):
+            mask = None
+        if position_ids is self.position_ids and mask is self.attention_mask:
+            return self
+        return replace(self, position_ids=position_ids, attention_mask=mask)
+
 
 class BlockStack(torch.nn.Module):
     """Blocks [start_block, start_block + len(layers)) of one model, on one device and dtype."""

@@ -208,3 +208,28 @@ def test_rows_linear_is_f_linear_bit_for_bit_outside_batched_steps():
     x = torch.randn(1, 10, 576).bfloat16()
     with kernels.batched_rows():
         assert torch.equal(kernels.linear(x, weight.bfloat16()), torch.nn.functional.linear(x, weight.bfloat16()))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_inputs_without_defaults_give_the_same_outputs_bit_for_bit(kind):
+    """What a client leaves out of a step (positions in order, a mask of ones) changes nothing, in a
+    prefill and in the decode steps after it; a mask with padding and shifted positions are kept."""
+    model = build(kind)
+    (stack,) = stacks(model, cuts=(0, 4))
+    given, bare = stack.new_cache(), stack.new_cache()
+    hidden = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        for position, length in [(0, 12), (12, 1), (13, 1), (14, 3)]:
+            inputs = BlockInputs(
+                hidden[:, :length], torch.arange(position, position + length)[None],
+                torch.ones(1, position + length, dtype=torch.int64),
+            )
+            stripped = inputs.without_defaults(position)
+            assert stripped.position_ids is None and stripped.attention_mask is None
+            assert torch.equal(stack(inputs, given), stack(stripped, bare))
+    padded = torch.ones(2, 5, dtype=torch.int64)
+    padded[0, :2] = 0
+    kept = BlockInputs(torch.randn(2, 1, 64), torch.tensor([[2], [4]]), padded).without_defaults(4)
+    assert kept.attention_mask is padded and kept.position_ids is not None
+    shifted = BlockInputs(torch.randn(1, 2, 64), torch.tensor([[7, 8]]), torch.ones(1, 2, dtype=torch.int64))
+    assert shifted.without_defaults(0).position_ids is not None and shifted.without_defaults(0).attention_mask is None
