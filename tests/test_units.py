@@ -465,3 +465,29 @@ def test_pushes_pay_where_round_trips_are_slow():
     assert [RemoteSequence.pushes_pay(view(), peer) for peer in ("near", "far", "unmeasured")] == [False, True, True]
     assert RemoteSequence.pushes_pay(view(push_steps=True), "near") and not RemoteSequence.pushes_pay(view(push_steps=False), "far")
     assert RemoteSequence.pushes_pay(view(push_min_rtt_s=0.0005), "near")
+
+
+def test_a_round_trip_is_the_fastest_of_several_pings(monkeypatch):
+    """The first ping of a peer also dials it: its time must not decide whether pushes pay; a peer
+    that fails a ping is banned and gets no round trip."""
+    from types import SimpleNamespace
+
+    from client import sequence
+    from swarm.config import ClientConfig
+
+    calls: dict[str, int] = {}
+
+    async def call_info(p2p, peer_id, namespace, timeout_s, auth=None):
+        calls[peer_id] = calls.get(peer_id, 0) + 1
+        if peer_id == "dead":
+            raise errors.PeerUnavailableError("gone")
+        await asyncio.sleep(0.05 if calls[peer_id] == 1 else 0.0)
+
+    monkeypatch.setattr(sequence, "call_info", call_info)
+    banned = []
+    view = SimpleNamespace(
+        p2p=None, dht_prefix="m", config=ClientConfig(), latency_s={}, proof=lambda peer_id: None, ban=banned.append,
+    )
+    asyncio.run(sequence.RemoteSequence._measure_latencies(view, ["slow-to-dial", "dead"]))
+    assert calls == {"slow-to-dial": sequence.PINGS_PER_PEER, "dead": 1}
+    assert view.latency_s["slow-to-dial"] < 0.04 and "dead" not in view.latency_s and banned == ["dead"]
