@@ -33,7 +33,7 @@ class BlockInputs:
         seq_length = self.hidden_states.shape[1]
         position_ids, mask = self.position_ids, self.attention_mask
         if position_ids is not None and position_ids.shape[-1] == seq_length and bool(
-            (position_ids == torch.arange(past_length, past_length + seq_length)).all()
+            (position_ids == default_position_ids(past_length, seq_length)).all()
         ):
             position_ids = None
         if mask is not None and mask.shape[-1] == past_length + seq_length and bool(mask.all()):
@@ -41,6 +41,11 @@ class BlockInputs:
         if position_ids is self.position_ids and mask is self.attention_mask:
             return self
         return replace(self, position_ids=position_ids, attention_mask=mask)
+
+
+def default_position_ids(past_length: int, seq_length: int) -> torch.Tensor:
+    """The positions of new tokens when a step gives none: right after the cache, in every row [1, seq]."""
+    return torch.arange(past_length, past_length + seq_length).unsqueeze(0)
 
 
 class BlockStack(torch.nn.Module):
@@ -221,7 +226,7 @@ class BlockStack(torch.nn.Module):
         past_length = self.cache_length(cache, start) if cache is not None else 0
         position_ids = inputs.position_ids
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + hidden_states.shape[1]).unsqueeze(0)
+            position_ids = default_position_ids(past_length, hidden_states.shape[1])
         position_ids = position_ids.to(self.device)  # [batch or 1, seq]
         attention_mask = inputs.attention_mask
         if attention_mask is not None:
