@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -93,10 +94,14 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
 
     def __enter__(self) -> "LocalSwarm":
+        self._restore_sigterm = _sigterm_interrupts()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._restore_sigterm()
 
     def start_bootstrap(self, extra_args: list[str] = ()) -> Node:
         node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", "--host-maddrs", LOOPBACK, *extra_args])
@@ -138,6 +143,26 @@ class LocalSwarm:
         threading.Thread(target=_pump, args=(process, node, log_path), daemon=True).start()
         self.nodes.append(node)
         return node
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread while a swarm is open, so `with LocalSwarm()`
+    stops its nodes when pytest, the demo or a benchmark is terminated: by default SIGTERM ends Python
+    without clean-up, and the nodes, in groups of their own, would run on. Returns what undoes it; a
+    handler someone else installed, or a call from another thread, is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is _interrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return restore
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _pump(process: subprocess.Popen, node: Node, log_path: Path) -> None:

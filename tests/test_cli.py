@@ -74,6 +74,30 @@ def test_signals_stop_the_peer_and_all_its_children(tiny_model_path, tmp_path, w
         assert not group_alive(node.pid), "the DHT process or p2pd outlived the peer"
 
 
+def test_a_terminated_local_swarm_still_stops_its_nodes(tmp_path):
+    """SIGTERM to a process inside `with LocalSwarm()` (pytest or the demo stopped by a CI timeout) still
+    stops the swarm's nodes, which run in process groups of their own."""
+    script = (
+        "import sys, time\n"
+        "from swarm.local import LocalSwarm\n"
+        "with LocalSwarm(sys.argv[1]) as swarm:\n"
+        "    print(swarm.start_bootstrap().pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    bootstrap = None
+    try:
+        bootstrap = int(owner.stdout.readline())
+        owner.send_signal(signal.SIGTERM)
+        assert owner.wait(timeout=60) != 0  # interrupted, after the clean-up
+        assert not group_alive(bootstrap), "the bootstrap node outlived the terminated swarm"
+    finally:
+        owner.kill()
+        owner.wait()
+        if bootstrap is not None and group_alive(bootstrap):
+            os.killpg(bootstrap, signal.SIGKILL)
+
+
 def test_identity_gives_a_stable_peer_id(tiny_model_path, tmp_path):
     identity = tmp_path / "peer.key"
     peer_ids = []
