@@ -25,12 +25,12 @@ import time
 from typing import Callable
 
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from client.batched import BatchedSession
 from client.retries import Retries
 from client.sampling import SeededSampler
 from swarm import errors, kernels
+from swarm.loop_thread import run_coroutine
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class BatchedGenerator:
         if self._session is None:
             self._session = BatchedSession(self.model.sequence, slots=self.max_batch, max_length=self.max_length, adapter=self.adapter)
             self._released.clear()
-            RemoteExpertWorker.run_coroutine(self._session.open())
+            run_coroutine(self._session.open())
         now = time.monotonic()
         for active in [active for active in self._active if not active.started and active.retry_at <= now]:
             if not self._start(active):
@@ -186,7 +186,7 @@ class BatchedGenerator:
             self._step(rows)
         else:
             if self._released:
-                RemoteExpertWorker.run_coroutine(self._session.step(release=self._take_released()))
+                run_coroutine(self._session.step(release=self._take_released()))
             waiting = [active.retry_at for active in self._active if not active.started]
             time.sleep(max(0.0, min(waiting) - now) if waiting else 0.01)
 
@@ -194,7 +194,7 @@ class BatchedGenerator:
         """Reserve the sequence's cache on every peer (a step of its own); False if a peer had no room."""
         released = list(self._released)
         try:
-            RemoteExpertWorker.run_coroutine(self._session.step(
+            run_coroutine(self._session.step(
                 release=self._take_released(), starts=[active.slot], start_lengths=[active.length],
             ))
         except errors.OverloadedError as exc:  # the hops after the refusing one did not see the releases
@@ -211,7 +211,7 @@ class BatchedGenerator:
         """Feed each row's tokens; sequences whose tokens are all in then get their next token."""
         with torch.no_grad():
             hidden_states = self.model.embed_tokens(torch.tensor([[token for _, chunk in rows for token in chunk]]))  # [1, tokens, hidden]
-            outputs = RemoteExpertWorker.run_coroutine(self._session.step(
+            outputs = run_coroutine(self._session.step(
                 [active.slot for active, _ in rows], [active.cached for active, _ in rows], [len(chunk) for _, chunk in rows],
                 hidden_states, release=self._take_released(),
             ))

@@ -12,7 +12,6 @@ import dataclasses
 from typing import Iterator
 
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -22,6 +21,7 @@ from client.session import InferenceSession
 from swarm import errors, models
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig
+from swarm.loop_thread import run_coroutine
 from swarm.lora import LoraWeights
 
 
@@ -60,13 +60,13 @@ class RemoteBlocks(torch.autograd.Function):
             lora = LoraWeights.from_tensors(lora_settings.scaling, {name: tensor.detach() for name, tensor in zip(lora_names, lora_tensors)})
             lora = dataclasses.replace(lora, dropout=lora_settings.dropout, seed=lora_settings.seed)
         inputs = BlockInputs(hidden_states.detach(), position_ids, attention_mask, None if prompts is None else prompts.detach(), lora)
-        outputs, pieces = RemoteExpertWorker.run_coroutine(sequence.train_forward(inputs))
+        outputs, pieces = run_coroutine(sequence.train_forward(inputs))
         ctx.sequence, ctx.pieces, ctx.lora_names = sequence, pieces, lora_names
         return outputs.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_outputs):
-        grad, grad_prompts, grad_lora = RemoteExpertWorker.run_coroutine(
+        grad, grad_prompts, grad_lora = run_coroutine(
             ctx.sequence.train_backward(ctx.pieces, grad_outputs.contiguous())
         )
         return (grad.to(grad_outputs.dtype), None, None, grad_prompts, None, None, None,
@@ -188,7 +188,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 )
             else:
                 inputs = BlockInputs(inputs_embeds, position_ids, attention_mask, deep_prompts, lora_weights)
-                hidden_states = RemoteExpertWorker.run_coroutine(self.sequence.forward(inputs, adapter=self.adapter))
+                hidden_states = run_coroutine(self.sequence.forward(inputs, adapter=self.adapter))
         hidden_states = self.norm(hidden_states.to(inputs_embeds.dtype))
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden_states[:, keep])  # [batch, seq, vocab]
@@ -205,9 +205,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = torch.arange(position, position + inputs_embeds.shape[1]).unsqueeze(0)
         if not session.streams:
             session.batch_size = inputs_embeds.shape[0]
-            RemoteExpertWorker.run_coroutine(session.open())
+            run_coroutine(session.open())
         inputs = BlockInputs(inputs_embeds, position_ids, attention_mask)
-        return RemoteExpertWorker.run_coroutine(session.step(inputs, position))
+        return run_coroutine(session.step(inputs, position))
 
     def close(self) -> None:
         self.sequence.close()

@@ -12,7 +12,6 @@ import logging
 import time
 
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from client import routing
 from client.remote import call_backward, call_forward, call_info
@@ -20,6 +19,7 @@ from client.retries import Retries
 from swarm import errors, network
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig, NetworkConfig
+from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey, make_proof
 
@@ -50,7 +50,7 @@ class RemoteSequence:
             startup_timeout_s=config.connect_timeout_s,
             swarm_key=self.swarm_key,
         )
-        self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        self.p2p = run_coroutine(self.dht.replicate_p2p())
         self.peer_id = self.p2p.peer_id.to_base58()
         self.spans: dict[str, routing.PeerSpan] = {}
         self.latency_s: dict[str, float] = {}
@@ -260,7 +260,7 @@ class RemoteSequence:
                 self.ban(hop.peer_id)
 
     def close(self) -> None:
-        RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
+        run_coroutine(self.p2p.shutdown())
         network.stop_dht(self.dht)
 
 

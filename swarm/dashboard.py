@@ -20,7 +20,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from swarm import network
+from swarm import loop_thread, network
 from swarm.cli import fail, serve_http, setup_logging
 from swarm.config import LOOPBACK_MADDRS, NetworkConfig
 from swarm.crawl import SwarmState, crawl, empty_state
@@ -49,10 +49,8 @@ class Crawler:
     """Crawls in a background thread; `state` is always the last complete crawl."""
 
     def __init__(self, dht, period_s: float, ping_timeout_s: float, swarm_key: SwarmKey | None = None):
-        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
         self.dht, self.period_s, self.ping_timeout_s, self.swarm_key = dht, period_s, ping_timeout_s, swarm_key
-        self._run = RemoteExpertWorker.run_coroutine
+        self._run = loop_thread.run_coroutine
         self.p2p = self._run(dht.replicate_p2p())
         self.state: SwarmState = empty_state()
         self.crawls = 0

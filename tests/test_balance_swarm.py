@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
@@ -19,6 +18,7 @@ from peers import placement
 from swarm import hw
 from swarm.balance import Span
 from swarm.local import LOOPBACK, LocalSwarm
+from swarm.loop_thread import run_coroutine
 from swarm.plan import report
 from swarm.records import ModelRecord, PeerState
 from tests.conftest import PEER_ENV, make_tiny_llama
@@ -158,12 +158,12 @@ def test_a_leaving_peer_is_seen_offline_long_before_its_record_expires(six_block
         model = AutoDistributedModelForCausalLM.from_pretrained(str(six_block_model), initial_peers=swarm.initial_peers)
         try:
             sequence = model.sequence
-            RemoteExpertWorker.run_coroutine(sequence.update())
+            run_coroutine(sequence.update())
             assert len(sequence.spans) == 2
             os.kill(leaving.process.pid, signal.SIGTERM)
             started = time.monotonic()
             while time.monotonic() - started < 20:
-                RemoteExpertWorker.run_coroutine(sequence.update())
+                run_coroutine(sequence.update())
                 if len(sequence.spans) == 1:
                     break
                 time.sleep(0.2)

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from client import AutoDistributedModelForCausalLM
 from client.batched import BatchedSession
@@ -19,6 +18,7 @@ from client.generator import BatchedGenerator, GenerationRequest
 from client.sampling import SeededSampler
 from swarm import errors
 from swarm.local import LocalSwarm
+from swarm.loop_thread import run_coroutine
 
 from tests.conftest import PEER_ENV
 
@@ -129,10 +129,10 @@ def _peer_id(node) -> str:
 def test_bad_slot_steps_get_typed_errors_and_the_session_goes_on(model, reference):
     session = BatchedSession(model.sequence, slots=4, max_length=64)
     prompt = _prompts(1, seed=4)[0]
-    RemoteExpertWorker.run_coroutine(session.open())
+    run_coroutine(session.open())
     try:
         def step(*args, **kwargs):
-            return RemoteExpertWorker.run_coroutine(session.step(*args, **kwargs))
+            return run_coroutine(session.step(*args, **kwargs))
 
         hidden = model.embed_tokens(torch.tensor([prompt])).detach()  # [1, tokens, hidden]
         n = len(prompt)

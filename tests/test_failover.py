@@ -18,13 +18,13 @@ import time
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from client import AutoDistributedModelForCausalLM
 from swarm.config import ClientConfig
 from swarm.local import LocalSwarm
+from swarm.loop_thread import run_coroutine
 
 from tests.conftest import PEER_ENV
 
@@ -72,7 +72,7 @@ class Faults(BaseStreamer):
         while self.pending and self.pending[0][0] <= self.generated:
             _, block, how = self.pending.pop(0)
             if not self.session.streams:  # before the prefill: open the session now to know its route
-                RemoteExpertWorker.run_coroutine(self.session.open())
+                run_coroutine(self.session.open())
             peer_id = next(peer for peer, start, end in self.session.route if start <= block < end)
             if how == "in-flight":  # lands while the next step is on its way or computing
                 timer = threading.Timer(random.uniform(0.0, 0.005), self.pool.fault, (peer_id, "kill"))

@@ -9,13 +9,13 @@ import random
 import psutil
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from swarm import errors, protocol
+from swarm.loop_thread import run_coroutine
 from swarm.messages import PEER_REPLY, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PushStep, SlotStep
 from swarm.transport import FrameReader, decode_header, encode_frame
 
@@ -143,11 +143,11 @@ def send(model, peer_id: str, rpc: str, messages: list[Request]) -> ErrorReply |
                 return header
         return None
 
-    return RemoteExpertWorker.run_coroutine(call())
+    return run_coroutine(call())
 
 
 def test_a_thousand_bad_requests_get_typed_errors_and_the_peer_keeps_serving(model, tiny_swarm, tiny_model_path):
-    RemoteExpertWorker.run_coroutine(model.sequence.update())
+    run_coroutine(model.sequence.update())
     peer_id = next(peer_id for peer_id, span in model.sequence.spans.items() if span.start == 0)
     peer = psutil.Process(next(node.pid for node in tiny_swarm.nodes[1:] if node.name.startswith("peer-0-2")))
     rng = random.Random(0)

@@ -9,13 +9,13 @@ import time
 import psutil
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from client.remote import call_info
 from swarm import network
 from swarm.local import LocalSwarm
+from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 
 from tests.conftest import PEER_ENV
@@ -101,7 +101,7 @@ def test_sixteen_concurrent_sessions(tiny_model_path, tmp_path):
             growth = [_rss(node) - before for node, before in zip(peers, rss_before)]
             assert max(growth) < 64 * 2**20, growth
             infos = [
-                RemoteExpertWorker.run_coroutine(call_info(model.sequence.p2p, peer_id, prefix, 10.0))
+                run_coroutine(call_info(model.sequence.p2p, peer_id, prefix, 10.0))
                 for peer_id in _cache_left(dht, prefix)
             ]
             batched = [(info.batched_steps, info.decode_steps) for info in infos]

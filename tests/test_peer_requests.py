@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
@@ -16,6 +15,7 @@ from client import AutoDistributedModelForCausalLM
 from client.remote import SpanStream, _input_tensors, call_forward, call_info
 from swarm import errors, protocol
 from swarm.blocks import BlockInputs
+from swarm.loop_thread import run_coroutine
 from swarm.messages import PEER_REPLY, InferenceStep, PushStep
 from swarm.transport import FrameReader, decode_header, encode_frame, raise_if_error
 
@@ -31,13 +31,13 @@ def model(tiny_swarm, tiny_model_path):
 
 @pytest.fixture(scope="module")
 def first_peer(model) -> str:
-    RemoteExpertWorker.run_coroutine(model.sequence.update())
+    run_coroutine(model.sequence.update())
     return next(peer_id for peer_id, span in model.sequence.spans.items() if span.start == 0)
 
 
 def forward(model, peer_id, start, end, inputs):
     seq = model.sequence
-    return RemoteExpertWorker.run_coroutine(call_forward(seq.p2p, peer_id, seq.dht_prefix, start, end, inputs, 30))
+    return run_coroutine(call_forward(seq.p2p, peer_id, seq.dht_prefix, start, end, inputs, 30))
 
 
 def raw_forward(model, peer_id, messages) -> Exception:
@@ -54,7 +54,7 @@ def raw_forward(model, peer_id, messages) -> Exception:
         header = decode_header(PEER_REPLY, metadata)
         return errors.error_from_wire(header.code, header.message)
 
-    return RemoteExpertWorker.run_coroutine(call())
+    return run_coroutine(call())
 
 
 BAD_INPUTS = {
@@ -116,11 +116,11 @@ def test_session_errors_are_typed(model, first_peer):
         with pytest.raises(errors.SessionLengthError):
             await too_long.open("s3", max_length=10**6, batch_size=1)
 
-    RemoteExpertWorker.run_coroutine(scenario())
+    run_coroutine(scenario())
 
 
 def test_peer_still_serves_exactly_after_bad_requests(model, first_peer, tiny_model_path):
-    info = RemoteExpertWorker.run_coroutine(call_info(model.sequence.p2p, first_peer, model.sequence.dht_prefix, 5))
+    info = run_coroutine(call_info(model.sequence.p2p, first_peer, model.sequence.dht_prefix, 5))
     assert (info.start_block, info.end_block) == (0, 2)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     input_ids = torch.randint(3, 128, (1, 12))
@@ -158,7 +158,7 @@ def test_steps_run_once_and_pushes_come_only_from_the_previous_hop(model, first_
         fresh.close()
         return output
 
-    RemoteExpertWorker.run_coroutine(scenario())
+    run_coroutine(scenario())
 
 
 def test_replies_to_earlier_steps_are_skipped():

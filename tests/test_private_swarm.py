@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
@@ -15,6 +14,7 @@ from client.remote import call_info
 from swarm import errors, network
 from swarm.config import ClientConfig
 from swarm.local import LocalSwarm
+from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey
 
@@ -78,7 +78,7 @@ def test_outsiders_find_nothing_and_are_refused(private_swarm, tiny_model_path, 
         assert not insiders & {peer for entry in raw for peer in parse_peer_records(entry)}
         for peer_id in insiders:  # even knowing a peer's id, a call is refused
             with pytest.raises(errors.AccessDeniedError):
-                RemoteExpertWorker.run_coroutine(
+                run_coroutine(
                     call_info(model.sequence.p2p, peer_id, tiny_model_path.name, 5.0, model.sequence.proof(peer_id))
                 )
         if key is None:  # the keyless client sees no peers at all; the other key's sees only its own

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -22,6 +21,7 @@ from client.remote import call_backward, call_forward
 from swarm import errors
 from swarm.blocks import BlockInputs
 from swarm.local import LocalSwarm
+from swarm.loop_thread import run_coroutine
 from swarm.lora import PROJECTIONS
 
 from tests.conftest import PEER_ENV
@@ -91,7 +91,7 @@ def test_backward_survives_the_loss_of_the_forward_peer(tiny_model_path, tmp_pat
             prefix = torch.nn.Parameter(prefix_init.clone())
             embeds = torch.cat([prefix, model.get_input_embeddings()(input_ids)], dim=1)
             labels = torch.cat([torch.full((1, PREFIX), -100), input_ids], dim=1)
-            route = RemoteExpertWorker.run_coroutine(model.sequence.route(0))
+            route = run_coroutine(model.sequence.route(0))
             assert [hop.peer_id for hop in route] == [nodes[0].maddrs[0].rsplit("/", 1)[-1]]  # fewest hops: 0:4
             loss = model(inputs_embeds=embeds, labels=labels).loss
             nodes[0].kill()
@@ -241,15 +241,15 @@ BAD_GRADIENTS = {
 @pytest.mark.parametrize("name", list(BAD_GRADIENTS))
 def test_bad_backward_requests_get_typed_errors(model, name):
     sequence = model.sequence
-    RemoteExpertWorker.run_coroutine(sequence.update())
+    run_coroutine(sequence.update())
     peer_id = next(peer for peer, span in sequence.spans.items() if span.start == 0)
     call = call_backward(
         sequence.p2p, peer_id, sequence.dht_prefix, 0, 2, BlockInputs(torch.zeros(1, 3, 64)), BAD_GRADIENTS[name], 30
     )
     with pytest.raises(errors.InvalidRequestError, match="grad_outputs"):
-        RemoteExpertWorker.run_coroutine(call)
+        run_coroutine(call)
     good = call_backward(sequence.p2p, peer_id, sequence.dht_prefix, 0, 2, BlockInputs(torch.zeros(1, 3, 64)), torch.ones(1, 3, 64), 30)
-    grad_inputs, grad_prompts, grad_lora = RemoteExpertWorker.run_coroutine(good)
+    grad_inputs, grad_prompts, grad_lora = run_coroutine(good)
     assert grad_inputs.shape == (1, 3, 64) and grad_prompts is None and not grad_lora  # and the peer goes on serving
 
 
@@ -301,11 +301,11 @@ def test_deep_prompt_gradients_equal_local_autograd(model, tiny_model_path):
 @pytest.mark.parametrize("prompts", [torch.zeros(3, 1, 2, 64), torch.zeros(2, 1, 9, 64), torch.full((2, 1, 2, 64), float("inf"))])
 def test_bad_deep_prompts_are_refused(model, prompts):
     sequence = model.sequence
-    RemoteExpertWorker.run_coroutine(sequence.update())
+    run_coroutine(sequence.update())
     peer_id = next(peer for peer, span in sequence.spans.items() if span.start == 0)
     inputs = BlockInputs(torch.zeros(1, 3, 64), prompts=prompts)  # 3 tokens, blocks 0:2
     with pytest.raises(errors.InvalidRequestError, match="prompts"):
-        RemoteExpertWorker.run_coroutine(call_forward(sequence.p2p, peer_id, sequence.dht_prefix, 0, 2, inputs, 30))
+        run_coroutine(call_forward(sequence.p2p, peer_id, sequence.dht_prefix, 0, 2, inputs, 30))
 
 
 def test_lora_gradients_equal_peft(model, tiny_model_path, tmp_path):
