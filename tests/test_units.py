@@ -491,3 +491,30 @@ def test_a_round_trip_is_the_fastest_of_several_pings(monkeypatch):
     asyncio.run(sequence.RemoteSequence._measure_latencies(view, ["slow-to-dial", "dead"]))
     assert calls == {"slow-to-dial": sequence.PINGS_PER_PEER, "dead": 1}
     assert view.latency_s["slow-to-dial"] < 0.04 and "dead" not in view.latency_s and banned == ["dead"]
+
+
+def test_client_calls_run_on_one_plain_asyncio_loop_even_where_uvloop_is_installed(monkeypatch):
+    """hivemind installs uvloop's policy for the whole process (its RemoteExpertWorker does); the client's
+    calls still run on one plain asyncio loop thread: a uvloop handle let go of by another thread
+    crashes the process (see swarm.loop_thread)."""
+    import threading
+
+    import uvloop
+
+    from swarm import loop_thread
+
+    async def where():
+        return asyncio.get_running_loop(), threading.current_thread().name
+
+    monkeypatch.setattr(loop_thread, "_loop", None)  # a loop of this test's own, started under uvloop's policy
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        loop, thread = loop_thread.run_coroutine(where())
+    finally:
+        asyncio.set_event_loop_policy(previous)
+    try:
+        assert type(loop) is asyncio.SelectorEventLoop and thread == "swarm-loop"
+        assert loop_thread.run_coroutine(where()) == (loop, thread)  # one loop and thread for every call
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
