@@ -5,7 +5,7 @@ Not hivemind's RemoteExpertWorker, which runs uvloop: a uvloop handle that anoth
 of (a client's streams are garbage-collected by whichever thread drops them last) is closed from
 that thread while the loop's own thread runs libuv, and the process dies of a segmentation fault in
 the loop thread (`uv__run_closing_handles`; see MagicStack/uvloop#706). The test suite's process
-did, in CI and on a developer's machine, in about one run of three.
+did, in CI and on a developer's machine: two of four full runs.
 """
 
 from __future__ import annotations
