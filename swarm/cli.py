@@ -40,6 +40,12 @@ CLIENT_SPIN_COUNT = "10000"
 # was no slower (230-300 MiB/s either way): the peer's Python event loop, one thread, is the limit.
 P2PD_GOMAXPROCS = "1"
 
+# Set to a process id, it makes a node stop (cleanly, its DHT process and p2pd too) once that process
+# is no longer its parent: `LocalSwarm` sets it, so that a test run or demo killed by SIGKILL, a
+# crash or the OOM killer leaves no swarm behind. The node's process group would otherwise run on.
+STOP_WITH_PARENT_ENV = "SWARM_STOP_WITH_PARENT"
+PARENT_POLL_S = 1.0
+
 
 def limit_openmp_spinning(spin_count: str = CLIENT_SPIN_COUNT) -> None:
     """Make idle OpenMP threads sleep after `spin_count` iterations, unless the user set
@@ -76,14 +82,21 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `main(stop)`; SIGINT/SIGTERM set `stop`. Returns a process exit code."""
+    """Run `main(stop)`; SIGINT/SIGTERM set `stop`, and so does the death of the process named by
+    STOP_WITH_PARENT_ENV where it is set. Returns a process exit code."""
+    parent = os.environ.pop(STOP_WITH_PARENT_ENV, None)  # not for this node's own children
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        watch = asyncio.create_task(_stop_when_orphaned(int(parent), stop)) if parent else None
+        try:
+            await main(stop)
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     try:
         asyncio.run(runner())
@@ -93,6 +106,13 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    logging.getLogger(__name__).warning("the process that started this node (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 class _Stopped(Exception):

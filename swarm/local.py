@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from swarm.cli import STOP_WITH_PARENT_ENV
+
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
@@ -88,7 +90,8 @@ class LocalSwarm:
     def __init__(self, log_dir: Path, *, env: dict[str, str] | None = None, startup_timeout_s: float = 180.0):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # nodes stop by themselves if this process dies without stopping them (SIGKILL, a crash)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", STOP_WITH_PARENT_ENV: str(os.getpid()), **(env or {})}
         self.startup_timeout_s = startup_timeout_s
         self.nodes: list[Node] = []
         self.initial_peers: list[str] = []

@@ -8,14 +8,20 @@ the caller's job (`swarm.records.parse_peer_records`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
+import os
+import threading
+import time
 from typing import Any, Sequence
 
 import hivemind
+import psutil
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
+from swarm.cli import PARENT_POLL_S
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, PeerUnavailableError
 from swarm.identity import Identity
@@ -25,6 +31,33 @@ from swarm.records import MAX_RECORD_TTL_S, MODELS_KEY, ModelRecord, PeerRecord,
 logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT_S = 60.0
+ORPHAN_SHUTDOWN_S = 30.0
+
+
+class _DHT(hivemind.DHT):
+    """hivemind's DHT process, which also shuts itself down, its p2pd with it, once the process that
+    started it is gone without stopping it (SIGKILL, a crash, the OOM killer). hivemind's own DHT
+    process would run on for ever: it holds a copy of the pipe its parent writes to, so it never
+    sees that pipe close. Through that copy it asks itself for hivemind's own shutdown."""
+
+    def __init__(self, *args, **kwargs):
+        self._parent_pid = os.getpid()  # before super().__init__, which starts the process
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        threading.Thread(target=self._shut_down_when_orphaned, name="dht-parent-watch", daemon=True).start()
+        super().run()
+
+    def _shut_down_when_orphaned(self) -> None:
+        while os.getppid() == self._parent_pid:
+            time.sleep(PARENT_POLL_S)
+        logger.warning("the process that started this DHT node (pid %d) is gone: shutting down", self._parent_pid)
+        self._outer_pipe.send(("_shutdown", [], {}))
+        time.sleep(ORPHAN_SHUTDOWN_S)  # still running: the shutdown hangs; stop p2pd and leave
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os._exit(1)
 
 
 def start_dht(
@@ -53,7 +86,7 @@ def start_dht(
         extra["identity_path"] = str(identity.path)
         extra["check_if_identity_free"] = not identity.created
     try:
-        return hivemind.DHT(
+        return _DHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             client_mode=client_mode,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from swarm.local import LOOPBACK, LocalSwarm
@@ -96,6 +97,48 @@ def test_a_terminated_local_swarm_still_stops_its_nodes(tmp_path):
         owner.wait()
         if bootstrap is not None and group_alive(bootstrap):
             os.killpg(bootstrap, signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_killed_owner_leaves_no_node_dht_process_or_p2pd_behind(tmp_path):
+    """SIGKILL to a process running a LocalSwarm and a DHT node of its own, so that no clean-up runs in
+    it (a crash, the OOM killer): the swarm's nodes stop by themselves, and so do the DHT process it
+    started and that process's p2pd."""
+    script = (
+        "import sys, time, psutil\n"
+        "from swarm import network\n"
+        "from swarm.local import LOOPBACK, LocalSwarm\n"
+        "with LocalSwarm(sys.argv[1]) as swarm:\n"
+        "    swarm.start_bootstrap()\n"
+        "    dht = network.start_dht(initial_peers=swarm.initial_peers, host_maddrs=[LOOPBACK], client_mode=True, loopback_only=True)\n"
+        "    print(' '.join(str(child.pid) for child in psutil.Process().children(recursive=True)), flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    descendants: list[int] = []
+    try:
+        descendants = [int(pid) for pid in owner.stdout.readline().split()]
+        names = [psutil.Process(pid).name() for pid in descendants]
+        assert names.count("p2pd") == 2, names  # the bootstrap's and our DHT process's
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 60
+        while any(running(pid) for pid in descendants) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [psutil.Process(pid).cmdline() for pid in descendants if running(pid)]
+        assert not left, f"left running after their owner was killed: {left}"
+    finally:
+        owner.kill()
+        owner.wait()
+        for pid in descendants:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_identity_gives_a_stable_peer_id(tiny_model_path, tmp_path):
