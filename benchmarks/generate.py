@@ -104,8 +104,6 @@ class LocalReference:
         )
         if self.worker.stdout.readline().strip() != "ready":
             raise RuntimeError("the local reference subprocess did not start")
-        self.here: list[float] = []
-        self.user_env: list[float] = []
 
     def measure(self) -> dict[str, tuple[float, float]]:
         """{configuration: (prefill seconds, decode tokens/s)} of one run in each, measured now."""
@@ -113,13 +111,7 @@ class LocalReference:
         self.worker.stdin.write("measure\n")
         self.worker.stdin.flush()
         user_env = tuple(json.loads(self.worker.stdout.readline()))
-        self.here.append(here[1])
-        self.user_env.append(user_env[1])
         return {HERE: here, USER_ENV: user_env}
-
-    def faster(self) -> str:
-        """The configuration with the higher median decode tokens/s over every round so far."""
-        return HERE if statistics.median(self.here) >= statistics.median(self.user_env) else USER_ENV
 
     def close(self) -> None:
         self.worker.stdin.close()
@@ -174,6 +166,12 @@ def swarm_run(model_name: str, splits: list[str], reference: LocalReference, rep
     return {"rounds": rounds, "memory": memory}
 
 
+def local_medians(results: dict) -> dict[str, float]:
+    """{local configuration: median decode tokens/s over every round of every setup}."""
+    rounds = [local for result in results.values() for _, local in result["rounds"]]
+    return {configuration: statistics.median(local[configuration][1] for local in rounds) for configuration in (HERE, USER_ENV)}
+
+
 def summary(result: dict, configuration: str) -> dict:
     """Medians of one setup's rounds against the local `configuration`, and against each round's faster run."""
     median, rounds = statistics.median, result["rounds"]
@@ -220,10 +218,10 @@ def main() -> int:
         for name, (splits, push) in runs.items():
             results[name] = swarm_run(args.model, splits, reference, args.repeats, args.peer_threads or None, push)
             print(f"measured: {name}", flush=True)
-        configuration = reference.faster()
-        here, user_env = statistics.median(reference.here), statistics.median(reference.user_env)
-        print(f"local reference, median tokens/s over all rounds: {here:.1f} in this process (GOMP_SPINCOUNT="
-              f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}), {user_env:.1f} with the user's environment "
+        medians = local_medians(results)
+        configuration = max(medians, key=medians.get)  # the faster configuration over the whole run
+        print(f"local reference, median tokens/s over all rounds: {medians[HERE]:.1f} in this process (GOMP_SPINCOUNT="
+              f"{os.environ.get('GOMP_SPINCOUNT', 'unset')}), {medians[USER_ENV]:.1f} with the user's environment "
               f"(GOMP_SPINCOUNT={USER_ENVIRONMENT.get('GOMP_SPINCOUNT', 'unset')}); the reference is the faster: {configuration}")
         print(f"{'setup':<16} {'prefill ms':>10} {'decode tok/s':>13} {'local tok/s':>12} {'ratio (median)':>15} "
               f"{'vs faster run':>14}  ratio per round; per peer: RSS / group PSS MiB")
