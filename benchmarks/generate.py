@@ -46,7 +46,7 @@ if "--client-spin=default" not in sys.argv:
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from swarm.local import LocalSwarm  # noqa: E402
+from swarm.tools.local import LocalSwarm  # noqa: E402
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64

@@ -1,7 +1,7 @@
 """How many blocks a peer takes and where: reads the swarm from the DHT and asks `swarm.balance`.
 
 The decisions themselves are pure functions (`swarm.balance`); this module gathers their inputs:
-the swarm's records, the device's free memory and the model's per-block sizes (`swarm.hw`).
+the swarm's records, the device's free memory and the model's per-block sizes (`peers.sizing`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import logging
 
 import torch
 
-from swarm import balance, hw, network
+from peers import sizing
+from swarm import balance, network
 from swarm.errors import ConfigError
 from swarm.records import parse_peer_records
 
@@ -36,15 +37,15 @@ def auto_block_count(
 
     The cache is `cache_tokens` tokens for every block, or `cache_gb` GiB over all blocks when given."""
     num_blocks = model_config.num_hidden_layers
-    weights = hw.block_memory_bytes(model_config, dtype)
-    cache = hw.kv_bytes_per_token(model_config, dtype) * cache_tokens if cache_gb is None else 0
+    weights = sizing.block_memory_bytes(model_config, dtype)
+    cache = sizing.kv_bytes_per_token(model_config, dtype) * cache_tokens if cache_gb is None else 0
     fixed_cache = int(cache_gb * GiB) if cache_gb is not None else 0
     # a long prefill holds a few [max_length, hidden] buffers and one row of attention scores per head
     activations = 8 * max_length * model_config.hidden_size * torch.finfo(dtype).bits // 8
     if max_memory_gb is not None:
         budget, source = int(max_memory_gb * GiB), f"--max-memory-gb {max_memory_gb:g}"
     else:
-        budget, source = hw.free_memory_bytes(device), f"{hw.free_memory_bytes(device) / GiB:.1f} GiB free on {device}"
+        budget, source = sizing.free_memory_bytes(device), f"{sizing.free_memory_bytes(device) / GiB:.1f} GiB free on {device}"
     usable = budget - activations - RUNTIME_RESERVE_BYTES - fixed_cache
     count = min(num_blocks, max(0, usable // (weights + cache)))
     cache_text = (

@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 import swarm
-from peers import placement
+from peers import placement, sizing
 from peers.cache import CacheBudget
 from peers.handler import BlockServicer
-from swarm import balance, hw, models, network, protocol
+from swarm import balance, models, network, protocol
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
@@ -54,7 +54,7 @@ class Peer:
         if isinstance(spec, int) and spec > self.num_blocks:
             raise ConfigError(f"--blocks {spec}: {config.model} has {self.num_blocks} blocks")
         config.network.require_peers_or_new_swarm()
-        self.dtype = hw.resolve_dtype(config.dtype, config.device)
+        self.dtype = sizing.resolve_dtype(config.dtype, config.device)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.block_count = spec if isinstance(spec, int) else None  # "auto": chosen from memory in run()
         self.start_block, self.end_block = self.fixed_range or (0, 0)
@@ -131,7 +131,7 @@ class Peer:
 
     def _cache_budget(self) -> CacheBudget:
         """KV-cache bytes (--cache-gb, or --cache-tokens over the served blocks) and session slots."""
-        per_token = hw.kv_bytes_per_token(self.model_config, self.dtype) * (self.end_block - self.start_block)
+        per_token = sizing.kv_bytes_per_token(self.model_config, self.dtype) * (self.end_block - self.start_block)
         total = int(self.config.cache_gb * 2**30) if self.config.cache_gb else self.config.cache_tokens * per_token
         budget = CacheBudget(total, per_token, self.config.max_sessions)
         logger.info(
@@ -144,7 +144,7 @@ class Peer:
     def _measure_throughput(self) -> float:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        return hw.block_throughput(
+        return sizing.block_throughput(
             self.source, self.model_config, device=self.config.device, dtype=self.dtype, mode=self.config.throughput
         )
 

@@ -15,6 +15,7 @@ import sys
 from typing import Awaitable, Callable
 
 from swarm.errors import SwarmError
+from swarm.network import PARENT_POLL_S
 
 
 # Iterations an idle OpenMP thread (libgomp, torch's CPU thread pool) spins before it sleeps; on this
@@ -44,7 +45,6 @@ P2PD_GOMAXPROCS = "1"
 # is no longer its parent: `LocalSwarm` sets it, so that a test run or demo killed by SIGKILL, a
 # crash or the OOM killer leaves no swarm behind. The node's process group would otherwise run on.
 STOP_WITH_PARENT_ENV = "SWARM_STOP_WITH_PARENT"
-PARENT_POLL_S = 1.0
 
 
 def limit_openmp_spinning(spin_count: str = CLIENT_SPIN_COUNT) -> None:

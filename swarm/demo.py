@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from swarm.cli import limit_openmp_spinning, setup_logging
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 
 PROMPT = "The capital of France is"
 

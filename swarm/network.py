@@ -21,7 +21,6 @@ import psutil
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from swarm.cli import PARENT_POLL_S
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, PeerUnavailableError
 from swarm.identity import Identity
@@ -29,6 +28,8 @@ from swarm.swarm_key import SwarmKey
 from swarm.records import MAX_RECORD_TTL_S, MODELS_KEY, ModelRecord, PeerRecord, RecordShapeValidator, block_keys
 
 logger = logging.getLogger(__name__)
+
+PARENT_POLL_S = 1.0  # how often a DHT process (and a node started by LocalSwarm) checks that its parent lives
 
 LOOKUP_TIMEOUT_S = 60.0
 ORPHAN_SHUTDOWN_S = 30.0

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from swarm import errors, network
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.records import parse_peer_records
 
 from tests.conftest import PEER_ENV

@@ -195,7 +195,7 @@ def test_fine_tune_jobs_run_cancel_and_survive_a_restart(api, smollm2_swarm, tmp
         time.sleep(1)
     status, cancelled = api.request("DELETE", f"/jobs/{long_job['id']}")
     assert status == 200 and cancelled["status"] == "cancelled"
-    from swarm.jobs import group_alive
+    from swarm.api.jobs import group_alive
 
     assert not group_alive(cancelled["pid"])  # the trainer and its children are gone
 

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from peers import placement
-from swarm import hw
+from peers import sizing
 from swarm.balance import Span
-from swarm.local import LOOPBACK, LocalSwarm
+from swarm.tools.local import LOOPBACK, LocalSwarm
 from swarm.loop_thread import run_coroutine
 from swarm.plan import report
 from swarm.records import ModelRecord, PeerState
@@ -196,7 +196,7 @@ def test_auto_block_count_fits_the_memory_budget(six_block_model):
 
     config = load_config(resolve_model(str(six_block_model)))
     kwargs = dict(dtype=torch.float32, device="cpu", cache_tokens=16384, max_length=8192)
-    per_block = hw.block_memory_bytes(config, torch.float32) + hw.kv_bytes_per_token(config, torch.float32) * 16384
+    per_block = sizing.block_memory_bytes(config, torch.float32) + sizing.kv_bytes_per_token(config, torch.float32) * 16384
     reserve = 8 * 8192 * config.hidden_size * 4 + placement.RUNTIME_RESERVE_BYTES
     count, explanation = placement.auto_block_count(config, **kwargs, max_memory_gb=(reserve + 3.5 * per_block) / 2**30)
     assert count == 3 and "3 of 6 blocks fit" in explanation and "--max-memory-gb" in explanation

@@ -17,7 +17,7 @@ from client.batched import BatchedSession
 from client.generator import BatchedGenerator, GenerationRequest
 from client.sampling import SeededSampler
 from swarm import errors
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.loop_thread import run_coroutine
 
 from tests.conftest import PEER_ENV

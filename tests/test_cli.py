@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from swarm.local import LOOPBACK, LocalSwarm
+from swarm.tools.local import LOOPBACK, LocalSwarm
 from tests.conftest import PEER_ENV
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,7 +80,7 @@ def test_a_terminated_local_swarm_still_stops_its_nodes(tmp_path):
     stops the swarm's nodes, which run in process groups of their own."""
     script = (
         "import sys, time\n"
-        "from swarm.local import LocalSwarm\n"
+        "from swarm.tools.local import LocalSwarm\n"
         "with LocalSwarm(sys.argv[1]) as swarm:\n"
         "    print(swarm.start_bootstrap().pid, flush=True)\n"
         "    time.sleep(120)\n"
@@ -113,7 +113,7 @@ def test_a_killed_owner_leaves_no_node_dht_process_or_p2pd_behind(tmp_path):
     script = (
         "import sys, time, psutil\n"
         "from swarm import network\n"
-        "from swarm.local import LOOPBACK, LocalSwarm\n"
+        "from swarm.tools.local import LOOPBACK, LocalSwarm\n"
         "with LocalSwarm(sys.argv[1]) as swarm:\n"
         "    swarm.start_bootstrap()\n"
         "    dht = network.start_dht(initial_peers=swarm.initial_peers, host_maddrs=[LOOPBACK], client_mode=True, loopback_only=True)\n"

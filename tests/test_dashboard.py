@@ -20,8 +20,8 @@ import pytest
 from swarm import network
 from swarm.config import LOOPBACK_MADDRS
 from swarm.identity import Identity
-from swarm.jobs import group_alive
-from swarm.local import LocalSwarm
+from swarm.api.jobs import group_alive
+from swarm.tools.local import LocalSwarm
 from swarm.records import MODELS_KEY, block_key
 
 from tests.conftest import PEER_ENV, stop_group

@@ -18,7 +18,7 @@ from client import AutoDistributedModelForCausalLM
 from swarm import network
 from swarm.config import LOOPBACK_MADDRS
 from swarm.identity import Identity, owner_peer_id
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.records import MODELS_KEY, PROTOCOL_VERSION, block_key, parse_peer_records
 
 from tests.conftest import PEER_ENV

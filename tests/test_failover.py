@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from client import AutoDistributedModelForCausalLM
 from swarm.config import ClientConfig
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.loop_thread import run_coroutine
 
 from tests.conftest import PEER_ENV

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swarm.corpus import kjv_path
+from swarm.tools.corpus import kjv_path
 from swarm.models import resolve_model
 
 pytestmark = pytest.mark.timeout(600)

@@ -1,4 +1,4 @@
-"""swarm.hw: the machine profile, its TOML, block sizes, and the cached throughput a peer announces."""
+"""swarm.hw and peers.sizing: the machine profile, its TOML, block sizes, and the cached throughput a peer announces."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from peers import sizing
 from swarm import hw, models
 from swarm.errors import ConfigError
 
@@ -35,13 +36,13 @@ def cache_dir(tmp_path, monkeypatch):
 def measurements(monkeypatch) -> list[float]:
     """Every decode measurement block_throughput makes, in order (the real one runs)."""
     results: list[float] = []
-    real = hw.measure_decode_steps_per_s
+    real = sizing.measure_decode_steps_per_s
 
     def counting(stack, **kwargs):
         results.append(real(stack, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(hw, "measure_decode_steps_per_s", counting)
+    monkeypatch.setattr(sizing, "measure_decode_steps_per_s", counting)
     return results
 
 
@@ -52,7 +53,7 @@ def test_profile_has_every_section():
     assert profile["torch"]["version"] == torch.__version__
     assert profile["torch"]["default_device"] in ("cpu", "cuda")
     assert profile["dtypes"]["device"] == "cpu" and profile["dtypes"]["float32"] is True
-    assert set(hw.DTYPE_NAMES) <= set(profile["dtypes"])
+    assert set(sizing.DTYPE_NAMES) <= set(profile["dtypes"])
     assert isinstance(profile["gpus"], list)
     assert "cpu" in hw.format_profile(profile)
 
@@ -93,59 +94,59 @@ def test_block_memory_bytes_equals_a_loaded_block(tiny, dtype):
     source, config = tiny
     layer = models.load_block(source, config, 0, dtype=dtype, device="cpu")
     loaded_bytes = sum(parameter.numel() * parameter.element_size() for parameter in layer.parameters())
-    assert hw.block_memory_bytes(config, dtype) == loaded_bytes
+    assert sizing.block_memory_bytes(config, dtype) == loaded_bytes
 
 
 def test_kv_bytes_per_token_follows_the_config():
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    assert hw.kv_bytes_per_token(config, torch.float32) == 2 * 2 * 16 * 4
-    assert hw.kv_bytes_per_token(config, torch.float16) == 2 * 2 * 16 * 2
+    assert sizing.kv_bytes_per_token(config, torch.float32) == 2 * 2 * 16 * 4
+    assert sizing.kv_bytes_per_token(config, torch.float16) == 2 * 2 * 16 * 2
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32)
-    assert hw.kv_bytes_per_token(config, torch.bfloat16) == 2 * 1 * 32 * 2
+    assert sizing.kv_bytes_per_token(config, torch.bfloat16) == 2 * 1 * 32 * 2
 
 
 def test_free_memory_bytes_on_cpu_and_bad_devices():
-    assert hw.free_memory_bytes("cpu") > 0
+    assert sizing.free_memory_bytes("cpu") > 0
     with pytest.raises(ConfigError, match="not a torch device"):
-        hw.free_memory_bytes("gpu0")
+        sizing.free_memory_bytes("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
-            hw.free_memory_bytes("cuda")
+            sizing.free_memory_bytes("cuda")
 
 
 def test_auto_measures_once_then_reads_the_cache(tiny, cache_dir, measurements):
     source, config = tiny
-    first = hw.block_throughput(source, config, device="cpu", dtype=torch.float32)
-    second = hw.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="auto")
+    first = sizing.block_throughput(source, config, device="cpu", dtype=torch.float32)
+    second = sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="auto")
     assert len(measurements) == 1 and first == second == measurements[0] > 0
-    entries = json.loads((cache_dir / hw.THROUGHPUT_FILE).read_text())["entries"]
+    entries = json.loads((cache_dir / sizing.THROUGHPUT_FILE).read_text())["entries"]
     assert [entry["tokens_per_s"] for entry in entries.values()] == [first]
     assert not list(cache_dir.glob("*.tmp"))
 
 
 def test_cache_entries_are_per_dtype_and_quantization_key(tiny, cache_dir, measurements):
     source, config = tiny
-    hw.block_throughput(source, config, device="cpu", dtype=torch.float32)
-    hw.block_throughput(source, config, device="cpu", dtype=torch.bfloat16)
+    sizing.block_throughput(source, config, device="cpu", dtype=torch.float32)
+    sizing.block_throughput(source, config, device="cpu", dtype=torch.bfloat16)
     assert len(measurements) == 2
-    keys = list(json.loads((cache_dir / hw.THROUGHPUT_FILE).read_text())["entries"])
+    keys = list(json.loads((cache_dir / sizing.THROUGHPUT_FILE).read_text())["entries"])
     assert len(keys) == 2 and all("quantization=none" in key and torch.__version__ in key for key in keys)
 
 
 def test_eval_measures_again_and_overwrites(tiny, cache_dir, measurements):
     source, config = tiny
-    hw.block_throughput(source, config, device="cpu", dtype=torch.float32)
-    again = hw.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="eval")
+    sizing.block_throughput(source, config, device="cpu", dtype=torch.float32)
+    again = sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="eval")
     assert len(measurements) == 2 and again == measurements[1]
-    entries = json.loads((cache_dir / hw.THROUGHPUT_FILE).read_text())["entries"]
+    entries = json.loads((cache_dir / sizing.THROUGHPUT_FILE).read_text())["entries"]
     assert [entry["tokens_per_s"] for entry in entries.values()] == [again]
-    assert hw.block_throughput(source, config, device="cpu", dtype=torch.float32) == again
+    assert sizing.block_throughput(source, config, device="cpu", dtype=torch.float32) == again
 
 
 def test_a_number_is_returned_as_is(tiny, cache_dir, measurements):
     source, config = tiny
-    assert hw.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="123.5") == 123.5
-    assert hw.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="0") == 0.0
+    assert sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="123.5") == 123.5
+    assert sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, mode="0") == 0.0
     assert measurements == [] and not cache_dir.exists()
 
 
@@ -153,32 +154,32 @@ def test_a_number_is_returned_as_is(tiny, cache_dir, measurements):
 def test_a_bad_mode_is_a_config_error(tiny, cache_dir, mode):
     source, config = tiny
     with pytest.raises(ConfigError, match="'auto'"):
-        hw.block_throughput(source, config, device="cpu", dtype=torch.float32, mode=mode)
+        sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, mode=mode)
 
 
 def test_an_unknown_quantization_is_a_config_error(tiny, cache_dir):
     source, config = tiny
     with pytest.raises(ConfigError, match="quantization 'nf4'"):
-        hw.block_throughput(source, config, device="cpu", dtype=torch.float32, quantization="nf4")
+        sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, quantization="nf4")
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"entries": []}', '{"version": 1}'])
 def test_an_unreadable_cache_is_measured_over(tiny, cache_dir, measurements, caplog, text):
     source, config = tiny
     cache_dir.mkdir()
-    (cache_dir / hw.THROUGHPUT_FILE).write_text(text)
-    value = hw.block_throughput(source, config, device="cpu", dtype=torch.float32)
+    (cache_dir / sizing.THROUGHPUT_FILE).write_text(text)
+    value = sizing.block_throughput(source, config, device="cpu", dtype=torch.float32)
     assert measurements == [value] and "unreadable throughput cache" in caplog.text
-    assert json.loads((cache_dir / hw.THROUGHPUT_FILE).read_text())["version"] == 1
+    assert json.loads((cache_dir / sizing.THROUGHPUT_FILE).read_text())["version"] == 1
 
 
 def test_damaged_cache_entries_are_measured_over(tiny, cache_dir, measurements):
     source, config = tiny
-    key = hw.throughput_key(source, device="cpu", dtype=torch.float32, quantization="none")
+    key = sizing.throughput_key(source, device="cpu", dtype=torch.float32, quantization="none")
     for bad in ["fast", -1.0, True, None]:
         cache_dir.mkdir(exist_ok=True)
-        (cache_dir / hw.THROUGHPUT_FILE).write_text(json.dumps({"version": 1, "entries": {key: {"tokens_per_s": bad}}}))
-        assert hw.block_throughput(source, config, device="cpu", dtype=torch.float32) == measurements[-1]
+        (cache_dir / sizing.THROUGHPUT_FILE).write_text(json.dumps({"version": 1, "entries": {key: {"tokens_per_s": bad}}}))
+        assert sizing.block_throughput(source, config, device="cpu", dtype=torch.float32) == measurements[-1]
     assert len(measurements) == 4
 
 
@@ -187,12 +188,12 @@ def test_gpus_are_profiled():
     profile = hw.machine_profile("cuda")
     assert profile["gpus"] and all(gpu["total_bytes"] >= gpu["free_bytes"] > 0 for gpu in profile["gpus"])
     assert profile["dtypes"]["float32"] and profile["dtypes"]["float16"]
-    assert 0 < hw.free_memory_bytes("cuda") <= profile["gpus"][0]["total_bytes"]
+    assert 0 < sizing.free_memory_bytes("cuda") <= profile["gpus"][0]["total_bytes"]
 
 
 @needs_cuda
 def test_block_throughput_on_cuda(tiny, cache_dir, measurements):
     source, config = tiny
-    value = hw.block_throughput(source, config, device="cuda", dtype=torch.bfloat16)
+    value = sizing.block_throughput(source, config, device="cuda", dtype=torch.bfloat16)
     assert measurements == [value] and value > 0
-    assert hw.block_throughput(source, config, device="cuda:0", dtype=torch.bfloat16) == value
+    assert sizing.block_throughput(source, config, device="cuda:0", dtype=torch.bfloat16) == value

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM
 from client.remote import call_info
 from swarm import network
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 

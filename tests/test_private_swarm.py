@@ -13,7 +13,7 @@ from client import AutoDistributedModelForCausalLM
 from client.remote import call_info
 from swarm import errors, network
 from swarm.config import ClientConfig
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey

@@ -20,7 +20,7 @@ from client.lora import RemoteLoRA
 from client.remote import call_backward, call_forward
 from swarm import errors
 from swarm.blocks import BlockInputs
-from swarm.local import LocalSwarm
+from swarm.tools.local import LocalSwarm
 from swarm.loop_thread import run_coroutine
 from swarm.lora import PROJECTIONS
 

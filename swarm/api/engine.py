@@ -23,7 +23,7 @@ from transformers import AsyncTextIteratorStreamer, AutoTokenizer, StoppingCrite
 from client import AutoDistributedModelForCausalLM
 from client.generator import BatchedGenerator, GenerationRequest, supports
 from client.sampling import SeededSampler, generation_kwargs
-from swarm.api_schema import ChatMessage
+from swarm.api.schema import ChatMessage
 from swarm.config import ClientConfig
 from swarm.errors import ConfigError
 

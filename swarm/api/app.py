@@ -5,11 +5,11 @@
     POST /v1/chat/completions      OpenAI: chat completions with the model's chat template
     GET  /health                   200 while the swarm connection is up (no key needed)
     POST /chat                     {"prompt", "max_tokens", "temperature", "adapter"} -> {"text", ...}
-    POST /fine-tune                start a fine-tuning job through the swarm (`swarm.jobs`)
+    POST /fine-tune                start a fine-tuning job through the swarm (`swarm.api.jobs`)
     GET  /jobs, GET /jobs/{id}     status, progress, loss;  DELETE /jobs/{id} cancels
 
 One swarm connection (one DHT node, one `AutoDistributedModelForCausalLM`) serves every request.
-Concurrent requests are generated together (`swarm.api_engine`): one batched session carries all of
+Concurrent requests are generated together (`swarm.api.engine`): one batched session carries all of
 them, so each step is one forward and one message per peer. Streams are server-sent events, token
 pieces as they come.
 Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import secrets
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from swarm.api_schema import (
+from swarm.api.schema import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, Completion, CompletionChoice, CompletionRequest,
     FineTuneRequest, SimpleChatReply, SimpleChatRequest, Usage,
 )
@@ -41,7 +40,7 @@ from swarm.config import LOOPBACK_MADDRS, ClientConfig
 from swarm.errors import ConfigError, SwarmError
 
 if TYPE_CHECKING:
-    from swarm.api_engine import Engine
+    from swarm.api.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     limit_openmp_spinning()  # before torch is imported: peers may share these cores
-    from swarm.api_engine import Engine
-    from swarm.jobs import JobManager
+    from swarm.api.engine import Engine
+    from swarm.api.jobs import JobManager
 
     engine = None
     try:
@@ -305,7 +304,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if engine is not None:
             engine.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,10 @@
 """`python -m swarm.dashboard`: a live web page and JSON API showing every model, block and peer of a swarm.
 
-Joins the DHT as a client, crawls it every --period seconds in a background thread (`swarm.crawl`)
+Joins the DHT as a client, crawls it every --period seconds in a background thread (`swarm.dashboard.crawl`)
 and serves what it last saw:
 
     GET /                the page (self-contained: no CDN, works offline; refreshes itself)
-    GET /api/v1/state    the same data as JSON (`swarm.crawl.SwarmState`)
+    GET /api/v1/state    the same data as JSON (`swarm.dashboard.crawl.SwarmState`)
     GET /metrics         Prometheus text format
     GET /healthz         200 once a crawl has finished
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 import threading
 import time
 from importlib import resources
@@ -23,7 +22,7 @@ from pathlib import Path
 from swarm import loop_thread, network
 from swarm.cli import fail, serve_http, setup_logging
 from swarm.config import LOOPBACK_MADDRS, NetworkConfig
-from swarm.crawl import SwarmState, crawl, empty_state
+from swarm.dashboard.crawl import SwarmState, crawl, empty_state
 from swarm.errors import SwarmError
 from swarm.swarm_key import SwarmKey, make_proof
 
@@ -105,7 +104,7 @@ def create_app(crawler: Crawler):
     from prometheus_client.core import GaugeMetricFamily
 
     app = FastAPI(title="swarm dashboard", docs_url="/api/docs", redoc_url=None)
-    page = resources.files("swarm").joinpath("dashboard.html").read_text()
+    page = resources.files("swarm.dashboard").joinpath("page.html").read_text()
 
     class StateCollector:
         def collect(self):
@@ -172,7 +171,3 @@ def main(argv: list[str] | None = None) -> int:
             crawler.stop()
         if dht is not None:
             network.stop_dht(dht)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

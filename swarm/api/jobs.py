@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from swarm.api_schema import FineTuneRequest, Job
+from swarm.api.schema import FineTuneRequest, Job
 from swarm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
