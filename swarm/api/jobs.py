@@ -69,8 +69,8 @@ class JobManager:
             "--learning-rate", str(settings.learning_rate), "--epochs", str(settings.num_epochs),
             "--batch-size", str(settings.batch_size), "--max-seq-length", str(settings.max_seq_length), *self.extra_args,
         ]
-        log = open(self.jobs_dir / f"{job_id}.log", "w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.jobs_dir / f"{job_id}.log", "w") as log:  # the trainer writes to its own copy of the descriptor
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         job = Job(
             id=job_id, status="running", created_at=time.time(), dataset_path=str(data), output_path=str(output),
             hyperparameters=settings, pid=process.pid, total_steps=math.ceil(rows / settings.batch_size) * settings.num_epochs,
