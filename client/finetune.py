@@ -14,7 +14,6 @@ covers the completion only), or {"input_ids": [...]} (already tokenized). Checkp
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -22,13 +21,18 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from swarm import settings
 from swarm.cli import fail, setup_logging
+from swarm.config import LOOPBACK_MADDRS, ClientConfig, NetworkConfig
 from swarm.errors import ConfigError, SwarmError
+from swarm.models import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -39,35 +43,41 @@ PROMPTS_FILE = "prompts.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"  # the optimizer's tensors; its settings as JSON in the metadata
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m client.finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="JSONL file: text, prompt/completion or input_ids per line")
-    parser.add_argument("--mode", choices=["lora", "ptune", "deep_ptune"], default="lora")
-    parser.add_argument("--output", type=Path, required=True, help="folder for checkpoints and the result")
-    parser.add_argument("--run-name", required=True, help="trainers with the same run name average their gradients")
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout, applied by the peers while training")
-    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
-    parser.add_argument("--num-prefix-tokens", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accumulation", type=int, default=1)
-    parser.add_argument("--max-seq-length", type=int, default=256)
-    parser.add_argument("--target-batch-size", type=int, default=None,
-                        help="examples over all trainers per optimizer step (default: this trainer's batch x accumulation)")
-    parser.add_argument("--matchmaking-time", type=float, default=5.0, help="seconds to gather trainers for averaging")
-    parser.add_argument("--min-trainers", type=int, default=1, help="wait until this many trainers of the run are here")
-    parser.add_argument("--wait-trainers", type=float, default=600.0, help="seconds to wait for --min-trainers")
-    parser.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0, help="the order of this trainer's examples")
-    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], metavar="MULTIADDR")
-    parser.add_argument("--swarm-key", type=Path)
-    parser.add_argument("--verbose", action="store_true", help="log hivemind's progress of the run (samples, rounds, peers)")
-    return parser.parse_args(argv)
+def trainer_network() -> NetworkConfig:
+    """A trainer's network section: loopback by default, and not in client mode (other trainers dial it to average)."""
+    return NetworkConfig(host_maddrs=list(LOOPBACK_MADDRS), client_mode=False)
+
+
+class TrainerConfig(BaseModel):
+    """Everything `python -m client.finetune` needs (flags, `--config FILE`, SWARM_TRAINER_* variables: `swarm.settings`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="JSONL file: text, prompt/completion or input_ids per line")
+    output: Path = Field(description="folder for checkpoints and the result")
+    run_name: str = Field(min_length=1, description="trainers with the same run name average their gradients")
+    client: ClientConfig = Field(default_factory=lambda: ClientConfig(network=trainer_network()), description="how to reach the swarm")
+    model: str = Field(DEFAULT_MODEL, description="model name, Hugging Face id or folder, as the peers serve it")
+    mode: Literal["lora", "ptune", "deep_ptune"] = Field("lora", description="what to train (see this module's docstring)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout probability, applied by the peers while training")
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="projections of every block that get LoRA")
+    num_prefix_tokens: int = Field(16, ge=1, description="ptune and deep_ptune: trainable prefix length, in tokens")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate")
+    epochs: int = Field(1, ge=1, description="passes over the data")
+    batch_size: int = Field(4, ge=1, description="examples per forward and backward")
+    grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step of this trainer")
+    max_seq_length: int = Field(256, ge=2, description="examples are cut to this many tokens")
+    target_batch_size: int | None = Field(
+        None, ge=1, description="examples over all trainers per optimizer step; default: this trainer's batch x accumulation"
+    )
+    matchmaking_time_s: float = Field(5.0, gt=0, description="seconds to gather trainers for averaging")
+    min_trainers: int = Field(1, ge=1, description="wait until this many trainers of the run are here")
+    wait_trainers_s: float = Field(600.0, ge=0, description="seconds to wait for --min-trainers")
+    save_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    seed: int = Field(0, description="the order of this trainer's examples")
+    verbose: bool = Field(False, description="log hivemind's progress of the run (samples, rounds, peers)")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -128,7 +138,7 @@ def batches(examples, batch_size: int, rng: random.Random, pad_id: int):
 class Trainable(torch.nn.Module):
     """What this trainer owns, for one --mode, and how it enters the model's forward."""
 
-    def __init__(self, mode: str, config, args: argparse.Namespace):
+    def __init__(self, mode: str, config, args: TrainerConfig):
         super().__init__()
         from client.lora import RemoteLoRA
 
@@ -189,17 +199,15 @@ class Trainable(torch.nn.Module):
 
 
 # ---- the loop ---------------------------------------------------------------------------------
-def train(args: argparse.Namespace) -> dict:
+def train(args: TrainerConfig) -> dict:
     from transformers import AutoTokenizer
 
     from client import AutoDistributedModelForCausalLM
     from client.collaboration import join_run, make_optimizer, say_goodbye, wait_for_trainers
-    from swarm.config import ClientConfig
 
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise ConfigError(f"--lora-dropout {args.lora_dropout}: give a probability in [0, 1)")
-    config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key, dht_client_mode=False)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, client_config=config)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.client.network.initial_peers, client_config=args.client
+    )
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
@@ -222,14 +230,14 @@ def train(args: argparse.Namespace) -> dict:
         optimizer = make_optimizer(
             model.sequence.dht, args.run_name, list(trainable.parameters()), learning_rate=args.learning_rate,
             batch_size=args.batch_size, target_batch_size=args.target_batch_size or args.batch_size * args.grad_accumulation,
-            matchmaking_time=args.matchmaking_time, verbose=args.verbose,
+            matchmaking_time=args.matchmaking_time_s, verbose=args.verbose,
         )
         if resumed and (args.output / OPTIMIZER_FILE).exists():
             optimizer.load_state_dict(load_optimizer_state(args.output / OPTIMIZER_FILE))
         try:
             if args.min_trainers > 1:
-                wait_for_trainers(model.sequence.dht, args.run_name, args.min_trainers, args.wait_trainers)
-            join_run(optimizer, args.wait_trainers)
+                wait_for_trainers(model.sequence.dht, args.run_name, args.min_trainers, args.wait_trainers_s)
+            join_run(optimizer, args.wait_trainers_s)
             state["rounds"].setdefault(str(optimizer.local_epoch), trainable.fingerprint())
             _loop(args, model, trainable, optimizer, examples, pad_id, state)
         finally:
@@ -292,7 +300,7 @@ def write_progress(folder: Path, state: dict, total_steps: int) -> None:
     partial.replace(folder / PROGRESS_FILE)
 
 
-def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
+def _loop(args: TrainerConfig, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     total_steps = -(-len(examples) // args.batch_size) * args.epochs
     reported = 0.0
@@ -328,9 +336,13 @@ def _loop(args, model, trainable: Trainable, optimizer, examples, pad_id: int, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     setup_logging()
     try:
+        args = settings.parse(
+            TrainerConfig, argv, prog="python -m client.finetune", description=__doc__.split("\n\n")[0], env_prefix="SWARM_TRAINER_"
+        )
+        if not args.client.network.initial_peers:
+            raise ConfigError("--initial-peers: give the multiaddr of at least one node of the swarm")
         state = train(args)
     except SwarmError as exc:
         return fail(str(exc))

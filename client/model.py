@@ -232,7 +232,8 @@ class AutoDistributedModelForCausalLM:
         config = models.load_config(source)
         config._name_or_path = str(source.path)
         client_config = client_config or ClientConfig()
-        client_config = client_config.model_copy(update={"initial_peers": list(initial_peers)})
+        network_config = client_config.network.model_copy(update={"initial_peers": list(initial_peers)})
+        client_config = client_config.model_copy(update={"network": network_config})
         parts = models.load_client_parts(source, config, dtype=torch_dtype, device="cpu")
         sequence = RemoteSequence(
             client_config, dht_prefix=dht_prefix or client_config.dht_prefix or source.dht_prefix,

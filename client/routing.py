@@ -9,22 +9,10 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from swarm.errors import MissingBlocksError
-from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
-
-
-@dataclass(frozen=True)
-class PeerSpan:
-    """A peer and the blocks it serves, as announced."""
-
-    peer_id: str
-    start: int
-    end: int
-    throughput: float = 1.0
-    public_name: str | None = None
-    adapters: tuple[str, ...] = ()
+from swarm.coverage import Span as PeerSpan  # a peer and its blocks, as `swarm.coverage.peer_spans` reads them
 
 
 @dataclass(frozen=True)
@@ -32,22 +20,6 @@ class Hop:
     peer_id: str
     start: int
     end: int
-
-
-def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[str, PeerSpan]:
-    """One span per online peer. A record counts only under a block key inside its own range."""
-    spans: dict[str, PeerSpan] = {}
-    for block_index, records in enumerate(records_per_block):
-        for peer_id, record in records.items():
-            if record.state != PeerState.ONLINE or not record.start_block <= block_index < record.end_block:
-                continue
-            if record.protocol_version != PROTOCOL_VERSION:
-                continue  # a peer of another protocol version cannot serve us
-            spans.setdefault(
-                peer_id,
-                PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name, record.adapters),
-            )
-    return spans
 
 
 def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[int]:

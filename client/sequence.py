@@ -16,9 +16,9 @@ import torch
 from client import routing
 from client.remote import call_backward, call_forward, call_info
 from client.retries import Retries
-from swarm import errors, network
+from swarm import coverage, errors, network
 from swarm.blocks import BlockInputs
-from swarm.config import ClientConfig, NetworkConfig
+from swarm.config import ClientConfig
 from swarm.loop_thread import run_coroutine
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey, make_proof
@@ -36,20 +36,13 @@ PINGS_PER_PEER = 3  # a peer's round trip is the fastest of these: the first als
 
 class RemoteSequence:
     def __init__(self, config: ClientConfig, *, dht_prefix: str, num_blocks: int):
-        if not config.initial_peers:
+        if not config.network.initial_peers:
             raise errors.ConfigError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         self.config = config
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
-        self.swarm_key = SwarmKey.load(config.swarm_key_path)  # None: a public swarm
-        self.dht = network.start_dht(
-            initial_peers=config.initial_peers,
-            host_maddrs=config.host_maddrs,
-            client_mode=config.dht_client_mode,
-            loopback_only=NetworkConfig(host_maddrs=config.host_maddrs).is_loopback_only(),
-            startup_timeout_s=config.connect_timeout_s,
-            swarm_key=self.swarm_key,
-        )
+        self.swarm_key = SwarmKey.load(config.network.swarm_key_path)  # None: a public swarm
+        self.dht = network.start_node(config.network, swarm_key=self.swarm_key)
         self.p2p = run_coroutine(self.dht.replicate_p2p())
         self.peer_id = self.p2p.peer_id.to_base58()
         self.spans: dict[str, routing.PeerSpan] = {}
@@ -64,7 +57,7 @@ class RemoteSequence:
             None, network.fetch_block_records, self.dht, self.dht_prefix, self.num_blocks
         )
         records = [parse_peer_records(entry, where=f"{self.dht_prefix}.{index}") for index, entry in enumerate(raw)]
-        fresh = routing.online_spans(records)
+        fresh = coverage.peer_spans(records, coverage.SERVING_STATES)
         now = time.monotonic()
         for peer_id in fresh:
             self._last_seen[peer_id] = now

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from peers import sizing
-from swarm import balance, network
+from swarm import coverage, network
 from swarm.errors import ConfigError
 from swarm.records import parse_peer_records
 
@@ -22,11 +22,11 @@ GiB = 2**30
 RUNTIME_RESERVE_BYTES = GiB // 4  # torch, the DHT process and p2pd, beyond the blocks and their cache
 
 
-async def read_swarm(dht, dht_prefix: str, num_blocks: int) -> dict[str, balance.Span]:
+async def read_swarm(dht, dht_prefix: str, num_blocks: int) -> dict[str, coverage.Span]:
     """Every joining or online peer's span, from validated DHT records (invalid ones are skipped)."""
     raw = await asyncio.get_running_loop().run_in_executor(None, network.fetch_block_records, dht, dht_prefix, num_blocks)
     records = [parse_peer_records(entry, where=f"{dht_prefix}.{index}") for index, entry in enumerate(raw)]
-    return balance.swarm_spans(records)
+    return coverage.peer_spans(records)
 
 
 def auto_block_count(

@@ -1,6 +1,8 @@
 """Where a peer's blocks should go: pure functions of the swarm state read from the DHT, no I/O.
 
-A block's throughput is the sum of the throughputs of the joining and online peers that serve it.
+The swarm's state is the peers' spans as `swarm.coverage.peer_spans` reads them (joining and online
+peers; a moving peer counts where it is going). A block's throughput is the sum of the throughputs of
+the peers that serve it.
 A joining peer takes the window of consecutive blocks where the swarm is weakest: the window whose
 sorted block throughputs are lexicographically smallest (so uncovered blocks first, as many as
 fit, then the lowest throughput); among equal windows, the one leaving the unserved blocks in the
@@ -24,22 +26,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from swarm.records import PeerRecord, PeerState
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """A peer's blocks as the balancer sees them."""
-
-    peer_id: str
-    start: int
-    end: int
-    throughput: float
-    state: PeerState = PeerState.ONLINE
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
+from swarm.coverage import Span
+from swarm.records import PeerState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +36,6 @@ class Move:
 
     start: int | None
     reason: str
-
-
-def swarm_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[str, Span]:
-    """One span per joining or online peer. A record counts only under a block key inside its own
-    range; a peer with two ranges (moving: online on the old one, joining the new one) counts on
-    the one it is joining, where it will be."""
-    spans: dict[str, Span] = {}
-    for block_index, records in enumerate(records_per_block):
-        for peer_id, record in records.items():
-            if record.state == PeerState.OFFLINE or not record.start_block <= block_index < record.end_block:
-                continue
-            if record.end_block > len(records_per_block):
-                continue  # a range past the model's last block is not real
-            span = Span(peer_id, record.start_block, record.end_block, record.throughput, record.state)
-            known = spans.get(peer_id)
-            if known is None or (known.state == PeerState.ONLINE and span.state == PeerState.JOINING):
-                spans[peer_id] = span
-    return spans
 
 
 def block_throughputs(spans: Iterable[Span], num_blocks: int) -> list[float]:
@@ -87,18 +57,23 @@ def gaps(throughputs: Sequence[float]) -> list[int]:
     return [index for index, value in enumerate(throughputs) if value <= 0]
 
 
-def choose_start(throughputs: Sequence[float], length: int, rng: random.Random | None = None) -> int:
-    """First block of the weakest window of `length` consecutive blocks (see the module docstring)."""
+def weakest_windows(throughputs: Sequence[float], length: int) -> list[int]:
+    """First blocks of every window of `length` consecutive blocks that a joining peer may take: the
+    weakest ones, after the tie-break (see the module docstring). `choose_start` picks one at random."""
     if not 0 < length <= len(throughputs):
         raise ValueError(f"a window of {length} blocks does not fit in {len(throughputs)} blocks")
-    rng = rng or random.Random()
     keys = [sorted(throughputs[start : start + length]) for start in range(len(throughputs) - length + 1)]
     weakest = min(keys)
     tied = [start for start, key in enumerate(keys) if key == weakest]
     if len(tied) > 1 and weakest[0] <= 0:
         fewest = min(_gap_runs_after(throughputs, start, length) for start in tied)
         tied = [start for start in tied if _gap_runs_after(throughputs, start, length) == fewest]
-    return rng.choice(tied)
+    return tied
+
+
+def choose_start(throughputs: Sequence[float], length: int, rng: random.Random | None = None) -> int:
+    """First block of the weakest window of `length` consecutive blocks (see the module docstring)."""
+    return (rng or random.Random()).choice(weakest_windows(throughputs, length))
 
 
 def _gap_runs_after(throughputs: Sequence[float], start: int, length: int) -> int:

@@ -1,12 +1,14 @@
-"""Configuration models, one per role, and their mapping from TOML files and environment variables.
+"""Configuration models of the roles every node shares: the network section, a peer, a bootstrap node,
+a client, and the `swarm.plan` reader (the applications' own live in their packages: `swarm.api.config`,
+`swarm.dashboard.config`, `client.finetune`).
 
-Command-line parsing lives in the entrypoints; they build these models. Nothing here starts anything.
+Every field has a description with its unit. Flags, environment variables and TOML files are mapped
+onto these models in one place (`swarm.settings`); nothing here parses a command line or starts anything.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,22 +16,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
+from swarm.records import MAX_RECORD_TTL_S
 
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+DEFAULT_MAX_LENGTH = 8192  # tokens: the longest sequence a peer serves unless told otherwise
 
 
 class NetworkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join through")
+    initial_peers: list[str] = Field(
+        default_factory=list, description="multiaddrs of peers to join through", json_schema_extra={"metavar": "MULTIADDR"}
+    )
     new_swarm: bool = Field(False, description="start a new swarm instead of joining one")
     host_maddrs: list[str] = Field(
-        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on"
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], description="multiaddrs to listen on", json_schema_extra={"metavar": "MULTIADDR"}
     )
-    announce_maddrs: list[str] = Field(default_factory=list, description="multiaddrs others should dial, if not the listened ones")
-    identity_path: Path | None = Field(None, description="private key file: a stable peer id across restarts")
+    announce_maddrs: list[str] = Field(
+        default_factory=list, description="multiaddrs others should dial, if not the listened ones", json_schema_extra={"metavar": "MULTIADDR"}
+    )
+    identity_path: Path | None = Field(None, description="private key file: a stable peer id across restarts (created if missing)")
     connect_timeout_s: float = Field(15.0, gt=0, description="seconds to wait when joining the swarm")
-    swarm_key_path: Path | None = Field(None, description="shared secret of a private swarm (see swarm/swarm_key.py)")
+    swarm_key_path: Path | None = Field(
+        None, description="file with the shared secret of a private swarm: nodes without it are refused (see swarm/swarm_key.py)"
+    )
+    client_mode: bool = Field(False, description="join the DHT as a client only: reads and writes records, but others cannot dial it")
 
     def is_loopback_only(self) -> bool:
         return all(_is_loopback_maddr(maddr) for maddr in self.host_maddrs)
@@ -37,6 +48,11 @@ class NetworkConfig(BaseModel):
     def require_peers_or_new_swarm(self) -> None:
         if not self.initial_peers and not self.new_swarm:
             raise ConfigError("give --initial-peers MULTIADDR (a peer of an existing swarm) or --new-swarm")
+
+
+def client_network() -> NetworkConfig:
+    """The network section of a node that only reads the swarm and calls peers: loopback, client mode."""
+    return NetworkConfig(host_maddrs=list(LOOPBACK_MADDRS), client_mode=True)
 
 
 class PeerConfig(BaseModel):
@@ -60,7 +76,7 @@ class PeerConfig(BaseModel):
     batch_steps: int = Field(
         32, gt=0, le=1024, description="decode steps of different sessions run as one batch, at most this many (1: no batching)"
     )
-    max_length: int = Field(8192, gt=0, description="longest sequence a session may ask for, in tokens")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, description="longest sequence a session may ask for, in tokens")
     max_batch_size: int = Field(64, gt=0, description="largest batch a request may carry")
     public_name: str | None = Field(None, max_length=128, description="name shown to others")
     throughput: str = Field(
@@ -84,12 +100,14 @@ class PeerConfig(BaseModel):
     cache_wait_s: float = Field(10.0, ge=0, description="how long a new session waits for cache before 'overloaded'")
     num_threads: int | None = Field(None, gt=0, description="torch threads for compute; default: torch's choice")
     adapters: list[str] = Field(
-        default_factory=list, max_length=32, description="peft LoRA adapter folders to serve (safetensors); named by folder"
+        default_factory=list, max_length=32, description="peft LoRA adapter folders to serve (safetensors); named by folder",
+        json_schema_extra={"metavar": "DIR"},
     )
+    verbose: bool = Field(False, description="log every RPC (DEBUG)")
 
     @model_validator(mode="after")
     def _check_record_ttl(self) -> "PeerConfig":
-        if self.announce_period_s * self.record_ttl_periods > 6 * 3600:  # swarm.records.MAX_RECORD_TTL_S
+        if self.announce_period_s * self.record_ttl_periods > MAX_RECORD_TTL_S:
             raise ValueError("--announce-period: records would live over 6 hours, which other nodes ignore as absurd")
         return self
 
@@ -111,19 +129,53 @@ class PeerConfig(BaseModel):
         return parse_blocks(self.blocks)
 
 
+class BootstrapConfig(BaseModel):
+    """Everything `python -m swarm.dht` (a bootstrap node: DHT only, no blocks) needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @model_validator(mode="after")
+    def _found_a_swarm_without_peers(self) -> "BootstrapConfig":
+        if not self.network.initial_peers:
+            self.network.new_swarm = True
+        return self
+
+
+class PlanConfig(BaseModel):
+    """Everything `python -m swarm.plan` (a read of the swarm's coverage, and where a new peer would go) needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    network: NetworkConfig = Field(default_factory=client_network)
+    model: str | None = Field(None, description="model name or DHT prefix; default: the only model the swarm announces")
+    blocks: int | None = Field(None, gt=0, description="blocks the new peer would host; default: a quarter of the model")
+    throughput: float = Field(1.0, ge=0, description="the new peer's tokens/s through one block")
+
+    @model_validator(mode="after")
+    def _needs_peers(self) -> "PlanConfig":
+        if not self.network.initial_peers:
+            raise ValueError("--initial-peers: give the multiaddr of at least one node of the swarm")
+        return self
+
+
+# ClientConfig's network fields, accepted flat as well (ClientConfig(initial_peers=[...]), as before sections)
+_CLIENT_NETWORK_KEYS = {"initial_peers": "initial_peers", "host_maddrs": "host_maddrs", "swarm_key_path": "swarm_key_path",
+                        "connect_timeout_s": "connect_timeout_s", "dht_client_mode": "client_mode"}
+
+
 class ClientConfig(BaseModel):
     """How a client finds and talks to peers."""
 
     model_config = ConfigDict(extra="forbid")
 
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of peers to join through")
-    dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
-    host_maddrs: list[str] = Field(default_factory=lambda: list(LOOPBACK_MADDRS), description="client's own listen addresses")
-    swarm_key_path: Path | None = Field(None, description="shared secret of a private swarm (see swarm/swarm_key.py)")
-    dht_client_mode: bool = Field(
-        True, description="join the DHT as a client only; trainers that average gradients need False (others dial them)"
+    network: NetworkConfig = Field(
+        default_factory=client_network,
+        description="how the client joins the DHT (client mode on loopback by default; trainers that average gradients "
+        "need client_mode false, since other trainers dial them)",
     )
-    connect_timeout_s: float = Field(15.0, gt=0, description="seconds to join the swarm and open a stream")
+    dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
     step_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for one forward or inference step")
     max_retries: int = Field(
         3, ge=0, description="transient failures a request survives at least (more within route_wait_s; see client/retries.py)"
@@ -142,6 +194,21 @@ class ClientConfig(BaseModel):
         "network traversal per hop but costs more messages, a loss where traversals are as cheap as on loopback)",
     )
     push_min_rtt_s: float = Field(0.005, ge=0, description="push_steps=auto: the round trip, in seconds, from which pushes pay")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_network_fields(cls, values: Any) -> Any:
+        """ClientConfig(initial_peers=..., host_maddrs=...) keeps working: flat keys go to the network section."""
+        if not isinstance(values, dict) or not set(values) & set(_CLIENT_NETWORK_KEYS):
+            return values
+        values = dict(values)
+        section = values.get("network") or client_network()
+        section = section.model_dump() if isinstance(section, NetworkConfig) else dict(section)
+        for key, target in _CLIENT_NETWORK_KEYS.items():
+            if key in values:
+                section[target] = values.pop(key)
+        values["network"] = section
+        return values
 
 
 def parse_blocks(text: str) -> tuple[int, int] | int | Literal["auto"]:
@@ -191,20 +258,11 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
 
 
-def env_overrides(prefix: str = "SWARM_") -> dict[str, Any]:
-    """SWARM_MODEL=..., SWARM_DEVICE=... -> {"model": ..., "device": ...} (top-level scalar fields only)."""
-    return {key[len(prefix):].lower(): value for key, value in os.environ.items() if key.startswith(prefix)}
-
-
 def build_config(model_type: type[BaseModel], *layers: dict[str, Any]) -> BaseModel:
     """Merge layers (file, environment, command line; later wins) into one validated config."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
+        merged = _merged(merged, layer)
     try:
         return model_type.model_validate(merged)
     except ValidationError as exc:
@@ -212,6 +270,14 @@ def build_config(model_type: type[BaseModel], *layers: dict[str, Any]) -> BaseMo
         where = ".".join(str(item) for item in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(message if message.startswith("--") else f"invalid configuration {where}: {message}") from exc
+
+
+def _merged(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`layer` over `base`, section by section (nested dicts merge; anything else replaces)."""
+    merged = dict(base)
+    for key, value in layer.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def _is_loopback_maddr(maddr: str) -> bool:

@@ -1,35 +1,29 @@
-"""`python -m swarm.dht`: a lightweight bootstrap node (DHT only, no blocks) that others join through."""
+"""`python -m swarm.dht`: a lightweight bootstrap node (DHT only, no blocks) that others join through.
+
+Builds a BootstrapConfig from flags, an optional TOML file (`--config`) and SWARM_DHT_* environment
+variables (`swarm.settings`); without --initial-peers it founds a new swarm.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
 
-from swarm import network
-from swarm.cli import run_until_signal, setup_logging
-from swarm.config import NetworkConfig
+from swarm import network, settings
+from swarm.cli import fail, run_until_signal, setup_logging
+from swarm.config import BootstrapConfig
+from swarm.errors import SwarmError
 from swarm.identity import Identity
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm.dht", description=__doc__.splitlines()[0])
-    parser.add_argument("--initial-peers", nargs="+", default=[], metavar="MULTIADDR", help="join an existing swarm")
-    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], metavar="MULTIADDR")
-    parser.add_argument("--announce-maddrs", nargs="+", default=[], metavar="MULTIADDR")
-    parser.add_argument("--identity", type=Path, help="private key file for a stable peer id (created if missing)")
-    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm: nodes without it are refused")
-    args = parser.parse_args(argv)
     setup_logging()
-    config = NetworkConfig(
-        initial_peers=args.initial_peers,
-        new_swarm=not args.initial_peers,
-        host_maddrs=args.host_maddrs,
-        announce_maddrs=args.announce_maddrs,
-        identity_path=args.identity,
-        swarm_key_path=args.swarm_key,
-    )
+    try:
+        config = settings.parse(
+            BootstrapConfig, argv, prog="python -m swarm.dht", description=__doc__.split("\n\n")[0], env_prefix="SWARM_DHT_"
+        ).network
+    except SwarmError as exc:
+        return fail(str(exc))
 
     async def serve(stop: asyncio.Event) -> None:
         identity = Identity.load(config.identity_path) if config.identity_path else None  # a stable peer id

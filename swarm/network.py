@@ -105,14 +105,16 @@ def start_dht(
         identity.forget_file()
 
 
-def start_node(config: NetworkConfig, identity: Identity | None = None) -> hivemind.DHT:
-    """A serving node (peer or bootstrap) as its NetworkConfig says."""
+def start_node(config: NetworkConfig, identity: Identity | None = None, swarm_key: SwarmKey | None = None) -> hivemind.DHT:
+    """A node as its NetworkConfig says: a peer, a bootstrap node, or (client_mode) a client, the dashboard
+    or `swarm.plan`. `swarm_key`: the one already loaded from `config.swarm_key_path`, if the caller has it."""
     return start_dht(
         initial_peers=config.initial_peers,
         host_maddrs=config.host_maddrs,
         announce_maddrs=config.announce_maddrs,
         identity=identity,
-        swarm_key=SwarmKey.load(config.swarm_key_path),
+        swarm_key=swarm_key or SwarmKey.load(config.swarm_key_path),
+        client_mode=config.client_mode,
         loopback_only=config.is_loopback_only(),
         startup_timeout_s=config.connect_timeout_s,
     )

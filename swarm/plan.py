@@ -3,35 +3,22 @@
 Joins the DHT as a client, reads every block's records (invalid ones are skipped with a warning)
 and prints, per block, the peers serving it, their summed throughput and the gaps; then which
 blocks a new peer with the given block count and throughput would take (`swarm.balance`, the
-same function a joining peer runs). Reads only the DHT: it needs no model weights.
+same function a joining peer runs). Reads only the DHT: it needs no model weights. Its settings are a
+PlanConfig (flags, `--config FILE`, SWARM_PLAN_* environment variables; see `swarm.settings`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from pathlib import Path
 
-from swarm import balance, network
+from swarm import balance, coverage, network, settings
 from swarm.cli import fail, setup_logging
-from swarm.config import LOOPBACK_MADDRS, NetworkConfig
+from swarm.config import PlanConfig
 from swarm.errors import ConfigError, SwarmError
 from swarm.records import ModelRecord, parse_models, parse_peer_records
-from swarm.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swarm.plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="peers of the swarm")
-    parser.add_argument("--model", help="model name or DHT prefix (default: the only model the swarm announces)")
-    parser.add_argument("--blocks", type=int, help="blocks the new peer would host (default: a quarter of the model)")
-    parser.add_argument("--throughput", type=float, default=1.0, help="the new peer's tokens/s through one block")
-    parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
-    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm: nodes without it are refused")
-    return parser.parse_args(argv)
 
 
 def announced_models(dht) -> dict[str, ModelRecord]:
@@ -51,7 +38,7 @@ def pick_model(models: dict[str, ModelRecord], wanted: str | None) -> tuple[str,
     raise ConfigError(f"model {wanted!r} is not announced; the swarm serves: {', '.join(sorted(models))}")
 
 
-def report(prefix: str, model: ModelRecord, spans: dict[str, balance.Span], new_blocks: int, new_throughput: float) -> list[str]:
+def report(prefix: str, model: ModelRecord, spans: dict[str, coverage.Span], new_blocks: int, new_throughput: float) -> list[str]:
     throughputs = balance.block_throughputs(spans.values(), model.num_blocks)
     missing = balance.gaps(throughputs)
     health = "healthy: every block is served" if not missing else f"BROKEN: blocks {_ranges(missing)} are not served"
@@ -59,9 +46,7 @@ def report(prefix: str, model: ModelRecord, spans: dict[str, balance.Span], new_
     lines += balance.describe_coverage(throughputs, spans.values())
     lines.append(f"total: {sum(span.throughput * span.length for span in spans.values()):.1f} block-tokens/s")
     new_blocks = min(new_blocks, model.num_blocks)
-    after = [(sorted(throughputs[start : start + new_blocks]), start) for start in range(model.num_blocks - new_blocks + 1)]
-    best = min(key for key, _ in after)
-    starts = [start for key, start in after if key == best]
+    starts = balance.weakest_windows(throughputs, new_blocks)  # the very candidates a joining peer picks from
     choice = f"blocks {starts[0]}:{starts[0] + new_blocks}"
     if len(starts) > 1:
         choice = f"one of blocks {', '.join(f'{start}:{start + new_blocks}' for start in starts)} (equally weak; picked at random)"
@@ -79,22 +64,16 @@ def _ranges(indices: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     setup_logging()
     dht = None
     try:
-        dht = network.start_dht(
-            initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True,
-            loopback_only=NetworkConfig(host_maddrs=args.host_maddrs).is_loopback_only(),
-            swarm_key=SwarmKey.load(args.swarm_key),
-        )
-        prefix, model = pick_model(announced_models(dht), args.model)
+        config = settings.parse(PlanConfig, argv, prog="python -m swarm.plan", description=__doc__.split("\n\n")[0], env_prefix="SWARM_PLAN_")
+        dht = network.start_node(config.network)
+        prefix, model = pick_model(announced_models(dht), config.model)
         raw = network.fetch_block_records(dht, prefix, model.num_blocks)
         records = [parse_peer_records(entry, where=f"{prefix}.{index}") for index, entry in enumerate(raw)]
-        new_blocks = args.blocks or max(1, model.num_blocks // 4)
-        if new_blocks < 1:
-            raise ConfigError("--blocks must be at least 1")
-        print("\n".join(report(prefix, model, balance.swarm_spans(records), new_blocks, args.throughput)))
+        new_blocks = config.blocks or max(1, model.num_blocks // 4)
+        print("\n".join(report(prefix, model, coverage.peer_spans(records), new_blocks, config.throughput)))
         return 0
     except SwarmError as exc:
         return fail(str(exc))

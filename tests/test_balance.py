@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from swarm.balance import Span, block_throughputs, choose_start, gaps, plan_move, swarm_spans
+from swarm.balance import Span, block_throughputs, choose_start, gaps, plan_move
+from swarm.coverage import peer_spans
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
 
@@ -82,7 +83,7 @@ def test_joining_peers_count_where_they_are_going():
     joining = online.model_copy(update={"state": PeerState.JOINING, "start_block": 2, "end_block": 4})
     offline = online.model_copy(update={"state": PeerState.OFFLINE})
     records = [{"x": online, "y": offline}, {"x": online}, {"x": joining}, {"x": joining, "y": online}]
-    result = swarm_spans(records)
+    result = peer_spans(records)
     assert result == {"x": Span("x", 2, 4, 1.0, PeerState.JOINING)}  # y's online record sits outside its range
 
 
@@ -118,3 +119,20 @@ def test_a_move_must_leave_its_old_blocks_stronger_than_its_new_ones():
     )
     assert plan_move(state, 6, "x", threshold=0.1).start is None
     assert plan_move(state, 6, "r0", threshold=0.1).start == 2  # r0 leaves 290 behind: it goes
+
+
+def test_plan_predicts_exactly_the_blocks_a_joining_peer_may_take():
+    """`swarm.plan` and a joining peer (`peers.server.Peer._choose_blocks`) call the same placement function:
+    on a state where the tie-break matters (a gap of four blocks, a peer of two), they agree."""
+    import re
+
+    from swarm.plan import report
+    from swarm.records import ModelRecord
+
+    state = spans(("a", 0, 2, 1.0), ("b", 6, 8, 1.0))  # blocks 2:6 unserved
+    model = ModelRecord(model="m", num_blocks=8, protocol_version=PROTOCOL_VERSION)
+    (line,) = [line for line in report("m", model, state, 2, 1.0) if "a new peer" in line]
+    predicted = {int(start) for start in re.findall(r"(\d+):\d+", line.split("would take")[1])}
+    throughputs = block_throughputs(state.values(), 8)
+    taken = {choose_start(throughputs, 2, random.Random(seed)) for seed in range(200)}  # what Peer._choose_blocks runs
+    assert predicted == taken == {2, 4}  # flush with the gap's edges, never 3:5 (which splits what is left)

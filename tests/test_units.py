@@ -14,7 +14,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from client.routing import PeerSpan, choose_route, choose_spread_route, missing_blocks, online_spans
+from client.routing import PeerSpan, choose_route, choose_spread_route, missing_blocks
+from swarm.coverage import SERVING_STATES, peer_spans
 from peers.cache import CacheBudget
 from peers.validation import Limits, check_block_inputs, check_span
 from swarm import errors
@@ -145,13 +146,13 @@ def test_missing_blocks_are_named():
         choose_route(swarm, 0, 10)
 
 
-def test_online_spans_skip_offline_joining_and_misplaced_records():
+def test_serving_spans_skip_offline_joining_misplaced_and_other_protocol_records():
     a, off, joining, fibber, old = (peer(name) for name in ("a", "off", "j", "fibber", "old"))
     per_block = [
         parse_peer_records({owned(a): record(0, 2), owned(off): record(0, 2, state="offline"), owned(joining): record(0, 2, state="joining")}),
         parse_peer_records({owned(a): record(0, 2), owned(fibber): record(5, 6), owned(old): record(0, 2, protocol_version=PROTOCOL_VERSION + 1)}),
     ]
-    assert set(online_spans(per_block)) == {a.peer_id}
+    assert set(peer_spans(per_block, SERVING_STATES)) == {a.peer_id}
 
 
 def test_route_random_ties_spread_load():
@@ -345,15 +346,15 @@ def test_peer_config_requires_peers_or_new_swarm():
 
 
 def test_peer_config_layers_file_environment_and_flags(tmp_path, monkeypatch):
-    from swarm.peer import config_from_args, parse_args
+    from swarm.peer import parse
 
     config_file = tmp_path / "peer.toml"
     config_file.write_text('blocks = "0:10"\npublic_name = "from-file"\ncache_tokens = 100\n[network]\nnew_swarm = true\n')
     monkeypatch.setenv("SWARM_PEER_PUBLIC_NAME", "from-env")
-    config = config_from_args(parse_args(["--config", str(config_file), "--cache-tokens", "7"]))
+    config = parse(["--config", str(config_file), "--cache-tokens", "7"])
     assert (config.blocks, config.public_name, config.cache_tokens, config.network.new_swarm) == ("0:10", "from-env", 7, True)
     with pytest.raises(errors.ConfigError, match="cache_tokens"):
-        config_from_args(parse_args(["--config", str(config_file), "--cache-tokens", "-1"]))
+        parse(["--config", str(config_file), "--cache-tokens", "-1"])
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):

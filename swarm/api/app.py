@@ -17,7 +17,6 @@ Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import secrets
@@ -36,35 +35,14 @@ from swarm.api.schema import (
     FineTuneRequest, SimpleChatReply, SimpleChatRequest, Usage,
 )
 from swarm.cli import fail, limit_openmp_spinning, serve_http, setup_logging
-from swarm.config import LOOPBACK_MADDRS, ClientConfig
+from swarm import settings
+from swarm.api.config import ApiConfig
 from swarm.errors import ConfigError, SwarmError
 
 if TYPE_CHECKING:
     from swarm.api.engine import Engine
 
 logger = logging.getLogger(__name__)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swarm.api", description=__doc__.splitlines()[0])
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
-    parser.add_argument("--model", default="smollm2-135m", help="model name, Hub id or folder (as the peers serve it)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request but /health")
-    parser.add_argument("--jobs-dir", type=Path, default=Path("swarm-jobs"), help="where fine-tuning jobs keep their records")
-    parser.add_argument("--data-root", type=Path, default=Path("."), help="fine-tuning datasets and outputs must be under this folder")
-    parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
-    parser.add_argument("--swarm-key", type=Path)
-    parser.add_argument("--max-batch", type=int, default=16,
-                        help="requests generated together in one batched session (1: each request alone)")
-    parser.add_argument("--lanes", type=int, default=2,
-                        help="batched sessions in flight at once: while one lane's step runs on a peer, another's can run on the next")
-    parser.add_argument("--max-length", type=int, help="longest prompt + completion, in tokens (default: the model's, at most 8192)")
-    args = parser.parse_args(argv)
-    if args.max_batch < 1 or args.lanes < 1 or (args.max_length is not None and args.max_length < 2):
-        parser.error("--max-batch and --lanes must be at least 1, --max-length at least 2")
-    return args
 
 
 def create_app(engine: "Engine", jobs, api_key: str | None = None):
@@ -284,20 +262,24 @@ def _json_text(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     setup_logging()
+    try:
+        config = settings.parse(ApiConfig, argv, prog="python -m swarm.api", description=__doc__.split("\n\n")[0], env_prefix="SWARM_API_")
+    except SwarmError as exc:
+        return fail(str(exc))
     limit_openmp_spinning()  # before torch is imported: peers may share these cores
     from swarm.api.engine import Engine
     from swarm.api.jobs import JobManager
 
     engine = None
     try:
-        config = ClientConfig(host_maddrs=args.host_maddrs, swarm_key_path=args.swarm_key)
-        engine = Engine(args.model, args.initial_peers, config, max_batch=args.max_batch, lanes=args.lanes, max_length=args.max_length)
-        extra = ["--swarm-key", str(args.swarm_key)] if args.swarm_key else []
-        jobs = JobManager(args.jobs_dir, args.data_root, model=args.model, initial_peers=args.initial_peers, extra_args=extra)
-        serve_http(create_app(engine, jobs, args.api_key), args.host, args.port,
-                   f"swarm: API on http://{args.host}:{args.port}/v1 serving {args.model}")
+        network = config.client.network
+        engine = Engine(config.model, network.initial_peers, config.client, max_batch=config.max_batch, lanes=config.lanes,
+                        max_length=config.max_length)
+        extra = ["--swarm-key", str(network.swarm_key_path)] if network.swarm_key_path else []
+        jobs = JobManager(config.jobs_dir, config.data_root, model=config.model, initial_peers=network.initial_peers, extra_args=extra)
+        serve_http(create_app(engine, jobs, config.api_key), config.host, config.port,
+                   f"swarm: API on http://{config.host}:{config.port}/v1 serving {config.model}")
         return 0
     except SwarmError as exc:
         return fail(str(exc))

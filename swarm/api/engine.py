@@ -24,11 +24,10 @@ from client import AutoDistributedModelForCausalLM
 from client.generator import BatchedGenerator, GenerationRequest, supports
 from client.sampling import SeededSampler, generation_kwargs
 from swarm.api.schema import ChatMessage
-from swarm.config import ClientConfig
+from swarm.config import DEFAULT_MAX_LENGTH, ClientConfig
 from swarm.errors import ConfigError
 
 MAX_CONCURRENT_GENERATIONS = 64  # unbatched requests, each in a thread of its own
-PEER_MAX_LENGTH = 8192  # peers' default --max-length
 
 
 class Engine:
@@ -41,7 +40,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
         self.executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT_GENERATIONS, thread_name_prefix="generate")
         self.max_batch, self.lanes = max_batch, lanes
-        self.max_length = max_length or min(getattr(self.model.config, "max_position_embeddings", PEER_MAX_LENGTH), PEER_MAX_LENGTH)
+        self.max_length = max_length or min(getattr(self.model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
         self.batched = max_batch > 1 and supports(self.model.generation_config)
         self._generators: dict[str | None, list[BatchedGenerator]] = {}  # by adapter: its lanes
         self._lock = threading.Lock()

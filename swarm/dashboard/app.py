@@ -1,6 +1,6 @@
 """`python -m swarm.dashboard`: a live web page and JSON API showing every model, block and peer of a swarm.
 
-Joins the DHT as a client, crawls it every --period seconds in a background thread (`swarm.dashboard.crawl`)
+Joins the DHT as a client (settings: `swarm.dashboard.config`), crawls it every --period seconds in a background thread (`swarm.dashboard.crawl`)
 and serves what it last saw:
 
     GET /                the page (self-contained: no CDN, works offline; refreshes itself)
@@ -11,37 +11,20 @@ and serves what it last saw:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import threading
 import time
 from importlib import resources
-from pathlib import Path
 
-from swarm import loop_thread, network
+from swarm import loop_thread, network, settings
 from swarm.cli import fail, serve_http, setup_logging
-from swarm.config import LOOPBACK_MADDRS, NetworkConfig
+from swarm.dashboard.config import DashboardConfig
 from swarm.dashboard.crawl import SwarmState, crawl, empty_state
 from swarm.errors import SwarmError
 from swarm.swarm_key import SwarmKey, make_proof
 
 logger = logging.getLogger(__name__)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swarm.dashboard", description=__doc__.splitlines()[0])
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="peers of the swarm")
-    parser.add_argument("--host", default="127.0.0.1", help="address the web server listens on")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--period", type=float, default=10.0, help="seconds between crawls of the swarm")
-    parser.add_argument("--ping-timeout", type=float, default=2.0, help="seconds a peer has to answer a latency ping")
-    parser.add_argument("--host-maddrs", nargs="+", default=list(LOOPBACK_MADDRS), metavar="MULTIADDR")
-    parser.add_argument("--swarm-key", type=Path, help="file with the shared secret of a private swarm")
-    args = parser.parse_args(argv)
-    if args.period <= 0 or args.ping_timeout <= 0:
-        parser.error("--period and --ping-timeout must be positive")
-    return args
 
 
 class Crawler:
@@ -152,17 +135,16 @@ def create_app(crawler: Crawler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     setup_logging()
     dht = crawler = None
     try:
-        swarm_key = SwarmKey.load(args.swarm_key)
-        dht = network.start_dht(
-            initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True,
-            loopback_only=NetworkConfig(host_maddrs=args.host_maddrs).is_loopback_only(), swarm_key=swarm_key,
+        config = settings.parse(
+            DashboardConfig, argv, prog="python -m swarm.dashboard", description=__doc__.split("\n\n")[0], env_prefix="SWARM_DASHBOARD_"
         )
-        crawler = Crawler(dht, args.period, args.ping_timeout, swarm_key).start()
-        serve_http(create_app(crawler), args.host, args.port, f"swarm: dashboard on http://{args.host}:{args.port}/")
+        swarm_key = SwarmKey.load(config.network.swarm_key_path)
+        dht = network.start_node(config.network, swarm_key=swarm_key)
+        crawler = Crawler(dht, config.period_s, config.ping_timeout_s, swarm_key).start()
+        serve_http(create_app(crawler), config.host, config.port, f"swarm: dashboard on http://{config.host}:{config.port}/")
         return 0
     except SwarmError as exc:
         return fail(str(exc))

@@ -13,7 +13,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from swarm import network
+from swarm import coverage, network
 from swarm.records import ModelRecord, PeerRecord, PeerState, parse_models, parse_peer_records
 
 logger = logging.getLogger(__name__)
@@ -96,24 +96,22 @@ def crawl(dht, measure) -> SwarmState:
 
 
 def _model_view(prefix: str, model: ModelRecord, records: list[dict[str, PeerRecord]], latencies) -> ModelView:
-    peers: dict[str, PeerRecord] = {}
-    for index, block in enumerate(records):
-        for peer_id, record in block.items():
-            if record.start_block <= index < record.end_block:  # a record counts only under its own blocks
-                peers.setdefault(peer_id, record)
+    peers = coverage.peer_spans(records, coverage.ALL_STATES)  # a moving peer shows where it is going
+    serving = coverage.peer_spans(records, coverage.SERVING_STATES)  # blocks count who can take a request now
     blocks = []
     for index in range(model.num_blocks):
-        online = [record for record in peers.values() if record.state == PeerState.ONLINE and record.start_block <= index < record.end_block]
-        blocks.append(BlockView(index=index, peers=len(online), throughput=sum(record.throughput for record in online)))
+        online = [span for span in serving.values() if span.start <= index < span.end]
+        blocks.append(BlockView(index=index, peers=len(online), throughput=sum(span.throughput for span in online)))
     missing = [block.index for block in blocks if block.peers == 0]
     peer_views = [
         PeerView(
-            peer_id=peer_id, short_id=peer_id[-8:], public_name=record.public_name, start_block=record.start_block,
-            end_block=min(record.end_block, model.num_blocks), state=record.state, throughput=record.throughput,
-            cache_tokens_left=record.cache_tokens_left, dtype=record.dtype, adapters=list(record.adapters),
-            version=record.version, latency_ms=_ms(latencies.get((peer_id, prefix))),
+            peer_id=span.peer_id, short_id=span.peer_id[-8:], public_name=span.public_name, start_block=span.start,
+            end_block=span.end, state=span.state, throughput=span.throughput, cache_tokens_left=span.record.cache_tokens_left,
+            dtype=span.record.dtype, adapters=list(span.adapters), version=span.record.version,
+            latency_ms=_ms(latencies.get((span.peer_id, prefix))),
         )
-        for peer_id, record in sorted(peers.items(), key=lambda item: (item[1].start_block, item[0]))
+        for span in sorted(peers.values(), key=lambda span: (span.start, span.peer_id))
+        if span.record is not None
     ]
     return ModelView(
         dht_prefix=prefix, model=model.model, num_blocks=model.num_blocks, healthy=not missing, missing_blocks=missing,
