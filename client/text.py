@@ -1,6 +1,7 @@
 """`SwarmClient`: text in, text out, through the swarm (tokenizer and sampling settings included).
 
-A thin layer over `AutoDistributedModelForCausalLM`; it adds nothing to routing or sessions.
+A thin layer over `AutoDistributedModelForCausalLM`; it adds nothing to routing or sessions. Sampling is
+`client.sampling`'s: each request draws from its own seeded generator, never torch's global one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from client.model import AutoDistributedModelForCausalLM
+from client.sampling import generation_kwargs
 from swarm import models
 from swarm.config import ClientConfig
 
@@ -41,7 +43,7 @@ class SwarmClient:
     ) -> str:
         """The completion of `prompt` (without the prompt). temperature 0 means greedy."""
         input_ids = self._encode(prompt)
-        output = self.model.generate(input_ids, **self._sampling(max_new_tokens, temperature, top_p, seed))
+        output = self.model.generate(input_ids, **generation_kwargs(max_new_tokens, temperature, top_p, seed))
         return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
     def stream(
@@ -56,7 +58,7 @@ class SwarmClient:
         """Yield pieces of the completion as they are generated."""
         input_ids = self._encode(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._sampling(max_new_tokens, temperature, top_p, seed)
+        kwargs = generation_kwargs(max_new_tokens, temperature, top_p, seed)
         failure: list[BaseException] = []
         abandoned = threading.Event()  # set when the caller stops iterating: generation stops too
         stop = StoppingCriteriaList([_StopWhenSet(abandoned)])
@@ -93,17 +95,6 @@ class SwarmClient:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty string")
         return self.tokenizer(prompt, return_tensors="pt").input_ids
-
-    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
-        if seed is not None:
-            torch.manual_seed(seed)
-        if temperature == 0:
-            return dict(max_new_tokens=max_new_tokens, do_sample=False)
-        return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
 
 
 class _StopWhenSet(StoppingCriteria):

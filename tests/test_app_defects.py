@@ -30,3 +30,30 @@ def test_a_started_job_closes_its_log_file_in_the_api_process(tmp_path):
     finally:
         manager.cancel(job.id)
     assert not group_alive(job.pid)
+
+
+def test_swarm_client_samples_with_its_own_generator_and_leaves_torchs_global_one_alone():
+    import torch
+
+    from client.sampling import SeededSampler
+    from client.text import SwarmClient
+
+    class FakeModel:
+        def generate(self, input_ids, **kwargs):
+            self.kwargs = kwargs
+            return torch.cat([input_ids, torch.tensor([[7]])], dim=1)
+
+    class FakeTokenizer:
+        def __call__(self, prompt, return_tensors):
+            return type("Encoded", (), {"input_ids": torch.tensor([[1, 2]])})()
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(str(int(token)) for token in ids)
+
+    client = object.__new__(SwarmClient)
+    client.model, client.tokenizer = FakeModel(), FakeTokenizer()
+    before = torch.random.get_rng_state()
+    assert client.generate("hi", max_new_tokens=1, temperature=0.7, seed=3) == "7"
+    assert torch.equal(torch.random.get_rng_state(), before), "seeding a request reseeded torch's global generator"
+    (sampler,) = client.model.kwargs["logits_processor"]
+    assert isinstance(sampler, SeededSampler) and client.model.kwargs["do_sample"] is False
