@@ -212,26 +212,29 @@ class RemoteSequence:
         retries = Retries(self.config)
         while True:
             hop = (await self.route(start, end, spread=spread, whole=True))[0]
+            if hop.end < end:  # the drawn peer does not serve the whole span: split it where its span ends
+                # (outside the try: each part routes, bans and retries its own peers, and a part that
+                # fails for good is no fault of the peer drawn here)
+                middle, _ = await self._retrying_hop(start, inputs, end=hop.end, spread=spread)
+                later = dataclasses.replace(inputs, hidden_states=middle)
+                grad = await self._backward_span(hop.end, end, later, grad, grads, spread)
+                return await self._backward_span(start, hop.end, inputs, grad, grads, spread)
             try:
-                if hop.end < end:  # the drawn peer does not serve the whole span: split it where its span ends
-                    middle, _ = await self._retrying_hop(start, inputs, end=hop.end, spread=spread)
-                    later = dataclasses.replace(inputs, hidden_states=middle)
-                    grad = await self._backward_span(hop.end, end, later, grad, grads, spread)
-                    return await self._backward_span(start, hop.end, inputs, grad, grads, spread)
                 grad_inputs, grad_prompts, grad_lora = await call_backward(
                     self.p2p, hop.peer_id, self.dht_prefix, start, end, _for_span(inputs, start, end), grad,
                     self.config.step_timeout_s, self.proof(hop.peer_id),
                 )
-                if grad_prompts is not None:
-                    grads["prompts"][start:end] = grad_prompts
-                for name, value in grad_lora.items():  # a peer's gradients for its blocks, in the model's buffer
-                    grads[name][start:end] = value
-                return grad_inputs
             except errors.RemoteError as exc:
                 if not retries.allow(exc):
                     raise
                 logger.warning("backward on %s failed (%s), retry %d", hop.peer_id[-8:], exc, retries.failures)
                 self.ban(hop.peer_id)
+                continue
+            if grad_prompts is not None:
+                grads["prompts"][start:end] = grad_prompts
+            for name, value in grad_lora.items():  # a peer's gradients for its blocks, in the model's buffer
+                grads[name][start:end] = value
+            return grad_inputs
 
     async def _retrying_hop(
         self, position: int, inputs: BlockInputs, end: int | None = None, adapter: str | None = None, spread: bool = False

@@ -20,12 +20,14 @@ from pathlib import Path
 import multihash
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf.message import DecodeError
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.errors import ConfigError
+from swarm.secret_files import read_secret, write_new_secret
 
 _OWNED_SUBKEY = re.compile(rb"(.{1,256}?)\[owner:(.{1,2048}?)\]", re.DOTALL)
 
@@ -41,7 +43,8 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path | None) -> "Identity":
-        """The identity in `path` (created there if missing), or a fresh one in a temporary file."""
+        """The identity in `path` (created there if missing, readable by its owner only), or a fresh
+        one in a temporary file. ConfigError if group or others may access the file."""
         if path is None:
             directory = Path(tempfile.mkdtemp(prefix="swarm-identity-"))
             identity = cls.load(directory / "identity.key")
@@ -50,21 +53,18 @@ class Identity:
         path = Path(path)
         if not path.exists():
             key = RSAPrivateKey()
-            try:
-                path.write_bytes(
-                    crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString()
-                )
-                path.chmod(0o400)
-            except OSError as exc:
-                raise ConfigError(f"cannot write the identity file {path}: {exc}") from exc
-            return cls(key, path, created=True)
+            protobuf = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes())
+            if write_new_secret(path, protobuf.SerializeToString(), "--identity"):
+                return cls(key, path, created=True)
+            # another process created `path` meanwhile: use its key, as if it had been there before
+        content = read_secret(path, "--identity")
         try:
-            protobuf = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+            protobuf = crypto_pb2.PrivateKey.FromString(content)
             if protobuf.key_type != crypto_pb2.KeyType.RSA:
                 raise ValueError("not an RSA key")
             key = RSAPrivateKey.__new__(RSAPrivateKey)
             key.__setstate__({"_private_key": protobuf.data})  # rebuilds the key from its DER bytes (no unpickling)
-        except (OSError, ValueError, TypeError) as exc:
+        except (DecodeError, ValueError, TypeError) as exc:
             raise ConfigError(f"--identity {path}: not a readable hivemind identity file ({exc})") from exc
         return cls(key, path)
 

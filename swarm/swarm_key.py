@@ -21,6 +21,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 
 from swarm.errors import AccessDeniedError, ConfigError
+from swarm.secret_files import read_secret
 
 MIN_SECRET_BYTES = 16
 _MAC_MARKER = b"[swarm-mac:"
@@ -33,17 +34,15 @@ class SwarmKey:
 
     @classmethod
     def load(cls, path: Path | str | None) -> "SwarmKey | None":
-        """The key in `path`, or None (a public swarm) when no path is given."""
+        """The key in `path`, or None (a public swarm) when no path is given. ConfigError if group or
+        others may access the file: whoever can read it can join the swarm."""
         if path is None:
             return None
-        try:
-            content = Path(path).read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"--swarm-key {path}: cannot read it ({exc})") from exc
+        content = read_secret(Path(path), "--swarm-key").strip()
         if len(content) < MIN_SECRET_BYTES:
             raise ConfigError(
                 f"--swarm-key {path}: a key needs at least {MIN_SECRET_BYTES} bytes of secret; "
-                "make one with: python -c 'import secrets; print(secrets.token_hex(32))' > swarm.key"
+                "make one with: (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' > swarm.key)"
             )
         return cls(hashlib.sha256(b"swarm-key\0" + content).digest())
 

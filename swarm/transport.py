@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from types import CodeType
 from typing import AsyncIterator, Iterator, Mapping, Sequence, TypeVar
 
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError, read_unsigned_varint
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -161,6 +164,13 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {first.get('msg', '')}"[:300]
 
 
+# The only ValueErrors and TypeErrors raised while talking to a peer that come from the peer's side:
+# hivemind's readers of a stream finding bytes that are not a message (a length prefix that overflows,
+# a marker that is neither message nor error). Any other ValueError (pydantic's ValidationError is one)
+# or TypeError is a bug of ours: it is raised as it is, and neither bans the peer nor is retried.
+_STREAM_READERS = frozenset({read_unsigned_varint.__code__, P2P.receive_protobuf.__code__})
+
+
 @contextlib.asynccontextmanager
 async def translated_errors(peer: str) -> AsyncIterator[None]:
     """Turn library and network exceptions raised while talking to `peer` into swarm errors."""
@@ -174,8 +184,20 @@ async def translated_errors(peer: str) -> AsyncIterator[None]:
         raise errors.PeerTimeoutError(f"peer {peer} did not answer in time") from exc
     except P2PHandlerError as exc:
         raise errors.RemoteError(f"peer {peer} failed: {str(exc)[:300]}") from exc
-    except (P2PDaemonError, ConnectionError, EOFError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (P2PDaemonError, ConnectionError, EOFError, OSError, asyncio.IncompleteReadError) as exc:
         raise errors.PeerUnavailableError(f"peer {peer} is unreachable: {type(exc).__name__}: {exc}"[:400]) from exc
+    except (DecodeError, ValueError, TypeError) as exc:
+        if not isinstance(exc, DecodeError) and _raised_in(exc) not in _STREAM_READERS:
+            raise
+        raise errors.PeerMisbehavedError(f"peer {peer} sent a malformed message: {type(exc).__name__}: {exc}"[:400]) from exc
+
+
+def _raised_in(exc: BaseException) -> CodeType | None:
+    """The code of the function that raised `exc` (the innermost frame of its traceback)."""
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return None if traceback is None else traceback.tb_frame.f_code
 
 
 def raise_if_error(header: BaseModel) -> None:

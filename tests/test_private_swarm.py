@@ -28,6 +28,8 @@ def keys(tmp_path_factory):
     folder = tmp_path_factory.mktemp("keys")
     (folder / "ours.key").write_text("a9" * 32 + "\n")
     (folder / "theirs.key").write_text("5c" * 32 + "\n")
+    for key in folder.iterdir():
+        key.chmod(0o600)  # a secret others can read is refused
     return folder / "ours.key", folder / "theirs.key"
 
 
@@ -101,11 +103,15 @@ def test_plan_needs_the_key(private_swarm, tiny_model_path, keys):
 def test_swarm_key_file_is_checked(tmp_path):
     short = tmp_path / "short.key"
     short.write_text("tiny")
+    short.chmod(0o600)
     with pytest.raises(errors.ConfigError, match="at least 16 bytes"):
         SwarmKey.load(short)
     with pytest.raises(errors.ConfigError, match="cannot read"):
         SwarmKey.load(tmp_path / "missing.key")
-    key = SwarmKey.load(tmp_path.joinpath("ok.key") if tmp_path.joinpath("ok.key").write_text("x" * 40) else None)
+    ok = tmp_path / "ok.key"
+    ok.write_text("x" * 40)
+    ok.chmod(0o600)
+    key = SwarmKey.load(ok)
     assert key.proof("a", "b") != key.proof("b", "a") and len(key.proof("a", "b")) == 64
     with pytest.raises(errors.AccessDeniedError):
         key.check(key.proof("a", "b"), "a", "c")
