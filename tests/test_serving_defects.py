@@ -1,0 +1,79 @@
+"""The peer's serving path without sockets: rollback all or nothing, decode batching across sessions
+on one adapter, the batcher stopped with the peer, and the handoff grace of each stack left."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from peers import handler
+from peers.batching import DecodeJob, StepBatcher
+from peers.cache import CacheBudget
+from peers.compute import checked_inputs, decode_batch
+from peers.handler import BlockServicer
+from peers.validation import Limits
+from swarm import errors
+from swarm.blocks import BlockInputs, BlockStack
+from swarm.lora import LoraWeights, projection_shapes
+from swarm.messages import PeerInfo
+
+pytestmark = pytest.mark.timeout(120)
+
+HIDDEN = 64
+WINDOW = 8
+COMMON = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+LAYER_TYPES = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def whole_stack(model) -> BlockStack:
+    return BlockStack(model.config, list(model.model.layers), 0, model.model.rotary_emb)
+
+
+def mixed_stack() -> BlockStack:
+    """Four blocks, full and sliding-window attention in turn (window of WINDOW tokens)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, layer_types=LAYER_TYPES)
+    stack = whole_stack(Qwen2ForCausalLM(config).eval())
+    assert stack.attention_types == LAYER_TYPES
+    return stack
+
+
+def filled_cache(stack: BlockStack, hidden_states: torch.Tensor, lora=None):
+    cache = stack.new_cache()
+    stack(BlockInputs(hidden_states, lora=lora), cache)
+    return cache
+
+
+def test_a_rollback_past_a_sliding_window_is_refused_and_leaves_the_cache_as_it_was():
+    stack = mixed_stack()
+    prefix = torch.randn(1, 12, HIDDEN)  # [batch, seq, hidden]: more than the window
+    cache, untouched = filled_cache(stack, prefix), filled_cache(stack, prefix)
+    lengths = [cache.get_seq_length(index) for index in range(4)]
+    keys = [layer.keys.clone() for layer in cache.layers]
+    step = {"hidden_states": torch.randn(1, 1, HIDDEN)}
+    with pytest.raises(errors.SwarmError) as refusal:  # a client regenerating from token 10
+        checked_inputs(stack, step, Limits(HIDDEN, 1, 64), cache, (0, 4), 10, None)
+    assert [cache.get_seq_length(index) for index in range(4)] == lengths == [12, 12, 12, 12]
+    assert all(torch.equal(layer.keys, before) for layer, before in zip(cache.layers, keys))
+    # the session goes on where it was, as on a cache nobody tried to roll back
+    inputs = BlockInputs(step["hidden_states"])
+    assert torch.equal(stack(inputs, cache), stack(inputs, untouched))
+    assert isinstance(refusal.value, errors.CacheRollbackError)
+    assert "sliding window" in str(refusal.value) and not refusal.value.transient
+
+
+def test_a_rollback_within_the_window_goes_back_in_every_layer():
+    stack = mixed_stack()
+    prefix = torch.randn(1, 6, HIDDEN)  # [batch, seq, hidden]: less than the window
+    cache, shorter = filled_cache(stack, prefix), filled_cache(stack, prefix[:, :4])
+    stack.rollback(cache, (0, 4), 4)
+    assert [cache.get_seq_length(index) for index in range(4)] == [4, 4, 4, 4]
+    inputs = BlockInputs(torch.randn(1, 2, HIDDEN))
+    assert torch.allclose(stack(inputs, cache), stack(inputs, shorter), atol=1e-6)
+
