@@ -117,6 +117,13 @@ class BlockServicer(BlockService):
         self._switched_at = time.monotonic()
         self.handoff_grace_s = handoff_grace_s
 
+    async def close(self) -> None:
+        """Refuse new steps and stop the batcher's worker task (steps still waiting in it fail)."""
+        self.closing = True
+        if self.batcher is not None:
+            self.batcher.close()
+            await self.batcher.wait_closed()
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no step is queued or running (True), or `timeout_s` passed (False)."""
         deadline = time.monotonic() + timeout_s

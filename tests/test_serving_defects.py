@@ -77,3 +77,57 @@ def test_a_rollback_within_the_window_goes_back_in_every_layer():
     inputs = BlockInputs(torch.randn(1, 2, HIDDEN))
     assert torch.allclose(stack(inputs, cache), stack(inputs, shorter), atol=1e-6)
 
+
+# ---- servicers without a network ------------------------------------------------------------------
+def llama_stack() -> BlockStack:
+    torch.manual_seed(0)
+    return whole_stack(LlamaForCausalLM(LlamaConfig(**COMMON)).eval())
+
+
+def servicer(stack: BlockStack, executor, adapters=None, batch_steps: int = 8) -> BlockServicer:
+    info = PeerInfo(protocol_version=1, model="tiny", dht_prefix="tiny", start_block=stack.start_block,
+                    end_block=stack.end_block, dtype="float32", version="test", max_batch_size=4, max_length=64)
+    cache = CacheBudget(total_bytes=2**20, bytes_per_token=1, max_sessions=8)
+    return BlockServicer(stack, info, cache=cache, session_idle_timeout_s=5.0, cache_wait_s=1.0, executor=executor,
+                         adapters=adapters, batch_steps=batch_steps)
+
+
+def test_closing_the_servicer_stops_its_batcher():
+    stack = llama_stack()
+
+    async def run():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            peer = servicer(stack, executor)
+            cache = filled_cache(stack, torch.randn(1, 3, HIDDEN))
+            job = DecodeJob(stack, (0, 4), None, [({"hidden_states": torch.randn(1, 1, HIDDEN)}, Limits(HIDDEN, 1, 64), cache, 3)],
+                            lambda inputs, outputs: outputs[0])
+            await peer.run_decode(job)
+            worker = peer.batcher._worker
+            assert worker is not None and not worker.done()
+            await peer.close()
+            assert worker.done() and worker.cancelled()
+            assert peer.closing
+            with pytest.raises(errors.PeerUnavailableError):
+                await peer.run_decode(job)
+            assert peer.batcher._worker is worker  # no new worker after closing
+
+    asyncio.run(run())
+
+
+def test_steps_waiting_in_a_closed_batcher_fail_instead_of_hanging():
+    async def run():
+        never = asyncio.Event()
+
+        async def run_compute(job):
+            await never.wait()
+
+        batcher = StepBatcher(run_compute, lambda items: items, max_steps=1)
+        steps = [asyncio.create_task(batcher.submit(name)) for name in ("running", "waiting")]
+        await asyncio.sleep(0.01)  # the first turn is running, the second step waits
+        batcher.close()
+        await batcher.wait_closed()
+        async with asyncio.timeout(5):
+            return await asyncio.gather(*steps, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert [type(result) for result in results] == [errors.PeerUnavailableError] * 2
