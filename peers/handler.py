@@ -93,6 +93,9 @@ class BlockServicer(BlockService):
         self.peer_id = str(p2p.peer_id) if p2p is not None else None
         self.swarm_key = swarm_key  # a private swarm: every call must prove it holds the key
         self.adapters = adapters or {}  # name -> LoRA weights of every block of the model
+        # (name, span) -> those of the span: one object that every session on them shares, so their decode
+        # steps can share a forward (`decode_batch` groups by the adapter's identity)
+        self._adapter_spans: dict[tuple[str, tuple[int, int]], LoraWeights] = {}
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length,
             lora_shapes=projection_shapes(stack.config),
@@ -137,7 +140,10 @@ class BlockServicer(BlockService):
             return None
         if name not in self.adapters:
             raise errors.BlocksNotServedError(f"adapter {name!r} is not served here (this peer serves {sorted(self.adapters)})")
-        return self.adapters[name].for_blocks(*span)
+        key = (name, span)
+        if key not in self._adapter_spans:
+            self._adapter_spans[key] = self.adapters[name].for_blocks(*span)
+        return self._adapter_spans[key]
 
     def check_serving(self, stack: BlockStack) -> None:
         if self.closing:

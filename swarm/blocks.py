@@ -109,7 +109,7 @@ class BlockStack(torch.nn.Module):
         one batched forward; returns each session's outputs and appends to each cache what its own
         step would have. The caches are left-padded to the longest into a temporary batch cache (the
         padding masked out, each row at its own position), and each session's new keys and values
-        are copied back from it."""
+        are copied back from it. Every step has the same LoRA weights (callers group steps by adapter)."""
         start, end = span
         if len(steps) == 1 or not self.can_batch(span):
             return [self._run(inputs, cache, span) for inputs, cache in steps]
@@ -135,7 +135,7 @@ class BlockStack(torch.nn.Module):
             positions.append(position.expand(count, 1))
         hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps])
         with kernels.batched_rows():
-            inputs = BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks))
+            inputs = BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks), lora=steps[0][0].lora)
             outputs = self._run(inputs, batch_cache, span)
         results, first = [], 0
         for (_, cache), count in zip(steps, rows):

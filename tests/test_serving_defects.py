@@ -131,3 +131,54 @@ def test_steps_waiting_in_a_closed_batcher_fail_instead_of_hanging():
 
     results = asyncio.run(run())
     assert [type(result) for result in results] == [errors.PeerUnavailableError] * 2
+
+
+def random_adapter(stack: BlockStack, rank: int = 4) -> LoraWeights:
+    shapes = projection_shapes(stack.config)
+    a = {name: torch.randn(4, rank, shapes[name][0]) * 0.1 for name in ("q_proj", "v_proj", "down_proj")}
+    b = {name: torch.randn(4, shapes[name][1], rank) * 0.1 for name in a}
+    return LoraWeights(scaling=2.0, a=a, b=b)
+
+
+def test_decode_steps_of_two_sessions_on_one_adapter_share_a_forward(monkeypatch):
+    stack = llama_stack()
+    span, limits = (0, 4), Limits(HIDDEN, 1, 64)
+    prefixes = [torch.randn(1, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]  # [batch, seq, hidden] each
+    steps = [torch.randn(1, 1, HIDDEN) for _ in prefixes]
+    forwards = []
+    step_batch = stack.step_batch
+    monkeypatch.setattr(stack, "step_batch", lambda rows, span: forwards.append(len(rows)) or step_batch(rows, span))
+
+    async def run():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            peer = servicer(stack, executor, adapters={"tuned": random_adapter(stack)})
+            adapters = [peer.adapter_weights("tuned", span) for _ in prefixes]  # each session asks for its own
+            caches = [filled_cache(stack, prefix, adapter) for prefix, adapter in zip(prefixes, adapters)]
+            jobs = [
+                DecodeJob(stack, span, adapter, [({"hidden_states": step}, limits, cache, cache.get_seq_length(0))],
+                          lambda inputs, outputs: outputs[0])
+                for adapter, cache, step in zip(adapters, caches, steps)
+            ]
+            outputs = await asyncio.gather(*(peer.run_decode(job) for job in jobs))
+            await peer.close()
+            return outputs, adapters[0]
+
+    outputs, adapter = asyncio.run(run())
+    assert forwards == [2]
+    for prefix, step, output in zip(prefixes, steps, outputs):
+        alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
+        assert torch.allclose(output, alone, atol=1e-5)
+
+
+def test_a_batched_decode_of_one_session_on_an_adapter_applies_it_to_every_row():
+    """A batched session's rows (`peers.slots`) on an adapter: one forward, LoRA included."""
+    stack = llama_stack()
+    span, limits = (0, 4), Limits(HIDDEN, 1, 64)
+    adapter = random_adapter(stack)
+    prefixes = [torch.randn(1, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]
+    steps = [torch.randn(1, 1, HIDDEN) for _ in prefixes]
+    rows = [({"hidden_states": step}, limits, filled_cache(stack, prefix, adapter), prefix.shape[1]) for prefix, step in zip(prefixes, steps)]
+    (outputs,) = decode_batch([DecodeJob(stack, span, adapter, rows, lambda inputs, outputs: outputs)])
+    for prefix, step, output in zip(prefixes, steps, outputs):
+        alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
+        assert torch.allclose(output, alone, atol=1e-5)
