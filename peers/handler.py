@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import time
+import weakref
 from typing import AsyncIterator
 
 import torch
@@ -107,18 +108,22 @@ class BlockServicer(BlockService):
         # decode steps of sessions waiting at the same time run as one batch (see peers.batching)
         self.batcher = StepBatcher(self._run_compute, decode_batch, batch_steps) if batch_steps > 1 else None
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
-        self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
-        self.handoff_grace_s = 0.0
+        # stacks left by moves -> until when (time.monotonic) their sessions may go on
+        self._retired: weakref.WeakKeyDictionary[BlockStack, float] = weakref.WeakKeyDictionary()
         self.closing = False  # shutting down: running steps finish, new ones are refused
         self._running = 0  # compute jobs queued or running
 
     # ---- moving and leaving -----------------------------------------------------------------
     def switch(self, stack: BlockStack, info: PeerInfo, handoff_grace_s: float) -> None:
         """Serve `stack` from now on. Sessions opened on the old one may go on for `handoff_grace_s`,
-        then their steps are refused with a transient error, so their clients re-route."""
+        then their steps are refused with a transient error, so their clients re-route. Each stack left
+        keeps its own deadline: a later move does not extend the grace of sessions on older blocks."""
+        now = time.monotonic()
+        for old, until in list(self._retired.items()):
+            if until < now:
+                del self._retired[old]
+        self._retired[self.stack] = now + handoff_grace_s
         self.stack, self.info = stack, info
-        self._switched_at = time.monotonic()
-        self.handoff_grace_s = handoff_grace_s
 
     async def close(self) -> None:
         """Refuse new steps and stop the batcher's worker task (steps still waiting in it fail)."""
@@ -148,7 +153,7 @@ class BlockServicer(BlockService):
     def check_serving(self, stack: BlockStack) -> None:
         if self.closing:
             raise errors.PeerUnavailableError("this peer is shutting down")
-        if stack is not self.stack and time.monotonic() > self._switched_at + self.handoff_grace_s:
+        if stack is not self.stack and time.monotonic() > self._retired.get(stack, float("-inf")):
             raise errors.BlocksNotServedError(
                 f"this peer moved to blocks {self.stack.start_block}:{self.stack.end_block}"
             )

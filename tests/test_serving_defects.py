@@ -182,3 +182,29 @@ def test_a_batched_decode_of_one_session_on_an_adapter_applies_it_to_every_row()
     for prefix, step, output in zip(prefixes, steps, outputs):
         alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
         assert torch.allclose(output, alone, atol=1e-5)
+
+
+def test_each_stack_left_keeps_its_own_handoff_grace(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(handler, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    model = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    layers = list(model.model.layers)
+    first, second, third = (BlockStack(model.config, layers[a:b], a, model.model.rotary_emb) for a, b in [(0, 2), (1, 3), (2, 4)])
+    peer = servicer(first, executor=None, batch_steps=1)
+    grace_s = 10.0
+    peer.switch(second, peer.info, grace_s)  # left `first` at 100
+    now[0] = 105.0
+    peer.switch(third, peer.info, grace_s)  # left `second` at 105
+    now[0] = 109.0
+    peer.check_serving(first)
+    peer.check_serving(second)
+    now[0] = 111.0  # past the grace of `first`, within that of `second`
+    with pytest.raises(errors.BlocksNotServedError):
+        peer.check_serving(first)
+    peer.check_serving(second)
+    peer.check_serving(third)
+    now[0] = 116.0
+    with pytest.raises(errors.BlocksNotServedError):
+        peer.check_serving(second)
+    peer.check_serving(third)
+
