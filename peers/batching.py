@@ -16,6 +16,8 @@ import dataclasses
 import logging
 from typing import Any, Awaitable, Callable
 
+from swarm import errors
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,9 +42,12 @@ class StepBatcher:
         self._pending: list[tuple[Any, int, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._closed = False
         self.steps = self.batched_steps = 0  # rows run, and those run together with others (see rpc_info)
 
     async def submit(self, item, rows: int = 1) -> Any:
+        if self._closed:
+            raise errors.PeerUnavailableError("this peer is shutting down")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, rows, future))
         self._wakeup.set()
@@ -63,6 +68,9 @@ class StepBatcher:
                 self.batched_steps += rows if rows > 1 else 0
                 try:
                     results = await self.run_compute(lambda items=[item for item, _, _ in batch]: self.run_batch(items))
+                except asyncio.CancelledError:  # closed mid-turn: nobody will answer this turn's steps
+                    _fail(batch)
+                    raise
                 except Exception as exc:  # the whole turn failed: every step in it gets the error
                     results = [exc] * len(batch)
                 for (_, _, future), result in zip(batch, results):
@@ -83,5 +91,21 @@ class StepBatcher:
         return [entry for entry in batch if not entry[2].cancelled()]
 
     def close(self) -> None:
+        """Stop the worker task; steps waiting for a turn (or in the turn it was running) fail, later
+        ones are refused."""
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
+        pending, self._pending = self._pending, []
+        _fail(pending)
+
+    async def wait_closed(self) -> None:
+        """Wait until the worker task, cancelled by `close`, has ended."""
+        if self._worker is not None:
+            await asyncio.wait([self._worker])
+
+
+def _fail(entries: list[tuple[Any, int, asyncio.Future]]) -> None:
+    for _, _, future in entries:
+        if not future.done():
+            future.set_exception(errors.PeerUnavailableError("this peer is shutting down"))

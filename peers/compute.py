@@ -25,13 +25,10 @@ PACKED_SCORES_LIMIT = 2**20  # attention scores per head of one packed forward (
 
 def checked_inputs(stack: BlockStack, tensors, limits: Limits, cache, span, position: int, adapter) -> BlockInputs:
     """The validated inputs of a step at `position`, the cache rolled back to it (a client may
-    regenerate from an earlier token)."""
+    regenerate from an earlier token); CacheRollbackError where the cache cannot go back there."""
     inputs = dataclasses.replace(check_block_inputs(tensors, limits, past_length=position), lora=adapter)
     if cache is not None:
-        try:
-            stack.rollback(cache, span, position)
-        except ValueError as exc:
-            raise errors.InvalidRequestError(str(exc)) from exc
+        stack.rollback(cache, span, position)  # all layers or none: refused, the cache is unchanged
     return inputs
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import time
+import weakref
 from typing import AsyncIterator
 
 import torch
@@ -93,6 +94,9 @@ class BlockServicer(BlockService):
         self.peer_id = str(p2p.peer_id) if p2p is not None else None
         self.swarm_key = swarm_key  # a private swarm: every call must prove it holds the key
         self.adapters = adapters or {}  # name -> LoRA weights of every block of the model
+        # (name, span) -> those of the span: one object that every session on them shares, so their decode
+        # steps can share a forward (`decode_batch` groups by the adapter's identity)
+        self._adapter_spans: dict[tuple[str, tuple[int, int]], LoraWeights] = {}
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length,
             lora_shapes=projection_shapes(stack.config),
@@ -104,18 +108,29 @@ class BlockServicer(BlockService):
         # decode steps of sessions waiting at the same time run as one batch (see peers.batching)
         self.batcher = StepBatcher(self._run_compute, decode_batch, batch_steps) if batch_steps > 1 else None
         self._inboxes: dict[tuple[str, int], _Inbox] = {}  # (session id, first block) -> inbox
-        self._switched_at = 0.0  # when the stack last changed (a move); older sessions may finish within a grace
-        self.handoff_grace_s = 0.0
+        # stacks left by moves -> until when (time.monotonic) their sessions may go on
+        self._retired: weakref.WeakKeyDictionary[BlockStack, float] = weakref.WeakKeyDictionary()
         self.closing = False  # shutting down: running steps finish, new ones are refused
         self._running = 0  # compute jobs queued or running
 
     # ---- moving and leaving -----------------------------------------------------------------
     def switch(self, stack: BlockStack, info: PeerInfo, handoff_grace_s: float) -> None:
         """Serve `stack` from now on. Sessions opened on the old one may go on for `handoff_grace_s`,
-        then their steps are refused with a transient error, so their clients re-route."""
+        then their steps are refused with a transient error, so their clients re-route. Each stack left
+        keeps its own deadline: a later move does not extend the grace of sessions on older blocks."""
+        now = time.monotonic()
+        for old, until in list(self._retired.items()):
+            if until < now:
+                del self._retired[old]
+        self._retired[self.stack] = now + handoff_grace_s
         self.stack, self.info = stack, info
-        self._switched_at = time.monotonic()
-        self.handoff_grace_s = handoff_grace_s
+
+    async def close(self) -> None:
+        """Refuse new steps and stop the batcher's worker task (steps still waiting in it fail)."""
+        self.closing = True
+        if self.batcher is not None:
+            self.batcher.close()
+            await self.batcher.wait_closed()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no step is queued or running (True), or `timeout_s` passed (False)."""
@@ -130,12 +145,15 @@ class BlockServicer(BlockService):
             return None
         if name not in self.adapters:
             raise errors.BlocksNotServedError(f"adapter {name!r} is not served here (this peer serves {sorted(self.adapters)})")
-        return self.adapters[name].for_blocks(*span)
+        key = (name, span)
+        if key not in self._adapter_spans:
+            self._adapter_spans[key] = self.adapters[name].for_blocks(*span)
+        return self._adapter_spans[key]
 
     def check_serving(self, stack: BlockStack) -> None:
         if self.closing:
             raise errors.PeerUnavailableError("this peer is shutting down")
-        if stack is not self.stack and time.monotonic() > self._switched_at + self.handoff_grace_s:
+        if stack is not self.stack and time.monotonic() > self._retired.get(stack, float("-inf")):
             raise errors.BlocksNotServedError(
                 f"this peer moved to blocks {self.stack.start_block}:{self.stack.end_block}"
             )

@@ -299,7 +299,7 @@ class Peer:
     # ---- leaving -------------------------------------------------------------------------------
     async def _leave(self) -> None:
         """Announce offline at once, refuse new steps, let running ones finish (shutdown_grace_s),
-        then stop taking requests, the compute thread and the DHT process."""
+        then stop taking requests, the step batcher, the compute thread and the DHT process."""
         if self.dht is None:
             return
         try:
@@ -318,6 +318,8 @@ class Peer:
         except Exception:
             logger.warning("could not leave cleanly (the DHT process may be gone already)", exc_info=True)
         finally:
+            if self.servicer is not None:
+                await self.servicer.close()  # its batcher's worker task
             self.executor.shutdown(wait=False, cancel_futures=True)
             network.stop_dht(self.dht)
             self.dht = None

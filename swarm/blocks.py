@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from swarm import kernels
+from swarm import errors, kernels
 from swarm import lora as lora_weights
 
 
@@ -76,17 +76,19 @@ class BlockStack(torch.nn.Module):
         return cache.get_seq_length(start_block)
 
     def rollback(self, cache: DynamicCache, span: tuple[int, int], position: int) -> None:
-        """Forget cached tokens from `position` on, so the session can continue from there.
+        """Forget cached tokens from `position` on, so the session can continue from there: in every
+        layer of `span` or, where one layer cannot go back that far, in none.
 
-        Raises ValueError where a sliding-window layer no longer holds the tokens to go back to."""
-        for index in range(*span):  # layers outside the span were never filled
-            excess = cache.get_seq_length(index) - position
-            if excess <= 0:
-                continue
-            try:
-                cache.layers[index].crop(-excess)
-            except RuntimeError as exc:
-                raise ValueError(f"cannot roll block {index} back to position {position}: {exc}") from exc
+        Raises CacheRollbackError, the cache unchanged, where a sliding-window layer no longer holds
+        the tokens to go back to."""
+        excess = {index: cache.get_seq_length(index) - position for index in range(*span)}
+        excess = {index: count for index, count in excess.items() if count > 0}  # layers outside the span were never filled
+        for index in excess:
+            refusal = rollback_refusal(cache.layers[index])
+            if refusal is not None:
+                raise errors.CacheRollbackError(f"cannot roll block {index} back to position {position}: {refusal}")
+        for index, count in excess.items():
+            cache.layers[index].crop(-count)
 
     @torch.inference_mode()
     def forward(
@@ -107,7 +109,7 @@ class BlockStack(torch.nn.Module):
         one batched forward; returns each session's outputs and appends to each cache what its own
         step would have. The caches are left-padded to the longest into a temporary batch cache (the
         padding masked out, each row at its own position), and each session's new keys and values
-        are copied back from it."""
+        are copied back from it. Every step has the same LoRA weights (callers group steps by adapter)."""
         start, end = span
         if len(steps) == 1 or not self.can_batch(span):
             return [self._run(inputs, cache, span) for inputs, cache in steps]
@@ -133,7 +135,8 @@ class BlockStack(torch.nn.Module):
             positions.append(position.expand(count, 1))
         hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps])
         with kernels.batched_rows():
-            outputs = self._run(BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks)), batch_cache, span)
+            inputs = BlockInputs(hidden_states, torch.cat(positions), torch.cat(masks), lora=steps[0][0].lora)
+            outputs = self._run(inputs, batch_cache, span)
         results, first = [], 0
         for (_, cache), count in zip(steps, rows):
             for index in range(start, end):
@@ -264,6 +267,19 @@ class BlockStack(torch.nn.Module):
                 layer_idx=start + kinds.index(kind),
             )
         return masks
+
+
+def rollback_refusal(layer) -> str | None:
+    """Why a cache layer cannot forget its last tokens, or None where it can. A sliding-window
+    layer that has seen its whole window keeps only its last `window - 1` tokens: forgetting any would
+    leave the next step without the keys it attends to (transformers' `DynamicSlidingWindowLayer.crop`
+    then raises, or keeps too few)."""
+    if not layer.is_croppable:
+        return f"its cache ({type(layer).__name__}) cannot be cropped"
+    length, window = layer.get_seq_length(), layer.get_max_length()
+    if layer.is_sliding and length >= window:
+        return f"its sliding window of {window} tokens has seen {length} and keeps only the last {window - 1}"
+    return None
 
 
 def attention_type(config: PretrainedConfig, block_index: int) -> str:

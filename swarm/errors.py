@@ -15,7 +15,9 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   ├── BlocksNotServedError    transient: the peer does not serve those blocks (any more: it moved)
     │   ├── ProtocolMismatchError   the peer speaks another protocol version
     │   ├── AccessDeniedError       a private swarm's peer refused us: no valid proof of its key
-    │   └── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
+    │   ├── InvalidRequestError     the peer refused our request as malformed (a bug: no retry)
+    │   └── CacheRollbackError      the session's cache cannot go back to that position (a sliding-window
+    │                               layer dropped those tokens); the cache is as it was
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
     │   └── MissingBlocksError      no online peer serves some blocks
@@ -90,6 +92,15 @@ class InvalidRequestError(RemoteError):
     transient = False
 
 
+class CacheRollbackError(RemoteError):
+    """A step at an earlier position than the cache holds, which a layer cannot go back to: a
+    sliding-window layer that has seen its window keeps only its last tokens. Raised before any layer
+    is cropped, so the session's cache is unchanged; only a replay from the start can go back."""
+
+    code = "cache_rollback"
+    transient = False
+
+
 class RoutingError(SwarmError):
     """No route through the swarm can be built."""
 
@@ -134,6 +145,7 @@ WIRE_ERRORS: dict[str, type[SwarmError]] = {
         ProtocolMismatchError,
         AccessDeniedError,
         InvalidRequestError,
+        CacheRollbackError,
         SessionLengthError,
         UnknownSessionError,
     )

@@ -1,0 +1,210 @@
+"""The peer's serving path without sockets: rollback all or nothing, decode batching across sessions
+on one adapter, the batcher stopped with the peer, and the handoff grace of each stack left."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from peers import handler
+from peers.batching import DecodeJob, StepBatcher
+from peers.cache import CacheBudget
+from peers.compute import checked_inputs, decode_batch
+from peers.handler import BlockServicer
+from peers.validation import Limits
+from swarm import errors
+from swarm.blocks import BlockInputs, BlockStack
+from swarm.lora import LoraWeights, projection_shapes
+from swarm.messages import PeerInfo
+
+pytestmark = pytest.mark.timeout(120)
+
+HIDDEN = 64
+WINDOW = 8
+COMMON = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+LAYER_TYPES = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+
+def whole_stack(model) -> BlockStack:
+    return BlockStack(model.config, list(model.model.layers), 0, model.model.rotary_emb)
+
+
+def mixed_stack() -> BlockStack:
+    """Four blocks, full and sliding-window attention in turn (window of WINDOW tokens)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, layer_types=LAYER_TYPES)
+    stack = whole_stack(Qwen2ForCausalLM(config).eval())
+    assert stack.attention_types == LAYER_TYPES
+    return stack
+
+
+def filled_cache(stack: BlockStack, hidden_states: torch.Tensor, lora=None):
+    cache = stack.new_cache()
+    stack(BlockInputs(hidden_states, lora=lora), cache)
+    return cache
+
+
+def test_a_rollback_past_a_sliding_window_is_refused_and_leaves_the_cache_as_it_was():
+    stack = mixed_stack()
+    prefix = torch.randn(1, 12, HIDDEN)  # [batch, seq, hidden]: more than the window
+    cache, untouched = filled_cache(stack, prefix), filled_cache(stack, prefix)
+    lengths = [cache.get_seq_length(index) for index in range(4)]
+    keys = [layer.keys.clone() for layer in cache.layers]
+    step = {"hidden_states": torch.randn(1, 1, HIDDEN)}
+    with pytest.raises(errors.SwarmError) as refusal:  # a client regenerating from token 10
+        checked_inputs(stack, step, Limits(HIDDEN, 1, 64), cache, (0, 4), 10, None)
+    assert [cache.get_seq_length(index) for index in range(4)] == lengths == [12, 12, 12, 12]
+    assert all(torch.equal(layer.keys, before) for layer, before in zip(cache.layers, keys))
+    # the session goes on where it was, as on a cache nobody tried to roll back
+    inputs = BlockInputs(step["hidden_states"])
+    assert torch.equal(stack(inputs, cache), stack(inputs, untouched))
+    assert isinstance(refusal.value, errors.CacheRollbackError)
+    assert "sliding window" in str(refusal.value) and not refusal.value.transient
+
+
+def test_a_rollback_within_the_window_goes_back_in_every_layer():
+    stack = mixed_stack()
+    prefix = torch.randn(1, 6, HIDDEN)  # [batch, seq, hidden]: less than the window
+    cache, shorter = filled_cache(stack, prefix), filled_cache(stack, prefix[:, :4])
+    stack.rollback(cache, (0, 4), 4)
+    assert [cache.get_seq_length(index) for index in range(4)] == [4, 4, 4, 4]
+    inputs = BlockInputs(torch.randn(1, 2, HIDDEN))
+    assert torch.allclose(stack(inputs, cache), stack(inputs, shorter), atol=1e-6)
+
+
+# ---- servicers without a network ------------------------------------------------------------------
+def llama_stack() -> BlockStack:
+    torch.manual_seed(0)
+    return whole_stack(LlamaForCausalLM(LlamaConfig(**COMMON)).eval())
+
+
+def servicer(stack: BlockStack, executor, adapters=None, batch_steps: int = 8) -> BlockServicer:
+    info = PeerInfo(protocol_version=1, model="tiny", dht_prefix="tiny", start_block=stack.start_block,
+                    end_block=stack.end_block, dtype="float32", version="test", max_batch_size=4, max_length=64)
+    cache = CacheBudget(total_bytes=2**20, bytes_per_token=1, max_sessions=8)
+    return BlockServicer(stack, info, cache=cache, session_idle_timeout_s=5.0, cache_wait_s=1.0, executor=executor,
+                         adapters=adapters, batch_steps=batch_steps)
+
+
+def test_closing_the_servicer_stops_its_batcher():
+    stack = llama_stack()
+
+    async def run():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            peer = servicer(stack, executor)
+            cache = filled_cache(stack, torch.randn(1, 3, HIDDEN))
+            job = DecodeJob(stack, (0, 4), None, [({"hidden_states": torch.randn(1, 1, HIDDEN)}, Limits(HIDDEN, 1, 64), cache, 3)],
+                            lambda inputs, outputs: outputs[0])
+            await peer.run_decode(job)
+            worker = peer.batcher._worker
+            assert worker is not None and not worker.done()
+            await peer.close()
+            assert worker.done() and worker.cancelled()
+            assert peer.closing
+            with pytest.raises(errors.PeerUnavailableError):
+                await peer.run_decode(job)
+            assert peer.batcher._worker is worker  # no new worker after closing
+
+    asyncio.run(run())
+
+
+def test_steps_waiting_in_a_closed_batcher_fail_instead_of_hanging():
+    async def run():
+        never = asyncio.Event()
+
+        async def run_compute(job):
+            await never.wait()
+
+        batcher = StepBatcher(run_compute, lambda items: items, max_steps=1)
+        steps = [asyncio.create_task(batcher.submit(name)) for name in ("running", "waiting")]
+        await asyncio.sleep(0.01)  # the first turn is running, the second step waits
+        batcher.close()
+        await batcher.wait_closed()
+        async with asyncio.timeout(5):
+            return await asyncio.gather(*steps, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert [type(result) for result in results] == [errors.PeerUnavailableError] * 2
+
+
+def random_adapter(stack: BlockStack, rank: int = 4) -> LoraWeights:
+    shapes = projection_shapes(stack.config)
+    a = {name: torch.randn(4, rank, shapes[name][0]) * 0.1 for name in ("q_proj", "v_proj", "down_proj")}
+    b = {name: torch.randn(4, shapes[name][1], rank) * 0.1 for name in a}
+    return LoraWeights(scaling=2.0, a=a, b=b)
+
+
+def test_decode_steps_of_two_sessions_on_one_adapter_share_a_forward(monkeypatch):
+    stack = llama_stack()
+    span, limits = (0, 4), Limits(HIDDEN, 1, 64)
+    prefixes = [torch.randn(1, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]  # [batch, seq, hidden] each
+    steps = [torch.randn(1, 1, HIDDEN) for _ in prefixes]
+    forwards = []
+    step_batch = stack.step_batch
+    monkeypatch.setattr(stack, "step_batch", lambda rows, span: forwards.append(len(rows)) or step_batch(rows, span))
+
+    async def run():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            peer = servicer(stack, executor, adapters={"tuned": random_adapter(stack)})
+            adapters = [peer.adapter_weights("tuned", span) for _ in prefixes]  # each session asks for its own
+            caches = [filled_cache(stack, prefix, adapter) for prefix, adapter in zip(prefixes, adapters)]
+            jobs = [
+                DecodeJob(stack, span, adapter, [({"hidden_states": step}, limits, cache, cache.get_seq_length(0))],
+                          lambda inputs, outputs: outputs[0])
+                for adapter, cache, step in zip(adapters, caches, steps)
+            ]
+            outputs = await asyncio.gather(*(peer.run_decode(job) for job in jobs))
+            await peer.close()
+            return outputs, adapters[0]
+
+    outputs, adapter = asyncio.run(run())
+    assert forwards == [2]
+    for prefix, step, output in zip(prefixes, steps, outputs):
+        alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
+        assert torch.allclose(output, alone, atol=1e-5)
+
+
+def test_a_batched_decode_of_one_session_on_an_adapter_applies_it_to_every_row():
+    """A batched session's rows (`peers.slots`) on an adapter: one forward, LoRA included."""
+    stack = llama_stack()
+    span, limits = (0, 4), Limits(HIDDEN, 1, 64)
+    adapter = random_adapter(stack)
+    prefixes = [torch.randn(1, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]
+    steps = [torch.randn(1, 1, HIDDEN) for _ in prefixes]
+    rows = [({"hidden_states": step}, limits, filled_cache(stack, prefix, adapter), prefix.shape[1]) for prefix, step in zip(prefixes, steps)]
+    (outputs,) = decode_batch([DecodeJob(stack, span, adapter, rows, lambda inputs, outputs: outputs)])
+    for prefix, step, output in zip(prefixes, steps, outputs):
+        alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
+        assert torch.allclose(output, alone, atol=1e-5)
+
+
+def test_each_stack_left_keeps_its_own_handoff_grace(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(handler, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    model = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    layers = list(model.model.layers)
+    first, second, third = (BlockStack(model.config, layers[a:b], a, model.model.rotary_emb) for a, b in [(0, 2), (1, 3), (2, 4)])
+    peer = servicer(first, executor=None, batch_steps=1)
+    grace_s = 10.0
+    peer.switch(second, peer.info, grace_s)  # left `first` at 100
+    now[0] = 105.0
+    peer.switch(third, peer.info, grace_s)  # left `second` at 105
+    now[0] = 109.0
+    peer.check_serving(first)
+    peer.check_serving(second)
+    now[0] = 111.0  # past the grace of `first`, within that of `second`
+    with pytest.raises(errors.BlocksNotServedError):
+        peer.check_serving(first)
+    peer.check_serving(second)
+    peer.check_serving(third)
+    now[0] = 116.0
+    with pytest.raises(errors.BlocksNotServedError):
+        peer.check_serving(second)
+    peer.check_serving(third)
+
