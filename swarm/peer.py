@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--throughput", help="tokens/s through one block: auto (measure once, cached; default), eval, or a number")
     parser.add_argument("--max-memory-gb", type=float, help="memory --blocks auto may fill (default: what the device has free)")
     parser.add_argument("--rebalance-period", type=float, dest="rebalance_period_s", help="mean seconds between rebalance checks")
+    parser.add_argument("--gap-check-period", type=float, dest="gap_check_period_s",
+                        help="mean seconds between checks for blocks nobody serves (default 5)")
     parser.add_argument("--balance-threshold", type=float, help="move when the weakest block gains this fraction (default 0.1)")
     parser.add_argument("--join-jitter", type=float, dest="join_jitter_s", help="max random wait before choosing blocks")
     parser.add_argument("--handoff-grace", type=float, dest="handoff_grace_s", help="seconds old sessions go on after a move")
@@ -63,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
         for key in ("model", "blocks", "device", "dtype", "cache_tokens", "cache_gb", "max_sessions", "batch_steps",
                     "session_idle_timeout_s", "cache_wait_s", "max_length", "public_name",
                     "dht_prefix", "announce_period_s", "num_threads", "throughput", "max_memory_gb", "rebalance_period_s",
-                    "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s", "adapters")
+                    "gap_check_period_s", "balance_threshold", "join_jitter_s", "handoff_grace_s", "shutdown_grace_s", "adapters")
         if getattr(args, key) is not None
     }
     network = {
