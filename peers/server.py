@@ -36,6 +36,7 @@ from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 logger = logging.getLogger(__name__)
 
 LEAVE_TIMEOUT_S = 5.0  # the offline announcement must not hold up a shutdown
+GAP_PATIENCE_PERIODS = 3  # a peer chosen to cover a gap that is not joining there within this many gap checks is passed over
 
 
 class Peer:
@@ -175,27 +176,48 @@ class Peer:
 
     # ---- moving --------------------------------------------------------------------------------
     async def _rebalance_until(self, stop: asyncio.Event) -> None:
+        """Read the swarm every gap_check_period_s (jittered): a gap is covered at once, by the peer
+        `balance.plan_gap_cover` chooses; every rebalance_period_s (jittered), `plan_move` may move us."""
+        loop = asyncio.get_running_loop()
+        watch = balance.GapWatch(patience_s=GAP_PATIENCE_PERIODS * self.config.gap_check_period_s)
+        rebalance_at_s = loop.time() + self._jittered(self.config.rebalance_period_s)
         while not stop.is_set():
+            wait_s = min(self._jittered(self.config.gap_check_period_s), max(0.0, rebalance_at_s - loop.time()))
             try:
-                async with asyncio.timeout(self.config.rebalance_period_s * self.rng.uniform(0.5, 1.5)):
+                async with asyncio.timeout(wait_s):
                     await stop.wait()
             except TimeoutError:
                 pass
             if stop.is_set():
                 return
+            rebalance_due = loop.time() >= rebalance_at_s
+            if rebalance_due:
+                rebalance_at_s = loop.time() + self._jittered(self.config.rebalance_period_s)
             try:
-                await self._maybe_move()
+                await self._maybe_move(watch, rebalance_due)
             except Exception as exc:  # the DHT may be slow, or loading failed: keep serving where we are
                 logger.warning("rebalancing failed: %s: %s", type(exc).__name__, exc)
                 self.moving_to = None
 
-    async def _maybe_move(self) -> None:
+    def _jittered(self, period_s: float) -> float:
+        return period_s * self.rng.uniform(0.5, 1.5)
+
+    async def _maybe_move(self, watch: balance.GapWatch, rebalance_due: bool) -> None:
+        """Cover a gap if we are the one chosen for it; else, if `rebalance_due`, move if `plan_move` says so."""
         spans = await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks)
         if self.peer_id not in spans:  # the DHT lookup missed even our own record: too partial to act on
-            logger.info("the swarm read back without this peer's own record (a DHT node is slow?): not moving now")
+            log = logger.info if rebalance_due else logger.debug
+            log("the swarm read back without this peer's own record (a DHT node is slow?): not moving now")
             return
         me = balance.Span(self.peer_id, self.start_block, self.end_block, self.throughput)
         spans[self.peer_id] = me  # as we are now, whatever the DHT still holds
+        covers = watch.plan(spans, self.num_blocks, time.monotonic())
+        mine = next((cover for cover in covers if cover.peer_id == self.peer_id), None)
+        if mine is not None:
+            await self._move(mine.start, mine.end, mine.reason)
+            return
+        if watch.chosen_since_s or not rebalance_due:  # a gap is someone else's to cover: no other move now
+            return
         move = balance.plan_move(spans, self.num_blocks, self.peer_id, threshold=self.config.balance_threshold, rng=self.rng)
         if move.start is None:
             logger.debug("staying on blocks %d:%d: %s", self.start_block, self.end_block, move.reason)

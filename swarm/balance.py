@@ -14,7 +14,10 @@ throughput * blocks spread over the model); there, where one move among a thousa
 lifts the weakest block by the threshold, a move must raise the weakest block it touches by the
 threshold times the peer's own throughput and leave its old blocks stronger than its new ones.
 Every move raises the sorted block throughputs lexicographically, so moving back never pays on
-the same state. `peers.server` reads the DHT and acts on these answers;
+the same state. A gap (blocks nobody serves, after a peer died or left) is not left to those
+periodic checks: every peer reads the swarm every few seconds, and `plan_gap_cover` names, the
+same for every reader, the one redundant peer that covers each gap. `peers.server` reads the DHT
+and acts on these answers;
 `benchmarks/simulate_balance.py` runs them over a simulated swarm of a thousand peers.
 """
 
@@ -137,6 +140,95 @@ def _even_out(now: np.ndarray, after: np.ndarray, here: slice, there: slice, mar
     if touched_after - touched_now > margin and left - joined >= margin:
         return Move(start, f"weakest block it touches {touched_now:.3g} -> {touched_after:.3g} tokens/s")
     return Move(None, f"weakest block it touches would change {touched_now:.3g} -> {touched_after:.3g}, not enough")
+
+
+@dataclasses.dataclass(frozen=True)
+class GapCover:
+    """A peer chosen to move onto blocks nobody serves."""
+
+    peer_id: str
+    start: int
+    end: int
+    reason: str
+
+
+def plan_gap_cover(spans: Mapping[str, Span], num_blocks: int, *, passed_over: Iterable[str] = ()) -> list[GapCover]:
+    """Which peers move to cover the blocks nobody serves; every peer reading the same state gets
+    the same answer, so each gap gets one coverer, not a pile of them.
+
+    One coverer at a time: among online peers whose leaving opens no gap (joining peers are busy,
+    and count as cover where they are going), the one whose move covers the most unserved blocks;
+    ties go to the peer whose old blocks stay strongest without it, then to the smallest peer id.
+    It takes the weakest window of its length (`choose_start`'s order, the first of equals). Each
+    choice is applied before the next, so two gaps get two coverers, and no peer whose leaving
+    would reopen a gap another just covered. Peers in `passed_over` are never chosen."""
+    state = dict(sorted(spans.items()))  # sums in one order: every peer computes the same floats
+    skip = set(passed_over)
+    covers: list[GapCover] = []
+    while True:
+        sums, counts = _block_sums(state.values(), num_blocks), _block_counts(state.values(), num_blocks)
+        missing = sums <= 0
+        if not missing.any():
+            return covers
+        options = []
+        for peer_id, span in state.items():
+            here = slice(max(span.start, 0), span.end)
+            if span.state != PeerState.ONLINE or span.throughput <= 0 or peer_id in skip or counts[here].min() < 2:
+                continue
+            covered = _most_in_a_window(missing, span.length)
+            if covered:
+                options.append((-covered, -float(sums[here].min() - span.throughput), peer_id))
+        if not options:
+            return covers
+        covered, _, peer_id = min(options)
+        span = state[peer_id]
+        without = sums.copy()
+        without[max(span.start, 0) : span.end] -= span.throughput
+        start = weakest_windows(without.tolist(), span.length)[0]
+        covers.append(GapCover(peer_id, start, start + span.length, f"covers {-covered} blocks nobody serves"))
+        state[peer_id] = Span(peer_id, start, start + span.length, span.throughput, PeerState.JOINING)
+
+
+def _block_counts(spans: Iterable[Span], num_blocks: int) -> np.ndarray:
+    """Peers with throughput serving each block, [num_blocks]."""
+    counts = np.zeros(num_blocks + 1, dtype=np.int64)
+    for span in spans:
+        if span.throughput > 0:
+            counts[min(max(span.start, 0), num_blocks)] += 1
+            counts[min(max(span.end, 0), num_blocks)] -= 1
+    return np.cumsum(counts)[:num_blocks]
+
+
+def _most_in_a_window(mask: np.ndarray, length: int) -> int:
+    """The most True values of `mask` in any window of `length` consecutive blocks."""
+    if not 0 < length <= len(mask):
+        return 0
+    running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return int((running[length:] - running[:-length]).max())
+
+
+@dataclasses.dataclass
+class GapWatch:
+    """`plan_gap_cover` across a peer's gap checks, with a fallback: a peer chosen to cover a gap
+    announces itself joining there within a check or two, which closes the gap for everyone. One
+    chosen for longer than `patience_s` while the gap stays open (dead with its record still alive,
+    a fixed range, a failed load) is passed over until the swarm has no gap: the next best is chosen."""
+
+    patience_s: float
+    chosen_since_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    passed_over: set[str] = dataclasses.field(default_factory=set)
+
+    def plan(self, spans: Mapping[str, Span], num_blocks: int, now_s: float) -> list[GapCover]:
+        if not gaps(block_throughputs(spans.values(), num_blocks)):
+            self.chosen_since_s, self.passed_over = {}, set()
+            return []
+        while True:
+            covers = plan_gap_cover(spans, num_blocks, passed_over=self.passed_over)
+            self.chosen_since_s = {cover.peer_id: self.chosen_since_s.get(cover.peer_id, now_s) for cover in covers}
+            late = {peer_id for peer_id, since_s in self.chosen_since_s.items() if now_s - since_s > self.patience_s}
+            if not late:
+                return covers
+            self.passed_over |= late
 
 
 def describe_coverage(throughputs: Sequence[float], spans: Iterable[Span]) -> list[str]:

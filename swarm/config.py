@@ -86,6 +86,11 @@ class PeerConfig(BaseModel):
         None, gt=0, description="memory --blocks auto may use for blocks and KV cache; default: what the device has free"
     )
     rebalance_period_s: float = Field(300.0, gt=0, description="mean seconds between checks whether to move (jittered)")
+    gap_check_period_s: float = Field(
+        5.0, gt=0,
+        description="mean seconds between reads of which blocks are served (jittered +-50%): a gap is covered at once "
+        "by one redundant peer, not left to the rebalance checks",
+    )
     balance_threshold: float = Field(
         0.1, ge=0,
         description="move only for a clear gain: the weakest block rises by this fraction (or, in an unbalanced swarm, "

@@ -150,7 +150,7 @@ def _argparse_kind(option: Option) -> dict[str, Any]:
     field = option.field
     annotation = field.annotation
     members = [member for member in _members(annotation) if member is not type(None)]
-    help_text = field.description or ""
+    help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
     if not field.is_required() and field.default not in (None, [], (), False, "") and field.default_factory is None:
         help_text += f" (default: {field.default})"
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}

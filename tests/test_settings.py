@@ -20,6 +20,7 @@ def test_every_role_maps_every_field_to_one_flag_with_help(role):
     assert found and all(option.field.description for option in found), [o.flag for o in found if not o.field.description]
     parser = settings.build_parser(role, prog="x", description="y")
     assert {option.flag for option in found} <= set(parser._option_string_actions)
+    assert "usage:" in parser.format_help()  # every help text formats
 
 
 def test_sections_get_top_level_flags_and_nested_environment_names(tmp_path, monkeypatch):
