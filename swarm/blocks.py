@@ -8,6 +8,7 @@ session with its own `DynamicCache`. It does not validate inputs (peers do) and 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
@@ -84,11 +85,11 @@ class BlockStack(torch.nn.Module):
         excess = {index: cache.get_seq_length(index) - position for index in range(*span)}
         excess = {index: count for index, count in excess.items() if count > 0}  # layers outside the span were never filled
         for index in excess:
-            refusal = rollback_refusal(cache.layers[index])
+            refusal = rollback_refusal(_layer(cache, index))
             if refusal is not None:
                 raise errors.CacheRollbackError(f"cannot roll block {index} back to position {position}: {refusal}")
         for index, count in excess.items():
-            cache.layers[index].crop(-count)
+            _layer(cache, index).crop(-count)
 
     @torch.inference_mode()
     def forward(
@@ -120,7 +121,7 @@ class BlockStack(torch.nn.Module):
         for index in range(start, end):
             keys, values = [], []
             for (_, cache), length in zip(steps, lengths):
-                layer = cache.layers[index]
+                layer = _layer(cache, index)
                 pad = (0, 0, longest - length, 0)  # left, along the sequence
                 keys.append(torch.nn.functional.pad(layer.keys, pad))
                 values.append(torch.nn.functional.pad(layer.values, pad))
@@ -140,7 +141,7 @@ class BlockStack(torch.nn.Module):
         results, first = [], 0
         for (_, cache), count in zip(steps, rows):
             for index in range(start, end):
-                layer = batch_cache.layers[index]
+                layer = _layer(batch_cache, index)
                 cache.update(layer.keys[first : first + count, :, -1:], layer.values[first : first + count, :, -1:], index)
             results.append(outputs[first : first + count])
             first += count
@@ -161,8 +162,8 @@ class BlockStack(torch.nn.Module):
         packed = self.new_cache()
         if cached:
             for index in range(start, end):
-                layers = [cache.layers[index] for (_, cache), length in zip(steps, lengths) if length]
-                packed.update(torch.cat([layer.keys for layer in layers], dim=2), torch.cat([layer.values for layer in layers], dim=2), index)
+                filled = [_layer(cache, index) for (_, cache), length in zip(steps, lengths) if length]
+                packed.update(torch.cat([layer.keys for layer in filled], dim=2), torch.cat([layer.values for layer in filled], dim=2), index)
         mask = torch.zeros(total, cached + total, dtype=torch.bool)  # [query tokens, cached + new tokens]
         first_cached = first_new = 0
         for length, count in zip(lengths, counts):
@@ -184,7 +185,7 @@ class BlockStack(torch.nn.Module):
         results, first = [], 0
         for (_, cache), count in zip(steps, counts):
             for index in range(start, end):
-                layer = packed.layers[index]
+                layer = _layer(packed, index)
                 cache.update(layer.keys[:, :, cached + first : cached + first + count], layer.values[:, :, cached + first : cached + first + count], index)
             results.append(hidden_states[:, first : first + count])
             first += count
@@ -280,6 +281,11 @@ def rollback_refusal(layer) -> str | None:
     if layer.is_sliding and length >= window:
         return f"its sliding window of {window} tokens has seen {length} and keeps only the last {window - 1}"
     return None
+
+
+def _layer(cache: DynamicCache, index: int) -> Any:
+    """Layer `index` of a cache: a full or sliding-window layer (keys, values, crop()), typed loosely by transformers."""
+    return cache.layers[index]
 
 
 def attention_type(config: PretrainedConfig, block_index: int) -> str:

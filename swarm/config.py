@@ -11,13 +11,14 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
 from swarm.records import MAX_RECORD_TTL_S
 
+Config = TypeVar("Config", bound=BaseModel)
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 DEFAULT_MAX_LENGTH = 8192  # tokens: the longest sequence a peer serves unless told otherwise
 
@@ -241,7 +242,7 @@ def parse_blocks(text: str) -> tuple[int, int] | int | Literal["auto"]:
 
 def parse_throughput(text: str) -> Literal["auto", "eval"] | float:
     """'auto' (measured once, then cached), 'eval' (measured again) or a number of tokens/s >= 0."""
-    if text in ("auto", "eval"):
+    if text == "auto" or text == "eval":
         return text
     try:
         value = float(text)
@@ -263,7 +264,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
 
 
-def build_config(model_type: type[BaseModel], *layers: dict[str, Any]) -> BaseModel:
+def build_config(model_type: type[Config], *layers: dict[str, Any]) -> Config:
     """Merge layers (file, environment, command line; later wins) into one validated config."""
     merged: dict[str, Any] = {}
     for layer in layers:

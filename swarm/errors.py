@@ -159,15 +159,11 @@ def error_from_wire(code: str, message: str) -> SwarmError:
 
 def _format_spans(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> '0:3, 5:6' (half-open ranges, as on the command line)."""
-    spans, start, prev = [], None, None
-    for index in sorted(indices):
-        if start is None:
-            start = prev = index
-        elif index == prev + 1:
-            prev = index
-        else:
-            spans.append(f"{start}:{prev + 1}")
-            start = prev = index
-    if start is not None:
-        spans.append(f"{start}:{prev + 1}")
+    spans: list[str] = []
+    ordered = sorted(indices)
+    for position, index in enumerate(ordered):
+        if position == 0 or index != ordered[position - 1] + 1:
+            start = index
+        if position == len(ordered) - 1 or ordered[position + 1] != index + 1:
+            spans.append(f"{start}:{index + 1}")
     return ", ".join(spans)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Awaitable, TypeVar
+from typing import Any, Coroutine, TypeVar
 
 T = TypeVar("T")
 
@@ -33,6 +33,6 @@ def loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run_coroutine(coroutine: Awaitable[T]) -> T:
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run `coroutine` on this process's loop and wait for its result (from any thread but the loop's)."""
     return asyncio.run_coroutine_threadsafe(coroutine, loop()).result()

@@ -160,7 +160,7 @@ def announce(
 
 
 async def _store_records(
-    dht: hivemind.DHT, node: DHTNode, *, keys: list[str], subkey: str, value: dict, models_entry: tuple, ttl_s: float
+    dht: hivemind.DHT, node: DHTNode, *, keys: list[str], subkey: bytes, value: dict, models_entry: tuple, ttl_s: float
 ) -> None:
     expiration_time = get_dht_time() + ttl_s
     prefix, model_value = models_entry
