@@ -11,7 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from swarm.errors import MissingBlocksError
+from swarm.errors import AdapterNotServedError, AmbiguousAdapterError, MissingBlocksError
+from swarm.lora import AdapterId
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
 
@@ -24,7 +25,7 @@ class PeerSpan:
     end: int
     throughput: float = 1.0
     public_name: str | None = None
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[AdapterId, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,43 @@ def online_spans(records_per_block: Sequence[Mapping[str, PeerRecord]]) -> dict[
                 continue
             if record.protocol_version != PROTOCOL_VERSION:
                 continue  # a peer of another protocol version cannot serve us
+            adapters = tuple(AdapterId(name, record.adapter_digests.get(name)) for name in record.adapters)
             spans.setdefault(
-                peer_id,
-                PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name, record.adapters),
+                peer_id, PeerSpan(peer_id, record.start_block, record.end_block, record.throughput, record.public_name, adapters)
             )
     return spans
+
+
+def served_adapters(spans: Mapping[str, PeerSpan]) -> list[AdapterId]:
+    """Every adapter the peers announce, once, by name then digest."""
+    adapters = {adapter for span in spans.values() for adapter in span.adapters}
+    return sorted(adapters, key=lambda adapter: (adapter.name, adapter.digest or ""))
+
+
+def resolve_adapter(spans: Mapping[str, PeerSpan], adapter: AdapterId) -> AdapterId:
+    """A bare name -> the adapter peers serve under that name, with its digest (still bare if no peer
+    announces a digest for it). Raises AmbiguousAdapterError if they serve several under that name."""
+    if adapter.digest is not None:
+        return adapter
+    named = [served for served in served_adapters(spans) if served.name == adapter.name and served.digest is not None]
+    if len(named) > 1:
+        raise AmbiguousAdapterError(adapter.name, [str(served) for served in named])
+    return named[0] if named else adapter
+
+
+def adapter_spans(spans: Mapping[str, PeerSpan], adapter: AdapterId | None, start: int, end: int) -> dict[str, PeerSpan]:
+    """The spans of the peers serving `adapter` (every span, for None): that very name and digest,
+    once a bare name is resolved (`resolve_adapter`); a peer that announces the name without a digest
+    counts only while no peer announces one. Raises AdapterNotServedError, listing the adapters the
+    peers do serve, if they leave blocks of [start, end) uncovered."""
+    if adapter is None:
+        return dict(spans)
+    adapter = resolve_adapter(spans, adapter)
+    serving = {peer_id: span for peer_id, span in spans.items() if adapter in span.adapters}
+    missing = missing_blocks(serving, start, end)
+    if missing:
+        raise AdapterNotServedError(missing, str(adapter), [str(served) for served in served_adapters(spans)])
+    return serving
 
 
 def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[int]:

@@ -40,7 +40,9 @@ Header = TypeVar("Header", bound=BaseModel)
 
 
 def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type: type[Proto]) -> Iterator[Proto]:
-    """Yield the messages of one frame; the last one carries the JSON header."""
+    """Yield the messages of one frame; the last one carries the JSON header. Fields left None are not
+    sent (every None field defaults to None): a peer of the same protocol version that predates an
+    optional field accepts every message that does not use it."""
     batch: list[runtime_pb2.Tensor] = []
     batch_bytes = 0
     for tensor in tensors:
@@ -51,7 +53,7 @@ def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type:
                 batch, batch_bytes = [], 0
             batch.append(part)
             batch_bytes += len(part.buffer)
-    yield proto_type(tensors=batch, metadata=header.model_dump_json().encode())
+    yield proto_type(tensors=batch, metadata=header.model_dump_json(exclude_none=True).encode())
 
 
 def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None = None, step_id: int | None = None) -> Proto:
