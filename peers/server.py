@@ -240,7 +240,7 @@ class Peer:
     def _info(self, start: int, end: int) -> PeerInfo:
         return PeerInfo(
             protocol_version=PROTOCOL_VERSION,
-            model=self.config.model,
+            model=models.announced_name(self.source),
             dht_prefix=self.dht_prefix,
             start_block=start,
             end_block=end,
@@ -254,7 +254,7 @@ class Peer:
         return PeerRecord(
             protocol_version=PROTOCOL_VERSION,
             state=state,
-            model=self.config.model,
+            model=models.announced_name(self.source),
             start_block=start,
             end_block=end,
             throughput=float(self.throughput),

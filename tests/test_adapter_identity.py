@@ -1,6 +1,6 @@
 """Adapters known by name and digest: an adapter given by the path it was saved to reaches exactly
 the peers serving those weights, a bare name the one adapter served under it, two adapters saved
-under one folder name never mix."""
+under one folder name never mix; and a peer serving a local folder announces no path of it."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from client import AutoDistributedModelForCausalLM
 from client.lora import RemoteLoRA
 from client.routing import PeerSpan, adapter_spans, online_spans, resolve_adapter, served_adapters
 from peers.handler import BlockServicer
-from swarm import errors, messages
-from swarm.config import ClientConfig
+from swarm import errors, messages, models, network
+from swarm.config import ClientConfig, NetworkConfig, PeerConfig
 from swarm.local import LocalSwarm
 from swarm.lora import DIGEST_CHARS, AdapterId, adapter_identity, adapter_ref, read_peft_adapter
 from swarm.messages import ForwardRequest, OpenSession
-from swarm.records import PROTOCOL_VERSION, PeerRecord
+from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState, parse_peer_records
 from swarm.transport import decode_header, encode_frame
 from tests.conftest import PEER_ENV
 
@@ -184,6 +184,37 @@ def test_a_peer_serves_only_the_adapter_a_request_names():
         check(servicer, other, (0, 2))
 
 
+# ---- defect 8a: the model's public name ----------------------------------------------------------
+def test_a_local_model_is_announced_by_name_and_digest_not_path(tiny_model_path, tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    source = models.resolve_model(str(tiny_model_path))
+    name = models.announced_name(source)
+    folder, digest = name.split("@")
+    assert folder == tiny_model_path.name and len(digest) == 16 and "/" not in name
+    assert str(tiny_model_path.parent) not in name and source.dht_prefix == tiny_model_path.name  # the DHT prefix is unchanged
+    same_name = make_tiny_llama(tmp_path / tiny_model_path.name, hidden_size=32)  # another model, one folder name
+    assert models.announced_name(models.resolve_model(str(same_name))) != name
+    hub = models.ModelSource("owner/model", tmp_path, "owner/model", "owner-model")
+    assert models.announced_name(hub) == "owner/model"
+
+
+def test_a_peer_record_holds_no_path(tiny_model_path, tmp_path):
+    from peers.server import Peer
+
+    config = PeerConfig(
+        model=str(tiny_model_path), blocks="0:2",
+        network=NetworkConfig(new_swarm=True, identity_path=tmp_path / "identity.key"),
+    )
+    peer = Peer(config)
+    try:
+        record = peer._record(PeerState.ONLINE, 0, 2)
+        assert str(tiny_model_path) not in json.dumps(record.to_wire()) and "/" not in record.model
+        assert peer._info(0, 2).model == record.model
+    finally:
+        peer.executor.shutdown()
+
+
 # ---- through a swarm -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_path, tmp_path_factory) -> tuple[Path, Path]:
@@ -236,5 +267,8 @@ def test_an_adapter_given_by_its_path_equals_peft(swarm, tiny_model_path, two_ad
             model.generate(input_ids, adapter="my-adapter", **KWARGS)
         with pytest.raises(errors.AdapterNotServedError, match="adapters served: my-adapter \\(sha256 [0-9a-f]{16}\\), my-adapter"):
             model.generate(input_ids, adapter="nobody-serves-this", **KWARGS)
+        raw = network.fetch_block_records(model.sequence.dht, tiny_model_path.name, 4)
+        announced = {record.model for entry in raw for record in parse_peer_records(entry).values()}
+        assert announced == {models.announced_name(models.resolve_model(str(tiny_model_path)))}
     finally:
         model.close()
