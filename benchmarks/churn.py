@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.tools.local import LocalSwarm, LocalSwarmError, Node  # noqa: E402
+from swarm.tools.local import LocalSwarm, LocalSwarmError, Node
 
 # one torch thread per peer (more processes than cores here); peers announce a given throughput
 # instead of measuring it at start, so a replacement is ready sooner

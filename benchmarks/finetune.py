@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.tools.local import LocalSwarm  # noqa: E402
+from swarm.tools.local import LocalSwarm
 
 TARGETS = ["q_proj", "v_proj"]
 

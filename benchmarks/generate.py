@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.cli import PEER_SPIN_COUNT, limit_openmp_spinning  # noqa: E402
+from swarm.cli import PEER_SPIN_COUNT, limit_openmp_spinning
 
 USER_ENVIRONMENT = dict(os.environ)  # before limit_openmp_spinning(): what the local reference subprocess gets
 if "--client-spin=default" not in sys.argv:

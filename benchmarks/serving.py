@@ -27,7 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.tools.local import LocalSwarm  # noqa: E402
+from swarm.tools.local import LocalSwarm
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "Water boils at", "My favourite book is", "In the beginning", "The quick brown fox"]

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.balance import Span, block_throughputs, choose_start, gaps, plan_move  # noqa: E402
-from swarm.records import PeerState  # noqa: E402
+from swarm.balance import Span, block_throughputs, choose_start, gaps, plan_move
+from swarm.records import PeerState
 
 HOUR_S = 3600.0
 

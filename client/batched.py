@@ -21,17 +21,18 @@ from client.retries import Retries
 from client.sequence import RemoteSequence
 from client.session import open_streams
 from swarm import errors
+from swarm.lora import AdapterId, adapter_ref
 from swarm.messages import SlotStep
 
 logger = logging.getLogger(__name__)
 
 
 class BatchedSession:
-    def __init__(self, sequence: RemoteSequence, *, slots: int, max_length: int, adapter: str | None = None):
+    def __init__(self, sequence: RemoteSequence, *, slots: int, max_length: int, adapter: AdapterId | str | None = None):
         self.sequence = sequence
         self.slots = slots
         self.max_length = max_length  # tokens per sequence
-        self.adapter = adapter
+        self.adapter = adapter_ref(adapter)
         self.session_id = uuid.uuid4().hex
         self.streams: list[SpanStream] = []
         self._step_ids = itertools.count()
@@ -44,6 +45,7 @@ class BatchedSession:
     async def open(self) -> None:
         """Open a stream on every hop of a route; a peer that fails to open is avoided and the route rebuilt."""
         retries = Retries(self.sequence.config)
+        self.adapter = await self.sequence.pin_adapter(self.adapter)
         while True:
             try:
                 self.streams = await open_streams(

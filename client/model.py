@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -22,7 +23,7 @@ from swarm import errors, models
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig
 from swarm.loop_thread import run_coroutine
-from swarm.lora import LoraWeights
+from swarm.lora import AdapterId, LoraWeights, adapter_ref
 
 
 DEFAULT_SESSION_LENGTH = 2048
@@ -84,7 +85,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = parts.lm_head
         self.sequence = sequence
         self._active_session: InferenceSession | None = None
-        self.adapter: str | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
+        self.adapter: AdapterId | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
         # peers refuse sessions longer than their --max-length (default 8192) and reserve cache for the
         # whole length, so an open-ended session asks for a moderate default, not the model's maximum
         self._default_max_length = min(getattr(config, "max_position_embeddings", DEFAULT_SESSION_LENGTH), DEFAULT_SESSION_LENGTH)
@@ -126,8 +127,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         session = session or self._active_session
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
-        if session is not None and adapter is not ... and adapter != session.adapter:
-            raise errors.SessionError(f"this inference session uses adapter {session.adapter!r}, not {adapter!r}")
+        if session is not None and adapter is not ... and not _same_adapter(adapter_ref(adapter), session.adapter):
+            raise errors.SessionError(f"this inference session uses adapter {session.adapter}, not {adapter}")
         if session is None:
             total = _total_length(inputs, kwargs, self.generation_config)
             session = InferenceSession(  # batch size: set at the first step
@@ -224,10 +225,11 @@ class AutoDistributedModelForCausalLM:
         dht_prefix: str | None = None,
         client_config: ClientConfig | None = None,
         torch_dtype: torch.dtype = torch.float32,
-        adapter: str | None = None,
+        adapter: str | Path | None = None,
     ) -> DistributedModelForCausalLM:
-        """`adapter`: the name of a LoRA adapter peers serve (`--adapters`); generate() and forward use it
-        (and only peers that serve it) unless told otherwise."""
+        """`adapter`: a LoRA adapter peers serve (`--adapters`), by the path of the folder it was saved
+        to (then only peers serving that very adapter, same name and digest, are used) or by its name
+        (the folder's name); generate() and forward use it unless told otherwise."""
         source = models.resolve_model(name_or_path)
         config = models.load_config(source)
         config._name_or_path = str(source.path)
@@ -240,10 +242,14 @@ class AutoDistributedModelForCausalLM:
             num_blocks=config.num_hidden_layers,
         )
         model = DistributedModelForCausalLM(config, parts, sequence)
-        model.adapter = adapter
+        model.adapter = adapter_ref(adapter)
         if (source.path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(source.path)
         return model.eval()
+
+
+def _same_adapter(asked: AdapterId | None, used: AdapterId | None) -> bool:
+    return asked is used or (asked is not None and used is not None and asked.matches(used))
 
 
 def _total_length(inputs, kwargs, generation_config) -> int:

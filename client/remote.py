@@ -15,6 +15,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import errors, protocol
 from swarm.blocks import BlockInputs
+from swarm.lora import AdapterId
 from swarm.messages import (
     PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened, SlotStep,
 )
@@ -40,6 +41,11 @@ def _lora_options(inputs: BlockInputs) -> dict:
     return {"lora_scaling": lora.scaling, **({"lora_dropout": lora.dropout, "lora_seed": lora.seed} if lora.dropout else {})}
 
 
+def _adapter_options(adapter: AdapterId | None) -> dict:
+    """A served adapter, named in a request: its name and, when known, its digest (which the peer checks)."""
+    return {} if adapter is None else {"adapter": adapter.name, "adapter_digest": adapter.digest}
+
+
 async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, auth: str | None = None) -> PeerInfo:
     async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):  # hivemind's own timeout misses a frozen peer
         reply = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_info(
@@ -57,11 +63,11 @@ async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, au
 
 async def call_forward(
     p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float,
-    auth: str | None = None, adapter: str | None = None,
+    auth: str | None = None, adapter: AdapterId | None = None,
 ) -> torch.Tensor:
     names, tensors = _input_tensors(inputs)
     header = ForwardRequest(
-        start_block=start, end_block=end, tensor_names=names, **_lora_options(inputs), adapter=adapter, auth=auth
+        start_block=start, end_block=end, tensor_names=names, **_lora_options(inputs), **_adapter_options(adapter), auth=auth
     )
 
     async def requests() -> AsyncIterator[Request]:
@@ -151,13 +157,13 @@ class SpanStream:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(
-        self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None, adapter: str | None = None,
+        self, session_id: str, max_length: int, batch_size: int, push_from: str | None = None, adapter: AdapterId | None = None,
         slots: int | None = None,
     ) -> None:
         """Open the session (`slots`: a batched session of that many sequences, see `step_slots`)."""
         header = OpenSession(
             session_id=session_id, start_block=self.start, end_block=self.end, max_length=max_length,
-            batch_size=batch_size, slots=slots, push_from=push_from, adapter=adapter, auth=self.auth,
+            batch_size=batch_size, slots=slots, push_from=push_from, **_adapter_options(adapter), auth=self.auth,
         )
         self.push_from = push_from
         self._loop = asyncio.get_running_loop()

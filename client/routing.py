@@ -11,8 +11,9 @@ import random
 from dataclasses import dataclass
 from typing import Mapping
 
-from swarm.errors import MissingBlocksError
 from swarm.coverage import Span as PeerSpan  # a peer and its blocks, as `swarm.coverage.peer_spans` reads them
+from swarm.errors import AdapterNotServedError, AmbiguousAdapterError, MissingBlocksError
+from swarm.lora import AdapterId
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,38 @@ class Hop:
     peer_id: str
     start: int
     end: int
+
+
+def served_adapters(spans: Mapping[str, PeerSpan]) -> list[AdapterId]:
+    """Every adapter the peers announce, once, by name then digest."""
+    adapters = {adapter for span in spans.values() for adapter in span.adapters}
+    return sorted(adapters, key=lambda adapter: (adapter.name, adapter.digest or ""))
+
+
+def resolve_adapter(spans: Mapping[str, PeerSpan], adapter: AdapterId) -> AdapterId:
+    """A bare name -> the adapter peers serve under that name, with its digest (still bare if no peer
+    announces a digest for it). Raises AmbiguousAdapterError if they serve several under that name."""
+    if adapter.digest is not None:
+        return adapter
+    named = [served for served in served_adapters(spans) if served.name == adapter.name and served.digest is not None]
+    if len(named) > 1:
+        raise AmbiguousAdapterError(adapter.name, [str(served) for served in named])
+    return named[0] if named else adapter
+
+
+def adapter_spans(spans: Mapping[str, PeerSpan], adapter: AdapterId | None, start: int, end: int) -> dict[str, PeerSpan]:
+    """The spans of the peers serving `adapter` (every span, for None): that very name and digest,
+    once a bare name is resolved (`resolve_adapter`); a peer that announces the name without a digest
+    counts only while no peer announces one. Raises AdapterNotServedError, listing the adapters the
+    peers do serve, if they leave blocks of [start, end) uncovered."""
+    if adapter is None:
+        return dict(spans)
+    adapter = resolve_adapter(spans, adapter)
+    serving = {peer_id: span for peer_id, span in spans.items() if adapter in span.adapters}
+    missing = missing_blocks(serving, start, end)
+    if missing:
+        raise AdapterNotServedError(missing, str(adapter), [str(served) for served in served_adapters(spans)])
+    return serving
 
 
 def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[int]:

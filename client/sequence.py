@@ -20,6 +20,7 @@ from swarm import coverage, errors, network
 from swarm.blocks import BlockInputs
 from swarm.config import ClientConfig
 from swarm.loop_thread import run_coroutine
+from swarm.lora import AdapterId, adapter_ref
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey, make_proof
 
@@ -111,20 +112,19 @@ class RemoteSequence:
         return {peer_id for peer_id, (until, _) in self._bans.items() if until > now}
 
     async def route(
-        self, start: int = 0, end: int | None = None, adapter: str | None = None, spread: bool = False, whole: bool = False
+        self, start: int = 0, end: int | None = None, adapter: AdapterId | str | None = None, spread: bool = False, whole: bool = False
     ) -> list[routing.Hop]:
         """A chain of peers through [start, end) (all serving `adapter`, if given): the fewest hops and
         lowest latency, or with `spread`, peers drawn by throughput (see `routing.choose_spread_route`);
         with `whole`, one peer for the whole range if any can. Waits up to route_wait_s for missing blocks."""
         end = self.num_blocks if end is None else end
+        adapter = adapter_ref(adapter)
         deadline = time.monotonic() + self.config.route_wait_s
         if time.monotonic() - self._updated_at > REFRESH_PERIOD_S:
             await self.update()
         while True:
             try:
-                spans = self.spans if adapter is None else {
-                    peer_id: span for peer_id, span in self.spans.items() if adapter in span.adapters
-                }
+                spans = routing.adapter_spans(self.spans, adapter, start, end)
                 if whole:
                     banned = self.banned()
                     covering = {
@@ -141,9 +141,20 @@ class RemoteSequence:
             await asyncio.sleep(1.0)
             await self.update()
 
+    async def pin_adapter(self, adapter: AdapterId | str | None) -> AdapterId | None:
+        """`adapter` (a path, a name or an AdapterId) with its digest, so that a session or a forward
+        sticks to one adapter: a bare name is resolved against what peers announce now (it stays bare
+        while no peer announces a digest for it; `route` waits for one)."""
+        adapter = adapter_ref(adapter)
+        if adapter is None or adapter.digest is not None:
+            return adapter
+        if time.monotonic() - self._updated_at > REFRESH_PERIOD_S:
+            await self.update()
+        return routing.resolve_adapter(self.spans, adapter)
+
     # ---- stateless forward and backward ------------------------------------------------------
     async def forward(
-        self, inputs: BlockInputs, hops: list | None = None, adapter: str | None = None, spread: bool = False
+        self, inputs: BlockInputs, hops: list | None = None, adapter: AdapterId | str | None = None, spread: bool = False
     ) -> torch.Tensor:
         """Hidden states after all blocks, for a whole sequence (no cache). With `hops`, appends
         (start, end, inputs) for every hop taken: what `backward` needs. `inputs.prompts`, if any, holds
@@ -151,6 +162,7 @@ class RemoteSequence:
         only peers serving that LoRA adapter are used, and they apply it. With `spread`, hops are drawn
         by throughput (training) instead of latency."""
         hidden_states, position = inputs.hidden_states, 0
+        adapter = await self.pin_adapter(adapter)
         while position < self.num_blocks:
             step_inputs = dataclasses.replace(inputs, hidden_states=hidden_states)
             hidden_states, end = await self._retrying_hop(position, step_inputs, adapter=adapter, spread=spread)
@@ -237,7 +249,7 @@ class RemoteSequence:
             return grad_inputs
 
     async def _retrying_hop(
-        self, position: int, inputs: BlockInputs, end: int | None = None, adapter: str | None = None, spread: bool = False
+        self, position: int, inputs: BlockInputs, end: int | None = None, adapter: AdapterId | None = None, spread: bool = False
     ) -> tuple[torch.Tensor, int]:
         """(outputs, end) of the first hop of a route from `position` (to `end` at most)."""
         retries = Retries(self.config)

@@ -19,15 +19,16 @@ from client.retries import Retries
 from client.sequence import RemoteSequence
 from swarm import errors
 from swarm.blocks import BlockInputs
+from swarm.lora import AdapterId, adapter_ref
 from swarm.messages import MAX_PUSH_HOPS
 
 logger = logging.getLogger(__name__)
 
 
 class InferenceSession:
-    def __init__(self, sequence: RemoteSequence, *, max_length: int, batch_size: int = 1, adapter: str | None = None):
+    def __init__(self, sequence: RemoteSequence, *, max_length: int, batch_size: int = 1, adapter: AdapterId | str | None = None):
         self.sequence = sequence
-        self.adapter = adapter  # a LoRA adapter every peer of the session serves and applies
+        self.adapter = adapter_ref(adapter)  # a LoRA adapter every peer of the session serves and applies
         self.max_length = max_length
         self.batch_size = batch_size
         self.session_id = uuid.uuid4().hex
@@ -153,6 +154,7 @@ class InferenceSession:
 
     async def _open_streams(self, start: int, end: int, *, push_from: str | None) -> list[SpanStream]:
         """Streams through [start, end); the first takes pushes from `push_from`, each next one from its predecessor."""
+        self.adapter = await self.sequence.pin_adapter(self.adapter)  # a bare name: the adapter served under it, for good
         return await open_streams(
             self.sequence, self.session_id, start, end, max_length=self.max_length, batch_size=self.batch_size,
             adapter=self.adapter, push_from=push_from,
@@ -181,7 +183,7 @@ class InferenceSession:
 
 async def open_streams(
     sequence: RemoteSequence, session_id: str, start: int, end: int, *, max_length: int, batch_size: int = 1,
-    adapter: str | None = None, push_from: str | None = None, slots: int | None = None,
+    adapter: AdapterId | None = None, push_from: str | None = None, slots: int | None = None,
 ) -> list[SpanStream]:
     """Streams of session `session_id` through [start, end) over a fresh route. The first takes pushes
     from `push_from`, each next one from its predecessor (`slots`, a batched session: no pushes). A

@@ -42,7 +42,7 @@ from swarm.protocol import BlockService
 from swarm.messages import (
     PEER_REQUEST, BackwardRequest, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
 )
-from swarm.lora import LoraWeights, projection_shapes, wire_names
+from swarm.lora import AdapterId, LoraWeights, projection_shapes, wire_names
 from swarm.swarm_key import SwarmKey, check_access, make_proof
 from swarm.transport import (
     FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message,
@@ -85,7 +85,7 @@ class BlockServicer(BlockService):
         executor: concurrent.futures.ThreadPoolExecutor,
         p2p: P2P | None = None,
         swarm_key: SwarmKey | None = None,
-        adapters: dict[str, LoraWeights] | None = None,
+        adapters: dict[AdapterId, LoraWeights] | None = None,
         batch_steps: int = 32,
     ):
         self.stack = stack
@@ -93,10 +93,10 @@ class BlockServicer(BlockService):
         self.p2p = p2p  # to push steps to the next hop; None: never push
         self.peer_id = str(p2p.peer_id) if p2p is not None else None
         self.swarm_key = swarm_key  # a private swarm: every call must prove it holds the key
-        self.adapters = adapters or {}  # name -> LoRA weights of every block of the model
-        # (name, span) -> those of the span: one object that every session on them shares, so their decode
+        self.adapters = adapters or {}  # LoRA weights of every block of the model, one adapter per name
+        # (adapter, span) -> those of the span: one object that every session on them shares, so their decode
         # steps can share a forward (`decode_batch` groups by the adapter's identity)
-        self._adapter_spans: dict[tuple[str, tuple[int, int]], LoraWeights] = {}
+        self._adapter_spans: dict[tuple[AdapterId, tuple[int, int]], LoraWeights] = {}
         self.limits = Limits(
             hidden_size=stack.config.hidden_size, max_batch_size=info.max_batch_size, max_length=info.max_length,
             lora_shapes=projection_shapes(stack.config),
@@ -139,16 +139,20 @@ class BlockServicer(BlockService):
             await asyncio.sleep(0.02)
         return not self._running
 
-    def adapter_weights(self, name: str | None, span: tuple[int, int]) -> LoraWeights | None:
-        """The LoRA weights of adapter `name` for blocks `span` (None: no adapter)."""
-        if name is None:
+    def adapter_weights(self, request: ForwardRequest | OpenSession, span: tuple[int, int]) -> LoraWeights | None:
+        """The LoRA weights for blocks `span` of the adapter a request names (None: no adapter), which
+        must be the very adapter we serve under that name when the request gives its digest."""
+        if request.adapter is None:
             return None
-        if name not in self.adapters:
-            raise errors.BlocksNotServedError(f"adapter {name!r} is not served here (this peer serves {sorted(self.adapters)})")
-        key = (name, span)
-        if key not in self._adapter_spans:
-            self._adapter_spans[key] = self.adapters[name].for_blocks(*span)
-        return self._adapter_spans[key]
+        wanted = AdapterId(request.adapter, request.adapter_digest)
+        for served, weights in self.adapters.items():
+            if served.matches(wanted):
+                key = (served, span)
+                if key not in self._adapter_spans:
+                    self._adapter_spans[key] = weights.for_blocks(*span)
+                return self._adapter_spans[key]
+        serving = ", ".join(sorted(map(str, self.adapters))) or "none"
+        raise errors.BlocksNotServedError(f"adapter {wanted} is not served here (this peer serves: {serving})")
 
     def check_serving(self, stack: BlockStack) -> None:
         if self.closing:
@@ -205,7 +209,7 @@ class BlockServicer(BlockService):
                 tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
                 job = functools.partial(backward_job, stack, tensors, self.limits, span, header)
             else:
-                adapter = self.adapter_weights(header.adapter, span)
+                adapter = self.adapter_weights(header, span)
                 job = functools.partial(
                     forward_job, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
                 )
@@ -287,7 +291,7 @@ class BlockServicer(BlockService):
 
     async def _session_steps(self, inbox: _Inbox, pump, opening: OpenSession, span, context, pushes) -> AsyncIterator[Response]:
         stack = self.stack  # the session stays on these blocks, even if the peer moves meanwhile
-        adapter = self.adapter_weights(opening.adapter, span)
+        adapter = self.adapter_weights(opening, span)
         cache = stack.new_cache()
         session_limits = Limits(self.limits.hidden_size, opening.batch_size, opening.max_length)
         (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)

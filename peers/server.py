@@ -14,7 +14,6 @@ import functools
 import logging
 import random
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +27,7 @@ from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
 from swarm.identity import Identity
-from swarm.lora import LoraWeights, read_peft_adapter
+from swarm.lora import AdapterId, LoraWeights, adapter_name, read_peft_adapter
 from swarm.swarm_key import SwarmKey
 from swarm.messages import PeerInfo
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
@@ -119,15 +118,17 @@ class Peer:
         finally:
             await self._leave()
 
-    def _load_adapters(self, folders: list[str]) -> dict[str, LoraWeights]:
-        """name (the folder's name) -> LoRA weights of every block; the peer applies those of its blocks."""
+    def _load_adapters(self, folders: list[str]) -> dict[AdapterId, LoraWeights]:
+        """(name: the folder's name, digest) -> LoRA weights of every block; the peer applies those of its blocks."""
         adapters = {}
         for folder in folders:
-            name = Path(folder).name
-            if name in adapters:
-                raise ConfigError(f"--adapters: two adapters are named {name!r} (names are folder names)")
-            adapters[name] = read_peft_adapter(folder, self.model_config)[1].to(self.dtype)
-            logger.info("serving adapter %s (%s)", name, ", ".join(sorted(adapters[name].a)))
+            name = adapter_name(folder)
+            if not 0 < len(name) <= 128 or any(served.name == name for served in adapters):
+                raise ConfigError(f"--adapters: {folder}: names are folder names, unique and of 1 to 128 characters")
+            settings, weights = read_peft_adapter(folder, self.model_config)
+            adapter = AdapterId(name, settings["digest"])
+            adapters[adapter] = weights.to(self.dtype)
+            logger.info("serving adapter %s (%s)", adapter, ", ".join(settings["targets"]))
         return adapters
 
     def _cache_budget(self) -> CacheBudget:
@@ -261,7 +262,7 @@ class Peer:
     def _info(self, start: int, end: int) -> PeerInfo:
         return PeerInfo(
             protocol_version=PROTOCOL_VERSION,
-            model=self.config.model,
+            model=models.announced_name(self.source),
             dht_prefix=self.dht_prefix,
             start_block=start,
             end_block=end,
@@ -275,7 +276,7 @@ class Peer:
         return PeerRecord(
             protocol_version=PROTOCOL_VERSION,
             state=state,
-            model=self.config.model,
+            model=models.announced_name(self.source),
             start_block=start,
             end_block=end,
             throughput=float(self.throughput),
@@ -283,7 +284,8 @@ class Peer:
             dtype=self.dtype_name,
             version=swarm.__version__,
             public_name=self.config.public_name,
-            adapters=tuple(sorted(self.adapters)),
+            adapters=tuple(sorted(adapter.name for adapter in self.adapters)),
+            adapter_digests={adapter.name: adapter.digest for adapter in self.adapters},
         )
 
     async def _announce(self, timeout_s: float | None = None) -> None:

@@ -93,7 +93,7 @@ class _Slot:
 async def serve_slots(servicer, reader: FrameReader, opening: OpenSession, span: tuple[int, int], context) -> AsyncIterator[Response]:
     """A batched session's steps until the client closes it, goes idle, or sends a malformed frame."""
     stack = servicer.stack  # the session stays on these blocks, even if the peer moves meanwhile
-    adapter = servicer.adapter_weights(opening.adapter, span)
+    adapter = servicer.adapter_weights(opening, span)
     table: dict[int, _Slot] = {}
     steps = 0
     (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)

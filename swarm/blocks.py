@@ -186,7 +186,8 @@ class BlockStack(torch.nn.Module):
         for (_, cache), count in zip(steps, counts):
             for index in range(start, end):
                 layer = _layer(packed, index)
-                cache.update(layer.keys[:, :, cached + first : cached + first + count], layer.values[:, :, cached + first : cached + first + count], index)
+                new = slice(cached + first, cached + first + count)  # this sequence's tokens in the packed cache
+                cache.update(layer.keys[:, :, new], layer.values[:, :, new], index)
             results.append(hidden_states[:, first : first + count])
             first += count
         return results

@@ -242,8 +242,10 @@ def parse_blocks(text: str) -> tuple[int, int] | int | Literal["auto"]:
 
 def parse_throughput(text: str) -> Literal["auto", "eval"] | float:
     """'auto' (measured once, then cached), 'eval' (measured again) or a number of tokens/s >= 0."""
-    if text == "auto" or text == "eval":
-        return text
+    if text == "auto":
+        return "auto"
+    if text == "eval":
+        return "eval"
     try:
         value = float(text)
     except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+from swarm.lora import AdapterId
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
 PLACEMENT_STATES = (PeerState.JOINING, PeerState.ONLINE)  # where peers are or will be: a moving peer counts where it goes
@@ -27,7 +28,7 @@ class Span:
     throughput: float = 1.0  # tokens/s through one block, as announced
     state: PeerState = PeerState.ONLINE
     public_name: str | None = None
-    adapters: tuple[str, ...] = ()
+    adapters: tuple[AdapterId, ...] = ()  # by name and, where the peer announces it, digest
     record: PeerRecord | None = dataclasses.field(default=None, compare=False, repr=False)  # all it announced
 
     @property
@@ -54,8 +55,8 @@ def peer_spans(records_per_block: Sequence[Mapping[str, PeerRecord]], states: Se
                 continue
             known = spans.get(peer_id)
             if known is None or rank[record.state] < rank[known.state]:
+                adapters = tuple(AdapterId(name, record.adapter_digests.get(name)) for name in record.adapters)
                 spans[peer_id] = Span(
-                    peer_id, record.start_block, record.end_block, record.throughput, record.state, record.public_name,
-                    record.adapters, record,
+                    peer_id, record.start_block, record.end_block, record.throughput, record.state, record.public_name, adapters, record,
                 )
     return spans

@@ -20,7 +20,9 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │                               layer dropped those tokens); the cache is as it was
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
-    │   └── MissingBlocksError      no online peer serves some blocks
+    │   ├── MissingBlocksError      no online peer serves some blocks
+    │   │   └── AdapterNotServedError   ... with the LoRA adapter asked for (lists those served)
+    │   └── AmbiguousAdapterError   peers serve different adapters under the name asked for
     ├── SessionError
     │   ├── SessionLengthError      max_length of an inference session exceeded
     │   └── UnknownSessionError     the peer has no such session
@@ -113,6 +115,29 @@ class MissingBlocksError(RoutingError):
         spans = _format_spans(self.missing_blocks)
         where = f" of {model}" if model else ""
         super().__init__(f"no online peer serves blocks {spans}{where}")
+
+
+class AdapterNotServedError(MissingBlocksError):
+    """Some blocks are served by no online peer with the LoRA adapter asked for."""
+
+    def __init__(self, missing_blocks: list[int], adapter: str, served: list[str]):
+        self.missing_blocks, self.adapter, self.served = list(missing_blocks), adapter, list(served)
+        RoutingError.__init__(
+            self,
+            f"no online peer serves blocks {_format_spans(self.missing_blocks)} with adapter {adapter}; "
+            f"adapters served: {', '.join(self.served) or 'none'}",
+        )
+
+
+class AmbiguousAdapterError(RoutingError):
+    """Peers serve different adapters (different digests) under the name asked for."""
+
+    def __init__(self, name: str, served: list[str]):
+        self.name, self.served = name, list(served)
+        super().__init__(
+            f"adapter {name!r} is ambiguous: peers serve {', '.join(self.served)}; "
+            "pass the path of the adapter's folder to pick one by its digest"
+        )
 
 
 class SessionError(SwarmError):

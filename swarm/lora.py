@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +29,25 @@ PROJECTIONS = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 MAX_RANK = 256
+DIGEST_CHARS = 16  # hex digits of an adapter's sha256 that identify it: 64 bits, no accidental collision
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterId:
+    """A LoRA adapter as the swarm knows it: `name`, the name of the folder it was saved to, and
+    `digest`, the first DIGEST_CHARS hex digits of the sha256 of its settings and weights
+    (`adapter_digest`); None for a bare name a user gave, or one announced by a peer that predates digests."""
+
+    name: str
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} (sha256 {self.digest})" if self.digest else self.name
+
+    def matches(self, other: AdapterId) -> bool:
+        """Same name, and the same digest unless one of them is unknown."""
+        return self.name == other.name and (self.digest is None or other.digest is None or self.digest == other.digest)
 
 
 @dataclasses.dataclass
@@ -39,11 +60,11 @@ class LoraWeights:
     dropout: float = 0.0  # training only: the probability of zeroing an input of the LoRA path
     seed: int = 0  # of the dropout masks
 
-    def for_blocks(self, start: int, end: int) -> "LoraWeights":
+    def for_blocks(self, start: int, end: int) -> LoraWeights:
         """The weights of blocks [start, end) of this range (indices relative to its first block)."""
         return dataclasses.replace(self, a={k: v[start:end] for k, v in self.a.items()}, b={k: v[start:end] for k, v in self.b.items()})
 
-    def to(self, dtype: torch.dtype) -> "LoraWeights":
+    def to(self, dtype: torch.dtype) -> LoraWeights:
         return dataclasses.replace(self, a={k: v.to(dtype) for k, v in self.a.items()}, b={k: v.to(dtype) for k, v in self.b.items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -55,7 +76,7 @@ class LoraWeights:
         return named
 
     @classmethod
-    def from_tensors(cls, scaling: float, tensors: dict[str, torch.Tensor]) -> "LoraWeights | None":
+    def from_tensors(cls, scaling: float, tensors: dict[str, torch.Tensor]) -> LoraWeights | None:
         a = {key.removeprefix("lora_a."): value for key, value in tensors.items() if key.startswith("lora_a.")}
         b = {key.removeprefix("lora_b."): value for key, value in tensors.items() if key.startswith("lora_b.")}
         return cls(scaling, a, b) if a or b else None
@@ -121,19 +142,71 @@ def peft_key(block: int, name: str, part: str) -> str:
     return f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}.{part}.weight"
 
 
-def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
-    """(r, alpha, targets) and the weights of every block of a peft LoRA adapter folder
-    (adapter_config.json + adapter_model.safetensors; plain LoRA only, nothing unpickled)."""
-    import json
+def adapter_ref(adapter: AdapterId | str | Path | None) -> AdapterId | None:
+    """What a user passes as `adapter=` -> an AdapterId: a path (one with a folder separator, starting
+    with . or ~, or an adapter folder that exists here) is read for its name and digest; anything else
+    is a bare name, resolved against what peers announce (`client.routing.resolve_adapter`)."""
+    if adapter is None or isinstance(adapter, AdapterId):
+        return adapter
+    text = str(adapter)
+    path = Path(text).expanduser()
+    looks_like_path = isinstance(adapter, Path) or "/" in text or text.startswith((".", "~"))
+    if looks_like_path or (path / ADAPTER_FILES[0]).is_file():
+        return adapter_identity(path)
+    if not text or len(text) > 128:
+        raise ConfigError(f"adapter name {text!r}: 1 to 128 characters (a peer announces its adapter folder's name)")
+    return AdapterId(text)
 
+
+def adapter_identity(path: str | Path) -> AdapterId:
+    """The name (the folder's) and digest of the peft adapter saved in folder `path`."""
+    settings, state = _read_folder(Path(path).expanduser())
+    return AdapterId(adapter_name(path), adapter_digest(settings, state))
+
+
+def adapter_name(path: str | Path) -> str:
+    """The name an adapter saved in folder `path` is served under: the folder's name."""
+    return Path(path).expanduser().resolve().name
+
+
+def adapter_digest(settings: dict, state: dict[str, torch.Tensor]) -> str:
+    """The first DIGEST_CHARS hex digits of the sha256 of what an adapter computes: its rank, alpha
+    and targets, then every tensor (name, dtype, shape, bytes) in name order. Independent of how the
+    file was written (tensor order, metadata), so peft's and our own `save_pretrained` agree."""
+    digest = hashlib.sha256()
+    targets, alpha = settings.get("target_modules") or [], settings.get("lora_alpha")
+    shape = {
+        "r": settings.get("r"),
+        "alpha": float(alpha) if isinstance(alpha, (int, float)) else alpha,  # peft writes 16, RemoteLoRA 16.0
+        "targets": targets if isinstance(targets, str) else sorted(map(str, targets)),
+    }
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
+def _read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json and the tensors of adapter_model.safetensors (nothing unpickled)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
     try:
-        settings = json.loads((path / "adapter_config.json").read_text())
-        state = load_file(path / "adapter_model.safetensors")
+        settings = json.loads((path / ADAPTER_FILES[0]).read_text())
+        state = load_file(path / ADAPTER_FILES[1])
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"adapter {path}: needs adapter_config.json and adapter_model.safetensors ({exc})") from exc
+        raise ConfigError(f"adapter {path}: needs {' and '.join(ADAPTER_FILES)} ({exc})") from exc
+    if not isinstance(settings, dict):
+        raise ConfigError(f"adapter {path}: {ADAPTER_FILES[0]} holds no settings")
+    return settings, state
+
+
+def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
+    """(r, alpha, targets, digest) and the weights of every block of a peft LoRA adapter folder
+    (adapter_config.json + adapter_model.safetensors; plain LoRA only, nothing unpickled)."""
+    path = Path(path)
+    settings, state = _read_folder(path)
     targets = settings.get("target_modules") or []
     if isinstance(targets, str) or not set(targets) <= set(PROJECTIONS) or settings.get("peft_type") != "LORA":
         raise ConfigError(f"adapter {path}: a LoRA adapter of projections among {sorted(PROJECTIONS)} is needed, got {targets}")
@@ -151,4 +224,5 @@ def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
     except (KeyError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"adapter {path} does not fit this model: {exc}") from exc
     dropout = float(settings.get("lora_dropout") or 0.0)  # a training setting: serving applies none
-    return {"r": r, "alpha": alpha, "targets": sorted(targets), "dropout": dropout}, LoraWeights(alpha / r, a, b)
+    summary = {"r": r, "alpha": alpha, "targets": sorted(targets), "dropout": dropout, "digest": adapter_digest(settings, state)}
+    return summary, LoraWeights(alpha / r, a, b)

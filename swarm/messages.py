@@ -27,6 +27,9 @@ LoraSeed = Annotated[int | None, Field(default=None, ge=0, lt=2**63, description
 AdapterName = Annotated[
     str | None, Field(default=None, min_length=1, max_length=128, description="a LoRA adapter the peer serves")
 ]
+AdapterDigest = Annotated[
+    str | None, Field(default=None, pattern=r"^[0-9a-f]{16}$", description="that adapter's digest, as the peer announces it")
+]
 AuthProof = Annotated[str | None, Field(default=None, max_length=128, description="private swarms: see swarm.swarm_key")]
 
 
@@ -48,6 +51,7 @@ class ForwardRequest(_Message):
     lora_dropout: LoraDropout = None
     lora_seed: LoraSeed = None
     adapter: AdapterName = None
+    adapter_digest: AdapterDigest = None
     auth: AuthProof = None
 
 
@@ -83,6 +87,7 @@ class OpenSession(_Message):
         default=None, description="the previous hop's peer id: the only peer allowed to push steps into this session"
     )
     adapter: AdapterName = None
+    adapter_digest: AdapterDigest = None
     auth: AuthProof = None
 
 

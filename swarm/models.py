@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -89,6 +91,22 @@ def resolve_model(name_or_path: str) -> ModelSource:
             f"the default model is {DEFAULT_MODEL!r}"
         )
     return ModelSource(name_or_path, _download_small_files(name_or_path), name_or_path, _dht_prefix(name_or_path))
+
+
+@functools.cache
+def announced_name(source: ModelSource) -> str:
+    """The model's public name, in records and on dashboards: a Hub id or the default model as
+    itself; a local folder as `<folder name>@<digest>`, never its path (which tells strangers whose
+    disk it is on). The digest, of config.json and the weight files' names and sizes (and the
+    safetensors index), tells apart two different folders of one name."""
+    if source.repo_id is not None or source.name == DEFAULT_MODEL:
+        return source.repo_id or source.name
+    digest = hashlib.sha256((source.path / "config.json").read_bytes())
+    if (source.path / _INDEX_FILE).exists():
+        digest.update((source.path / _INDEX_FILE).read_bytes())
+    for file in sorted(source.path.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return f"{source.path.name[:200]}@{digest.hexdigest()[:16]}"
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:

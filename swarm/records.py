@@ -1,7 +1,8 @@
 """DHT keys and the typed record every peer announces for each block it serves.
 
 Layout: one DHT key per block, `<dht_prefix>.<block_index>`; one subkey per peer (its base58 peer id
-followed by its public key, which signs the record: see `swarm.identity`); the value is a `PeerRecord` dumped to plain JSON types. A models index key lists every model announced.
+followed by its public key, which signs the record: see `swarm.identity`); the value is a `PeerRecord`
+dumped to plain JSON types. A models index key lists every model announced.
 This module only builds and validates records; it does no I/O (see `swarm.network`).
 """
 
@@ -28,6 +29,10 @@ MODELS_KEY = "swarm.models"  # subkey: dht_prefix, value: ModelRecord
 MAX_BLOCKS = 4096  # no supported model has more blocks than this
 
 
+AdapterNameText = Annotated[str, Field(min_length=1, max_length=128)]
+AdapterDigestText = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]  # swarm.lora.DIGEST_CHARS hex digits
+
+
 class PeerState(str, enum.Enum):
     JOINING = "joining"
     ONLINE = "online"
@@ -49,8 +54,12 @@ class PeerRecord(BaseModel):
     dtype: str = Field(max_length=32, description="torch dtype of the blocks, e.g. float32")
     version: str = Field(max_length=64, description="swarm package version")
     public_name: str | None = Field(default=None, max_length=128, description="optional display name")
-    adapters: tuple[Annotated[str, Field(min_length=1, max_length=128)], ...] = Field(
+    adapters: tuple[AdapterNameText, ...] = Field(
         default=(), max_length=32, description="names of the LoRA adapters the peer serves"
+    )
+    adapter_digests: dict[AdapterNameText, AdapterDigestText] = Field(
+        default_factory=dict, max_length=32,
+        description="adapter name -> its digest (swarm.lora.adapter_digest); peers that predate digests send none",
     )
 
     @model_validator(mode="before")

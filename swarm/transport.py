@@ -43,7 +43,9 @@ Header = TypeVar("Header", bound=BaseModel)
 
 
 def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type: type[Proto]) -> Iterator[Proto]:
-    """Yield the messages of one frame; the last one carries the JSON header."""
+    """Yield the messages of one frame; the last one carries the JSON header. Fields left None are not
+    sent (every None field defaults to None): a peer of the same protocol version that predates an
+    optional field accepts every message that does not use it."""
     batch: list[runtime_pb2.Tensor] = []
     batch_bytes = 0
     for tensor in tensors:
@@ -54,11 +56,11 @@ def encode_frame(header: BaseModel, tensors: Sequence[torch.Tensor], proto_type:
                 batch, batch_bytes = [], 0
             batch.append(part)
             batch_bytes += len(part.buffer)
-    yield proto_type(tensors=batch, metadata=header.model_dump_json().encode())
+    yield proto_type(tensors=batch, metadata=header.model_dump_json(exclude_none=True).encode())
 
 
 def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None = None, step_id: int | None = None) -> Proto:
-    code = code or getattr(exc, "code", "internal")
+    code = code or str(getattr(exc, "code", None) or "internal")
     header = ErrorReply(code=code, message=str(exc)[:2000] or type(exc).__name__, step_id=step_id)
     (message,) = encode_frame(header, [], proto_type)
     return message
@@ -207,5 +209,5 @@ def raise_if_error(header: BaseModel) -> None:
 
 def frame_tensors(mapping: Mapping[str, torch.Tensor | None]) -> tuple[list[str], list[torch.Tensor]]:
     """Drop None entries; return the names and tensors in a stable order."""
-    names = [name for name, tensor in mapping.items() if tensor is not None]
-    return names, [mapping[name] for name in names]
+    present = {name: tensor for name, tensor in mapping.items() if tensor is not None}
+    return list(present), list(present.values())

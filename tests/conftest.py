@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from swarm.tools.local import LocalSwarm  # noqa: E402
+from swarm.tools.local import LocalSwarm
 
 
 def stop_group(process: subprocess.Popen, timeout_s: float = 30.0) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm import network
+from swarm import models, network
 from swarm.config import LOOPBACK_MADDRS
 from swarm.identity import Identity
 from swarm.api.jobs import group_alive
@@ -120,8 +120,9 @@ def test_state_metrics_and_health(swarm, dashboard, tiny_model_path):
     status, metrics = dashboard.get("/metrics")
     assert status == 200
     assert 'swarm_peers{state="online"} 2.0' in metrics
-    assert f'swarm_blocks_served{{model="{tiny_model_path}"}} 4.0' in metrics
-    assert f'swarm_min_block_throughput{{model="{tiny_model_path}"}} 1.0' in metrics
+    name = models.announced_name(models.resolve_model(str(tiny_model_path)))  # a local folder's public name: no path
+    assert f'swarm_blocks_served{{model="{name}"}} 4.0' in metrics
+    assert f'swarm_min_block_throughput{{model="{name}"}} 1.0' in metrics
     status, body = dashboard.get("/healthz")
     assert status == 200 and json.loads(body)["status"] == "ok"
     status, page = dashboard.get("/")
@@ -210,7 +211,8 @@ def test_the_page_in_headless_chromium(swarm, dashboard, tiny_model_path, tmp_pa
     try:
         driver.get(dashboard.url + "/")
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-blockmap="{prefix}"] .cell'))
-        section = driver.find_element(By.CSS_SELECTOR, f'section[data-model="{tiny_model_path}"]')
+        name = models.announced_name(models.resolve_model(str(tiny_model_path)))
+        section = driver.find_element(By.CSS_SELECTOR, f'section[data-model="{name}"]')
         cells = section.find_elements(By.CSS_SELECTOR, ".blocks .cell")
         assert [cell.text for cell in cells] == ["1", "1", "1", "1"]
         rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]

@@ -9,7 +9,7 @@ import pytest
 
 from swarm import balance, network
 from swarm.config import LOOPBACK_MADDRS, PeerConfig
-from swarm.local import LocalSwarm, Node
+from swarm.tools.local import LocalSwarm, Node
 from swarm.models import resolve_model
 from swarm.records import parse_peer_records
 from tests.conftest import PEER_ENV, make_tiny_llama

@@ -19,8 +19,8 @@ from peers.handler import BlockServicer
 from peers.validation import Limits
 from swarm import errors
 from swarm.blocks import BlockInputs, BlockStack
-from swarm.lora import LoraWeights, projection_shapes
-from swarm.messages import PeerInfo
+from swarm.lora import AdapterId, LoraWeights, projection_shapes
+from swarm.messages import OpenSession, PeerInfo
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,8 +151,9 @@ def test_decode_steps_of_two_sessions_on_one_adapter_share_a_forward(monkeypatch
 
     async def run():
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            peer = servicer(stack, executor, adapters={"tuned": random_adapter(stack)})
-            adapters = [peer.adapter_weights("tuned", span) for _ in prefixes]  # each session asks for its own
+            peer = servicer(stack, executor, adapters={AdapterId("tuned", "0" * 16): random_adapter(stack)})
+            opening = OpenSession(session_id="s", start_block=span[0], end_block=span[1], max_length=64, batch_size=1, adapter="tuned")
+            adapters = [peer.adapter_weights(opening, span) for _ in prefixes]  # each session asks for its own
             caches = [filled_cache(stack, prefix, adapter) for prefix, adapter in zip(prefixes, adapters)]
             jobs = [
                 DecodeJob(stack, span, adapter, [({"hidden_states": step}, limits, cache, cache.get_seq_length(0))],

@@ -48,7 +48,7 @@ class Node:
                 line = self.lines.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 if self.process.poll() is not None:
-                    raise LocalSwarmError(f"{self.name} exited with {self.process.returncode}; log: {self.log_tail()}")
+                    raise LocalSwarmError(f"{self.name} exited with {self.process.returncode}; log: {self.log_tail()}") from None
                 continue
             if line.startswith(prefix):
                 return line
