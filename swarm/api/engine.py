@@ -26,6 +26,7 @@ from client.sampling import SeededSampler, generation_kwargs
 from swarm.api.schema import ChatMessage
 from swarm.config import DEFAULT_MAX_LENGTH, ClientConfig
 from swarm.errors import ConfigError
+from swarm.lora import AdapterId
 
 MAX_CONCURRENT_GENERATIONS = 64  # unbatched requests, each in a thread of its own
 
@@ -42,7 +43,7 @@ class Engine:
         self.max_batch, self.lanes = max_batch, lanes
         self.max_length = max_length or min(getattr(self.model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
         self.batched = max_batch > 1 and supports(self.model.generation_config)
-        self._generators: dict[str | None, list[BatchedGenerator]] = {}  # by adapter: its lanes
+        self._generators: dict[AdapterId | None, list[BatchedGenerator]] = {}  # by adapter: its lanes
         self._lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos]) - {None}
@@ -63,10 +64,12 @@ class Engine:
         stops: list[str], adapter: str | None,
     ) -> AsyncIterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens generated so far); the last item has the
-        finish reason ("stop": end of sequence or a stop string; "length": max_tokens)."""
+        finish reason ("stop": end of sequence or a stop string; "length": max_tokens). `adapter` is the name
+        of an adapter the peers serve, never a path: an HTTP caller must not make this server read its disk."""
+        adapter_id = None if adapter is None else AdapterId(adapter)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         start = self._start_batched if self.batched else self._start_alone
-        output, stop, generated = start(input_ids, streamer, max_tokens, temperature, top_p, seed, adapter)
+        output, stop, generated = start(input_ids, streamer, max_tokens, temperature, top_p, seed, adapter_id)
         text, sent, reason = "", 0, None
         hold = max((len(stop_text) for stop_text in stops), default=1) - 1  # a piece that may begin a stop string waits
         try:
@@ -126,7 +129,7 @@ class Engine:
 
         return loop.run_in_executor(self.executor, run), stopped.set, generated
 
-    def _generator(self, adapter: str | None) -> BatchedGenerator:
+    def _generator(self, adapter: AdapterId | None) -> BatchedGenerator:
         """The least busy lane for `adapter` (lanes start on first use)."""
         with self._lock:
             if adapter not in self._generators:
