@@ -3,35 +3,22 @@ thread at the same time run as one batched forward over its blocks.
 
 There is no waiting window: a step that finds the compute thread idle runs at once, alone; steps that
 arrive while it is busy queue up, and the next turn takes all of them (up to `max_steps` rows) together.
-An item may carry several rows (a batched session's decode step, `peers.slots`): it counts as that many.
+An item may carry several rows (a batched session's step, `peers.slots`): it counts as that many.
 Sessions join and leave the batch at any step; each keeps its own KV cache and position
-(`BlockStack.step_batch`). Prefill runs apart, in chunks (`peers.handler`), so a long prompt holds the
-thread for one chunk at a time.
+(`BlockStack.step_batch`). Prefill runs apart, in chunks (`peers.scheduler`), so a long prompt holds the
+thread for one chunk at a time. Items are opaque here: `run_batch` (on the compute thread) runs a turn's
+items and returns one result or exception per item.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import Any, Awaitable, Callable
 
 from swarm import errors
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class DecodeJob:
-    """Decode rows, one new token each, every row continuing its own cache, which may share a forward
-    with other jobs' rows; `finish(inputs, outputs)` makes the job's result of its rows' outputs (on the
-    compute thread). See `peers.handler.BlockServicer._compute_batch`."""
-
-    stack: Any  # swarm.blocks.BlockStack
-    span: tuple[int, int]
-    adapter: Any  # swarm.lora.LoraWeights | None
-    rows: list[tuple[dict, Any, Any, int]]  # tensors, peers.validation.Limits, cache, position
-    finish: Callable[[list, list], Any]
 
 
 class StepBatcher:

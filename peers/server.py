@@ -21,7 +21,11 @@ from tqdm.auto import tqdm
 import swarm
 from peers import placement, sizing
 from peers.cache import CacheBudget
-from peers.handler import BlockServicer
+from peers.handler import BlockServicer, ServicerConfig
+from peers.pushes import PushChannels
+from peers.scheduler import Scheduler
+from peers.serving import Serving
+from peers.sessions import PUSH_TIMEOUT_S, SessionEnv
 from swarm import balance, models, network, protocol
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
@@ -57,11 +61,11 @@ class Peer:
         self.dtype = sizing.resolve_dtype(config.dtype, config.device)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.block_count = spec if isinstance(spec, int) else None  # "auto": chosen from memory in run()
-        self.start_block, self.end_block = self.fixed_range or (0, 0)
+        self._chosen = self.fixed_range or (0, 0)  # the blocks to load; once serving, they are the stack's
         self.moving_to: tuple[int, int] | None = None  # a range being loaded, announced as joining
         self.throughput = 0.0
         self.dht = None
-        self.servicer: BlockServicer | None = None
+        self.servicer: BlockServicer | None = None  # serving: what it serves is `self.servicer.serving`
         self.state = PeerState.JOINING
         self.peer_id: str | None = None
         self.p2p = None
@@ -88,25 +92,14 @@ class Peer:
                 if stop.is_set():
                     return
             await self._announce()
-            stack = await loop.run_in_executor(self.executor, self._load_blocks, self.start_block, self.end_block, None)
+            stack = await loop.run_in_executor(self.executor, self._load_blocks, *self._chosen, None)
             self.p2p = await self.dht.replicate_p2p()
-            self.servicer = BlockServicer(
-                stack,
-                self._info(self.start_block, self.end_block),
-                cache=self._cache_budget(),
-                session_idle_timeout_s=self.config.session_idle_timeout_s,
-                cache_wait_s=self.config.cache_wait_s,
-                executor=self.executor,
-                p2p=self.p2p,
-                swarm_key=self.swarm_key,
-                adapters=self.adapters,
-                batch_steps=self.config.batch_steps,
-            )
+            self.servicer = self._servicer(stack)
             await protocol.register(self.p2p, self.servicer, self.dht_prefix)
             self.state = PeerState.ONLINE
             await self._announce()
-            logger.info("serving %s blocks %d:%d as %s", self.config.model, self.start_block, self.end_block, self.peer_id)
-            print(f"swarm: ready, serving {self.config.model} blocks {self.start_block}:{self.end_block}", flush=True)
+            logger.info("serving %s blocks %d:%d as %s", self.config.model, *self.blocks, self.peer_id)
+            print(f"swarm: ready, serving {self.config.model} blocks {self.blocks[0]}:{self.blocks[1]}", flush=True)
             tasks = [asyncio.create_task(self._announce_until(stop))]
             if self.fixed_range is None:
                 tasks.append(asyncio.create_task(self._rebalance_until(stop)))
@@ -117,6 +110,26 @@ class Peer:
                     task.cancel()
         finally:
             await self._leave()
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """The blocks this peer serves (its stack's), or, before it serves, those it chose to load."""
+        return self.servicer.serving.blocks if self.servicer is not None else self._chosen
+
+    def _servicer(self, stack: BlockStack) -> BlockServicer:
+        """The serving pipeline over `stack`: what it serves, the compute scheduler, its sessions' shared state."""
+        serving = Serving(stack, self._info(stack.start_block, stack.end_block), self.adapters)
+        p2p, dht_prefix = self.p2p, self.dht_prefix
+        env = SessionEnv(
+            serving=serving,
+            scheduler=Scheduler(self.executor, self.config.batch_steps),
+            cache=self._cache_budget(),
+            idle_timeout_s=self.config.session_idle_timeout_s,
+            peer_id=self.peer_id or "",
+            swarm_key=self.swarm_key,
+            new_pusher=lambda: PushChannels(p2p, dht_prefix, PUSH_TIMEOUT_S),
+        )
+        return BlockServicer(env, ServicerConfig(idle_timeout_s=self.config.session_idle_timeout_s, cache_wait_s=self.config.cache_wait_s))
 
     def _load_adapters(self, folders: list[str]) -> dict[AdapterId, LoraWeights]:
         """(name: the folder's name, digest) -> LoRA weights of every block; the peer applies those of its blocks."""
@@ -133,12 +146,12 @@ class Peer:
 
     def _cache_budget(self) -> CacheBudget:
         """KV-cache bytes (--cache-gb, or --cache-tokens over the served blocks) and session slots."""
-        per_token = sizing.kv_bytes_per_token(self.model_config, self.dtype) * (self.end_block - self.start_block)
+        per_token = sizing.kv_bytes_per_token(self.model_config, self.dtype) * (self.blocks[1] - self.blocks[0])
         total = int(self.config.cache_gb * 2**30) if self.config.cache_gb else self.config.cache_tokens * per_token
         budget = CacheBudget(total, per_token, self.config.max_sessions)
         logger.info(
             "KV cache: %.1f MiB (%d tokens over %d blocks), up to %d sessions at once",
-            total / 2**20, budget.total_tokens, self.end_block - self.start_block, self.config.max_sessions,
+            total / 2**20, budget.total_tokens, self.blocks[1] - self.blocks[0], self.config.max_sessions,
         )
         return budget
 
@@ -169,9 +182,9 @@ class Peer:
         spans.pop(self.peer_id, None)  # our own record from an earlier life, if any
         throughputs = balance.block_throughputs(spans.values(), self.num_blocks)
         start = balance.choose_start(throughputs, self.block_count, self.rng)
-        self.start_block, self.end_block = start, start + self.block_count
+        self._chosen = (start, start + self.block_count)
         logger.info(
-            "taking blocks %d:%d (%s); %s", self.start_block, self.end_block, explanation,
+            "taking blocks %d:%d (%s); %s", *self.blocks, explanation,
             placement.describe_choice(throughputs, start, self.block_count),
         )
 
@@ -210,7 +223,7 @@ class Peer:
             log = logger.info if rebalance_due else logger.debug
             log("the swarm read back without this peer's own record (a DHT node is slow?): not moving now")
             return
-        me = balance.Span(self.peer_id, self.start_block, self.end_block, self.throughput)
+        me = balance.Span(self.peer_id, *self.blocks, self.throughput)
         spans[self.peer_id] = me  # as we are now, whatever the DHT still holds
         covers = watch.plan(spans, self.num_blocks, time.monotonic())
         mine = next((cover for cover in covers if cover.peer_id == self.peer_id), None)
@@ -221,21 +234,21 @@ class Peer:
             return
         move = balance.plan_move(spans, self.num_blocks, self.peer_id, threshold=self.config.balance_threshold, rng=self.rng)
         if move.start is None:
-            logger.debug("staying on blocks %d:%d: %s", self.start_block, self.end_block, move.reason)
+            logger.debug("staying on blocks %d:%d: %s", *self.blocks, move.reason)
             return
         await self._move(move.start, move.start + me.length, move.reason)
 
     async def _move(self, start: int, end: int, reason: str) -> None:
         """Warm handoff: announce and load the new blocks while serving the old ones, switch, then
         announce the old ones offline. Sessions on the old blocks finish within handoff_grace_s."""
-        old_start, old_end = self.start_block, self.end_block
+        old_start, old_end = self.blocks
         logger.info("moving from blocks %d:%d to %d:%d: %s", old_start, old_end, start, end, reason)
         self.moving_to = (start, end)
         await self._announce()
         loop = asyncio.get_running_loop()
-        stack = await loop.run_in_executor(self.executor, self._load_blocks, start, end, self.servicer.stack)
-        self.servicer.switch(stack, self._info(start, end), self.config.handoff_grace_s)
-        self.start_block, self.end_block, self.moving_to = start, end, None
+        stack = await loop.run_in_executor(self.executor, self._load_blocks, start, end, self.servicer.serving.stack)
+        self.servicer.serving.switch(stack, self.config.handoff_grace_s)
+        self.moving_to = None
         await self._announce()
         left = set(range(old_start, old_end)) - set(range(start, end))
         if left:
@@ -290,7 +303,7 @@ class Peer:
 
     async def _announce(self, timeout_s: float | None = None) -> None:
         """Our current record (and, while moving, a joining record for where we are going)."""
-        await self._announce_record(self._record(self.state, self.start_block, self.end_block), timeout_s=timeout_s)
+        await self._announce_record(self._record(self.state, *self.blocks), timeout_s=timeout_s)
         if self.moving_to is not None:
             await self._announce_record(self._record(PeerState.JOINING, *self.moving_to), timeout_s=timeout_s)
 
@@ -327,14 +340,14 @@ class Peer:
         if self.dht is None:
             return
         try:
-            if self.peer_id is not None and self.end_block > self.start_block:
+            if self.peer_id is not None and self.blocks[1] > self.blocks[0]:
                 self.state = PeerState.OFFLINE
-                await self._announce_record(self._record(self.state, self.start_block, self.end_block), timeout_s=LEAVE_TIMEOUT_S)
+                await self._announce_record(self._record(self.state, *self.blocks), timeout_s=LEAVE_TIMEOUT_S)
                 if self.moving_to is not None:  # a move cut short: nobody should count on it
                     await self._announce_record(self._record(self.state, *self.moving_to), timeout_s=LEAVE_TIMEOUT_S)
             if self.servicer is not None:
-                self.servicer.closing = True
-                if not await self.servicer.wait_idle(self.config.shutdown_grace_s):
+                self.servicer.serving.closing = True
+                if not await self.servicer.scheduler.wait_idle(self.config.shutdown_grace_s):
                     logger.warning("a step was still running after %.1f s: leaving anyway", self.config.shutdown_grace_s)
             if self.p2p is not None:
                 await protocol.unregister(self.p2p, self.dht_prefix)

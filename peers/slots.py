@@ -3,9 +3,9 @@ own KV cache, position and cache reservation, stepped together: a decode step of
 message in, one batched forward (shared with other sessions' decode steps waiting at the same time),
 one message out.
 
-`plan_step` checks a `SlotStep` against the session's slots (pure); `serve_slots` runs a session
-through the servicer (`peers.handler`): a step's rows (decode tokens and prefill chunks alike) run
-as one forward, shared with other sessions' decode steps waiting at the same time. A slot reserves
+`plan_step` checks a `SlotStep` against the session's slots (pure); `SlotSession` runs a session: a
+step's rows (decode tokens and prefill chunks alike) go to the scheduler as one batched step, which
+shares a forward with other sessions' decode steps waiting at the same time. A slot reserves
 cache for its sequence when it starts and gives it back when it is released, restarted or the
 session ends. No pushes: the client relays every step (`client.batched`).
 """
@@ -20,11 +20,13 @@ from typing import AsyncIterator
 import torch
 from hivemind.proto import runtime_pb2
 
-from peers.batching import DecodeJob
+from peers import replies
+from peers.compute import Row, Step
+from peers.sessions import SessionEnv
 from peers.validation import Limits
 from swarm import errors
-from swarm.messages import MAX_SLOT_STEP_TOKENS, PEER_REQUEST, OpenSession, Result, SessionOpened, SlotStep
-from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
+from swarm.messages import MAX_SLOT_STEP_TOKENS, PEER_REQUEST, OpenSession, SlotStep
+from swarm.transport import FrameReader, decode_header, name_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -90,79 +92,85 @@ class _Slot:
     length: int  # tokens reserved
 
 
-async def serve_slots(servicer, reader: FrameReader, opening: OpenSession, span: tuple[int, int], context) -> AsyncIterator[Response]:
-    """A batched session's steps until the client closes it, goes idle, or sends a malformed frame."""
-    stack = servicer.stack  # the session stays on these blocks, even if the peer moves meanwhile
-    adapter = servicer.adapter_weights(opening, span)
-    table: dict[int, _Slot] = {}
-    steps = 0
-    (reply,) = encode_frame(SessionOpened(session_id=opening.session_id), [], Response)
-    yield reply
-    try:
-        while True:
-            try:
-                async with asyncio.timeout(servicer.session_idle_timeout_s):
-                    frame = await reader.read()
-            except TimeoutError:
-                logger.info("batched session %s idle for %.0f s: freeing its cache", opening.session_id[:8], servicer.session_idle_timeout_s)
-                return
-            except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
-                yield servicer.error_reply(exc, context, "slot step")
-                return
-            if frame is None:
-                return
-            step = None
-            try:
-                step = decode_header(PEER_REQUEST, frame[0])
-                if not isinstance(step, SlotStep):
-                    raise errors.InvalidRequestError(f"a batched session takes slot steps, got {step.type!r}")
-                outputs = await _run_step(servicer, stack, adapter, table, opening, span, step, frame[1])
-            except errors.SwarmError as exc:  # refused before any compute: the caches are intact
-                yield servicer.error_reply(exc, context, "slot step", step_id=getattr(step, "step_id", None))
-                continue
-            except Exception as exc:  # failed mid-compute: caches may be half-updated, end the session
-                yield servicer.error_reply(exc, context, "slot step", step_id=getattr(step, "step_id", None))
-                return
-            steps += 1
-            names = ["hidden_states"] if outputs is not None else []
-            for message in encode_frame(Result(tensor_names=names, step_id=step.step_id), [] if outputs is None else [outputs], Response):
-                yield message
-    finally:
-        for slot in table.values():
-            await servicer.cache.give_back(slot.length)
-        logger.info("batched session %s on blocks %d:%d ended after %d steps", opening.session_id[:8], *span, steps)
+class SlotSession:
+    """A batched session: its slots' caches and reservations, stepped as one."""
 
+    def __init__(self, opening: OpenSession, reader: FrameReader, env: SessionEnv, caller: str):
+        self.id, self.span = opening.session_id, (opening.start_block, opening.end_block)
+        self.slots, self.max_length = opening.slots or 0, opening.max_length
+        self.reader, self.env, self.caller = reader, env, caller
+        self.stack = env.serving.stack  # the session stays on these blocks, even if the peer moves meanwhile
+        self.adapter = env.serving.adapter_weights(opening, self.span)
+        self.table: dict[int, _Slot] = {}
+        self.steps = 0
 
-async def _run_step(servicer, stack, adapter, table: dict[int, _Slot], opening: OpenSession, span, step: SlotStep, tensors) -> torch.Tensor | None:
-    named = name_tensors(step, tensors, ("hidden_states",)) if tensors or step.tensor_names else {}
-    hidden_states = named.get("hidden_states")
-    if hidden_states is not None and hidden_states.ndim != 3:
-        raise errors.InvalidRequestError(f"hidden_states must be [1, tokens, hidden], got {list(hidden_states.shape)}")
-    servicer.check_serving(stack)
-    held = {slot: (stack.cache_length(entry.cache, span[0]), entry.length) for slot, entry in table.items()}
-    shape = None if hidden_states is None else (hidden_states.shape[0], hidden_states.shape[1])
-    plans = plan_step(step, held, slots=opening.slots, max_length=opening.max_length, shape=shape)
-    for slot in step.release:
-        await _free(servicer, table, slot)
-    for slot, length in zip(step.starts, step.start_lengths):
-        await _free(servicer, table, slot)
-        servicer.cache.take(length)  # OverloadedError: the client tries again later
-        table[slot] = _Slot(stack.new_cache(), length)
-    if not plans:
-        return None
-    hidden_size, rows, first = servicer.limits.hidden_size, [], 0
-    for plan in plans:
-        piece = hidden_states[:, first : first + plan.tokens]  # [1, tokens, hidden]
-        rows.append(({"hidden_states": piece}, Limits(hidden_size, 1, plan.length), table[plan.slot].cache, plan.position))
-        first += plan.tokens
-    return await servicer.run_decode(DecodeJob(stack, span, adapter, rows, _side_by_side))
+    async def serve(self) -> AsyncIterator[Response]:
+        """The session's replies until the client closes it, goes idle, or sends a malformed frame."""
+        yield replies.opened(self.id)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.env.idle_timeout_s):
+                        frame = await self.reader.read()
+                except TimeoutError:
+                    logger.info("batched session %s idle for %.0f s: freeing its cache", self.id[:8], self.env.idle_timeout_s)
+                    return
+                except errors.SwarmError as exc:  # a malformed frame: end the session, keep serving others
+                    yield self._refusal(exc)
+                    return
+                if frame is None:
+                    return
+                step = None
+                try:
+                    step = decode_header(PEER_REQUEST, frame[0])
+                    if not isinstance(step, SlotStep):
+                        raise errors.InvalidRequestError(f"a batched session takes slot steps, got {step.type!r}")
+                    outputs = await self._run(step, frame[1])
+                except errors.SwarmError as exc:  # refused before any compute: the caches are intact
+                    yield self._refusal(exc, getattr(step, "step_id", None))
+                    continue
+                except Exception as exc:  # failed mid-compute: caches may be half-updated, end the session
+                    logger.exception("internal error in batched session %s", self.id[:8])
+                    yield replies.error(exc, step_id=getattr(step, "step_id", None))
+                    return
+                self.steps += 1
+                for message in replies.result(outputs, step_id=step.step_id):
+                    yield message
+        finally:
+            for slot in self.table.values():
+                await self.env.cache.give_back(slot.length)
+            logger.info("batched session %s on blocks %d:%d ended after %d steps", self.id[:8], *self.span, self.steps)
 
+    async def _run(self, step: SlotStep, tensors) -> torch.Tensor | None:
+        named = name_tensors(step, tensors, ("hidden_states",)) if tensors or step.tensor_names else {}
+        hidden_states = named.get("hidden_states")
+        if hidden_states is not None and hidden_states.ndim != 3:
+            raise errors.InvalidRequestError(f"hidden_states must be [1, tokens, hidden], got {list(hidden_states.shape)}")
+        self.env.serving.check(self.stack)
+        held = {slot: (self.stack.cache_length(entry.cache, self.span[0]), entry.length) for slot, entry in self.table.items()}
+        shape = None if hidden_states is None else (hidden_states.shape[0], hidden_states.shape[1])
+        plans = plan_step(step, held, slots=self.slots, max_length=self.max_length, shape=shape)
+        for slot in step.release:
+            await self._free(slot)
+        for slot, length in zip(step.starts, step.start_lengths):
+            await self._free(slot)
+            self.env.cache.take(length)  # OverloadedError: the client tries again later
+            self.table[slot] = _Slot(self.stack.new_cache(), length)
+        if not plans:
+            return None
+        hidden_size, rows, first = self.env.serving.limits.hidden_size, [], 0
+        for plan in plans:
+            piece = hidden_states[:, first : first + plan.tokens]  # [1, tokens, hidden]
+            rows.append(Row({"hidden_states": piece}, Limits(hidden_size, 1, plan.length), self.table[plan.slot].cache, plan.position))
+            first += plan.tokens
+        outputs = await self.env.scheduler.step(Step(self.stack, self.span, self.adapter, rows, batched=True))
+        return torch.cat([output for _, output in outputs], dim=1)  # [1, tokens, hidden]: the rows side by side
 
-def _side_by_side(inputs, outputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(outputs, dim=1).cpu()  # [1, tokens, hidden]
+    async def _free(self, slot: int) -> None:
+        entry = self.table.pop(slot, None)
+        if entry is not None:
+            await self.env.cache.give_back(entry.length)
 
-
-async def _free(servicer, table: dict[int, _Slot], slot: int) -> None:
-    entry = table.pop(slot, None)
-    if entry is not None:
-        await servicer.cache.give_back(entry.length)
+    def _refusal(self, exc: BaseException, step_id: int | None = None) -> Response:
+        logger.warning("refused slot step from %s: %s", self.caller[-8:], str(exc)[:200])
+        return replies.error(exc, step_id=step_id)

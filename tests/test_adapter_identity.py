@@ -19,7 +19,7 @@ from client import AutoDistributedModelForCausalLM
 from client.lora import RemoteLoRA
 from client.routing import PeerSpan, adapter_spans, resolve_adapter, served_adapters
 from swarm.coverage import SERVING_STATES, peer_spans
-from peers.handler import BlockServicer
+from peers.serving import Serving
 from swarm import errors, messages, models, network
 from swarm.config import ClientConfig, NetworkConfig, PeerConfig
 from swarm.tools.local import LocalSwarm
@@ -174,7 +174,7 @@ def test_a_request_without_a_digest_is_what_an_older_peer_accepts():
 def test_a_peer_serves_only_the_adapter_a_request_names():
     weights = SimpleNamespace(for_blocks=lambda start, end: ("weights", start, end))
     servicer = SimpleNamespace(adapters={AdapterId("my-adapter", A): weights}, _adapter_spans={})
-    check = BlockServicer.adapter_weights
+    check = Serving.adapter_weights
     assert check(servicer, OpenSession(session_id="s", start_block=0, end_block=2, max_length=8, batch_size=1), (0, 2)) is None
     named = ForwardRequest(start_block=0, end_block=2, adapter="my-adapter")  # an older client: the name alone
     assert check(servicer, named, (0, 2)) == ("weights", 0, 2)

@@ -11,16 +11,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from peers import handler
-from peers.batching import DecodeJob, StepBatcher
-from peers.cache import CacheBudget
-from peers.compute import checked_inputs, decode_batch
-from peers.handler import BlockServicer
+from peers import serving
+from peers.batching import StepBatcher
+from peers.compute import Row, Step, checked, run_turn
 from peers.validation import Limits
 from swarm import errors
 from swarm.blocks import BlockInputs, BlockStack
 from swarm.lora import AdapterId, LoraWeights, projection_shapes
-from swarm.messages import OpenSession, PeerInfo
+from swarm.messages import OpenSession
+from tests.fakes import make_servicer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +57,7 @@ def test_a_rollback_past_a_sliding_window_is_refused_and_leaves_the_cache_as_it_
     keys = [layer.keys.clone() for layer in cache.layers]
     step = {"hidden_states": torch.randn(1, 1, HIDDEN)}
     with pytest.raises(errors.SwarmError) as refusal:  # a client regenerating from token 10
-        checked_inputs(stack, step, Limits(HIDDEN, 1, 64), cache, (0, 4), 10, None)
+        checked(Step(stack, (0, 4), None, []), Row(step, Limits(HIDDEN, 1, 64), cache, 10))
     assert [cache.get_seq_length(index) for index in range(4)] == lengths == [12, 12, 12, 12]
     assert all(torch.equal(layer.keys, before) for layer, before in zip(cache.layers, keys))
     # the session goes on where it was, as on a cache nobody tried to roll back
@@ -84,32 +83,23 @@ def llama_stack() -> BlockStack:
     return whole_stack(LlamaForCausalLM(LlamaConfig(**COMMON)).eval())
 
 
-def servicer(stack: BlockStack, executor, adapters=None, batch_steps: int = 8) -> BlockServicer:
-    info = PeerInfo(protocol_version=1, model="tiny", dht_prefix="tiny", start_block=stack.start_block,
-                    end_block=stack.end_block, dtype="float32", version="test", max_batch_size=4, max_length=64)
-    cache = CacheBudget(total_bytes=2**20, bytes_per_token=1, max_sessions=8)
-    return BlockServicer(stack, info, cache=cache, session_idle_timeout_s=5.0, cache_wait_s=1.0, executor=executor,
-                         adapters=adapters, batch_steps=batch_steps)
-
-
 def test_closing_the_servicer_stops_its_batcher():
     stack = llama_stack()
 
     async def run():
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            peer = servicer(stack, executor)
+            peer = make_servicer(stack, executor)
             cache = filled_cache(stack, torch.randn(1, 3, HIDDEN))
-            job = DecodeJob(stack, (0, 4), None, [({"hidden_states": torch.randn(1, 1, HIDDEN)}, Limits(HIDDEN, 1, 64), cache, 3)],
-                            lambda inputs, outputs: outputs[0])
-            await peer.run_decode(job)
-            worker = peer.batcher._worker
+            job = Step(stack, (0, 4), None, [Row({"hidden_states": torch.randn(1, 1, HIDDEN)}, Limits(HIDDEN, 1, 64), cache, 3)])
+            await peer.scheduler.step(job)
+            worker = peer.scheduler.batcher._worker
             assert worker is not None and not worker.done()
             await peer.close()
             assert worker.done() and worker.cancelled()
-            assert peer.closing
+            assert peer.serving.closing
             with pytest.raises(errors.PeerUnavailableError):
-                await peer.run_decode(job)
-            assert peer.batcher._worker is worker  # no new worker after closing
+                await peer.scheduler.step(job)
+            assert peer.scheduler.batcher._worker is worker  # no new worker after closing
 
     asyncio.run(run())
 
@@ -151,18 +141,17 @@ def test_decode_steps_of_two_sessions_on_one_adapter_share_a_forward(monkeypatch
 
     async def run():
         with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            peer = servicer(stack, executor, adapters={AdapterId("tuned", "0" * 16): random_adapter(stack)})
+            peer = make_servicer(stack, executor, adapters={AdapterId("tuned", "0" * 16): random_adapter(stack)})
             opening = OpenSession(session_id="s", start_block=span[0], end_block=span[1], max_length=64, batch_size=1, adapter="tuned")
-            adapters = [peer.adapter_weights(opening, span) for _ in prefixes]  # each session asks for its own
+            adapters = [peer.serving.adapter_weights(opening, span) for _ in prefixes]  # each session asks for its own
             caches = [filled_cache(stack, prefix, adapter) for prefix, adapter in zip(prefixes, adapters)]
             jobs = [
-                DecodeJob(stack, span, adapter, [({"hidden_states": step}, limits, cache, cache.get_seq_length(0))],
-                          lambda inputs, outputs: outputs[0])
+                Step(stack, span, adapter, [Row({"hidden_states": step}, limits, cache, cache.get_seq_length(0))])
                 for adapter, cache, step in zip(adapters, caches, steps)
             ]
-            outputs = await asyncio.gather(*(peer.run_decode(job) for job in jobs))
+            results = await asyncio.gather(*(peer.scheduler.step(job) for job in jobs))
             await peer.close()
-            return outputs, adapters[0]
+            return [output for ((_, output),) in results], adapters[0]
 
     outputs, adapter = asyncio.run(run())
     assert forwards == [2]
@@ -178,8 +167,9 @@ def test_a_batched_decode_of_one_session_on_an_adapter_applies_it_to_every_row()
     adapter = random_adapter(stack)
     prefixes = [torch.randn(1, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]
     steps = [torch.randn(1, 1, HIDDEN) for _ in prefixes]
-    rows = [({"hidden_states": step}, limits, filled_cache(stack, prefix, adapter), prefix.shape[1]) for prefix, step in zip(prefixes, steps)]
-    (outputs,) = decode_batch([DecodeJob(stack, span, adapter, rows, lambda inputs, outputs: outputs)])
+    rows = [Row({"hidden_states": step}, limits, filled_cache(stack, prefix, adapter), prefix.shape[1]) for prefix, step in zip(prefixes, steps)]
+    (result,) = run_turn([Step(stack, span, adapter, rows, batched=True)])
+    outputs = [output for _, output in result]
     for prefix, step, output in zip(prefixes, steps, outputs):
         alone = stack(BlockInputs(step, lora=adapter), filled_cache(stack, prefix, adapter))
         assert torch.allclose(output, alone, atol=1e-5)
@@ -187,25 +177,25 @@ def test_a_batched_decode_of_one_session_on_an_adapter_applies_it_to_every_row()
 
 def test_each_stack_left_keeps_its_own_handoff_grace(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(handler, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(serving, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     model = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
     layers = list(model.model.layers)
     first, second, third = (BlockStack(model.config, layers[a:b], a, model.model.rotary_emb) for a, b in [(0, 2), (1, 3), (2, 4)])
-    peer = servicer(first, executor=None, batch_steps=1)
+    peer = make_servicer(first, executor=None, batch_steps=1).serving
     grace_s = 10.0
-    peer.switch(second, peer.info, grace_s)  # left `first` at 100
+    peer.switch(second, grace_s)  # left `first` at 100
     now[0] = 105.0
-    peer.switch(third, peer.info, grace_s)  # left `second` at 105
+    peer.switch(third, grace_s)  # left `second` at 105
     now[0] = 109.0
-    peer.check_serving(first)
-    peer.check_serving(second)
+    peer.check(first)
+    peer.check(second)
     now[0] = 111.0  # past the grace of `first`, within that of `second`
     with pytest.raises(errors.BlocksNotServedError):
-        peer.check_serving(first)
-    peer.check_serving(second)
-    peer.check_serving(third)
+        peer.check(first)
+    peer.check(second)
+    peer.check(third)
     now[0] = 116.0
     with pytest.raises(errors.BlocksNotServedError):
-        peer.check_serving(second)
-    peer.check_serving(third)
+        peer.check(second)
+    peer.check(third)
 
