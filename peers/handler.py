@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -33,7 +34,7 @@ from peers.compute import backward_job, checked_inputs, decode_batch, forward_jo
 from peers.pushes import PushChannels
 from peers.cache import CacheBudget
 from peers.slots import serve_slots
-from peers.validation import Limits, check_span
+from peers.validation import MAX_STATELESS_CALLS, REQUEST_BUFFER_BYTES, STATELESS_WAIT_S, Limits, check_span
 from swarm import errors
 from swarm.blocks import BlockStack
 from swarm.blocks import BlockInputs
@@ -41,10 +42,11 @@ from swarm.protocol import BlockService
 from swarm.messages import (
     PEER_REQUEST, BackwardRequest, ErrorReply, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushStep, Result, SessionOpened,
 )
+from swarm.messages import MAX_SLOT_STEP_TOKENS
 from swarm.lora import LoraWeights, projection_shapes, wire_names
 from swarm.swarm_key import SwarmKey, check_access, make_proof
 from swarm.transport import (
-    FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message,
+    CHUNK_BYTES, ByteBudget, FrameReader, decode_header, encode_error, encode_frame, frame_tensors, name_tensors, read_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,8 @@ class BlockServicer(BlockService):
         self.handoff_grace_s = 0.0
         self.closing = False  # shutting down: running steps finish, new ones are refused
         self._running = 0  # compute jobs queued or running
+        self.request_buffer = ByteBudget(REQUEST_BUFFER_BYTES)  # tensor bytes of the frames being read, all calls together
+        self._stateless_calls = asyncio.Semaphore(MAX_STATELESS_CALLS)
 
     # ---- moving and leaving -----------------------------------------------------------------
     def switch(self, stack: BlockStack, info: PeerInfo, handoff_grace_s: float) -> None:
@@ -168,30 +172,18 @@ class BlockServicer(BlockService):
     async def _stateless(self, requests, context: P2PContext, kind: type) -> AsyncIterator[Response]:
         """A forward or backward over a whole sequence, without a session: one frame in, one out."""
         started = time.perf_counter()
-        reader = FrameReader(requests)
+        blocks = self.stack.end_block - self.stack.start_block
+        max_frame_bytes = self.limits.frame_bytes(blocks=blocks, backward=kind is BackwardRequest)
+        reader = FrameReader(requests, max_frame_bytes, self.request_buffer)
         what = kind.model_fields["type"].default
         try:
-            async with asyncio.timeout(self.session_idle_timeout_s):
-                frame = await reader.read()
-            if frame is None:
+            async with self._stateless_slot():
+                try:
+                    reply, span = await self._stateless_reply(reader, context, kind)
+                finally:
+                    reader.release()  # the request's tensors are consumed
+            if reply is None:
                 return
-            header = decode_header(PEER_REQUEST, frame[0])
-            if not isinstance(header, kind):
-                raise errors.InvalidRequestError(f"rpc_{what} expects a {what} request, got {header.type!r}")
-            check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
-            stack = self.stack
-            self.check_serving(stack)
-            span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
-            names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
-            if kind is BackwardRequest:
-                tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
-                job = functools.partial(backward_job, stack, tensors, self.limits, span, header)
-            else:
-                adapter = self.adapter_weights(header.adapter, span)
-                job = functools.partial(
-                    forward_job, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
-                )
-            reply = await self._run_compute(job)
         except Exception as exc:  # a bad request must never take the peer down
             yield self.error_reply(exc, context, what)
             await _drain_reader(reader)
@@ -201,10 +193,48 @@ class BlockServicer(BlockService):
             yield message
         await _drain_reader(reader)
 
+    @contextlib.asynccontextmanager
+    async def _stateless_slot(self) -> AsyncIterator[None]:
+        """A turn among the MAX_STATELESS_CALLS forward and backward calls read or computed at once."""
+        try:
+            async with asyncio.timeout(STATELESS_WAIT_S):
+                await self._stateless_calls.acquire()
+        except TimeoutError:
+            raise errors.OverloadedError(f"{MAX_STATELESS_CALLS} forward and backward calls run here already; retry later") from None
+        try:
+            yield
+        finally:
+            self._stateless_calls.release()
+
+    async def _stateless_reply(self, reader: FrameReader, context: P2PContext, kind: type):
+        """The reply messages and the span of a stateless call's frame (None, None: the stream closed at once)."""
+        what = kind.model_fields["type"].default
+        async with asyncio.timeout(self.session_idle_timeout_s):
+            frame = await reader.read()
+        if frame is None:
+            return None, None
+        header = decode_header(PEER_REQUEST, frame[0])
+        if not isinstance(header, kind):
+            raise errors.InvalidRequestError(f"rpc_{what} expects a {what} request, got {header.type!r}")
+        check_access(self.swarm_key, header.auth, str(context.remote_id), self.peer_id)
+        stack = self.stack
+        self.check_serving(stack)
+        span = check_span(header.start_block, header.end_block, (stack.start_block, stack.end_block))
+        names = (*STATELESS_TENSORS, *wire_names(self.limits.lora_shapes))
+        if kind is BackwardRequest:
+            tensors = name_tensors(header, frame[1], (*names, "grad_outputs"))
+            job = functools.partial(backward_job, stack, tensors, self.limits, span, header)
+        else:
+            adapter = self.adapter_weights(header.adapter, span)
+            job = functools.partial(
+                forward_job, stack, name_tensors(header, frame[1], names), self.limits, span, header, adapter
+            )
+        return await self._run_compute(job), span
+
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[Response]:
-        reader = FrameReader(requests)
+        reader = FrameReader(requests, 0, self.request_buffer)  # an opening carries no tensors
         try:
             opening = await self._read_opening(reader, context)
         except Exception as exc:
@@ -212,11 +242,15 @@ class BlockServicer(BlockService):
             await _drain_reader(reader)
             return
         span = (opening.start_block, opening.end_block)
+        # a step's tensors: those of batch_size x max_length tokens at most (a batched session's: one step's rows)
+        tokens = MAX_SLOT_STEP_TOKENS if opening.slots is not None else opening.batch_size * opening.max_length
+        reader.max_frame_bytes = self.limits.frame_bytes(tokens=tokens)
         try:
             if opening.slots is not None:  # a batched session takes cache for each sequence as it starts
                 async with self.cache.reserve(0, self.cache_wait_s):
                     async for message in serve_slots(self, reader, opening, span, context):
                         yield message
+                    await _drain_reader(reader)  # after a malformed frame, the client may still be sending
                     return
             async with self.cache.reserve(opening.batch_size * opening.max_length, self.cache_wait_s):
                 async for message in self._serve_session(reader, opening, span, context):
@@ -224,6 +258,8 @@ class BlockServicer(BlockService):
         except errors.SwarmError as exc:  # no cache for this session
             yield self.error_reply(exc, context, "open")
             await _drain_reader(reader)
+        finally:
+            reader.release()  # the session's last frame is consumed
 
     async def _read_opening(self, reader: FrameReader, context: P2PContext) -> OpenSession:
         async with asyncio.timeout(self.session_idle_timeout_s):
@@ -333,7 +369,7 @@ class BlockServicer(BlockService):
     # ---- pushes between consecutive hops ----------------------------------------------------
     async def rpc_push(self, request: Request, context: P2PContext) -> Response:
         try:
-            metadata, tensors = await read_message(request)
+            metadata, tensors = await read_message(request, min(2 * CHUNK_BYTES, self.limits.frame_bytes()))
             header = decode_header(PEER_REQUEST, metadata)
             if not isinstance(header, PushStep):
                 raise errors.InvalidRequestError(f"rpc_push expects a push, got {header.type!r}")
@@ -487,7 +523,10 @@ def _step_of(source: str, item) -> tuple[InferenceStep | PushStep, dict[str, tor
 
 
 async def _pump(reader: FrameReader, inbox: _Inbox) -> None:
-    """Move the client's frames into the session's inbox; after the session ended, read and drop them."""
+    """Move the client's frames into the session's inbox; after the session ended, read and drop them.
+
+    The request buffer counts the frame being read, not those already queued: INBOX_FRAMES at most per
+    session, each within the session's batch x length, and the cache budget bounds the sessions."""
     try:
         while True:
             frame = await reader.read()
@@ -495,19 +534,21 @@ async def _pump(reader: FrameReader, inbox: _Inbox) -> None:
                 await inbox.queue.put(("client", frame))
             if frame is None:
                 return
-    except Exception as exc:  # a malformed frame or a broken stream
+    except Exception as exc:  # a malformed frame (the session ends) or a broken stream
         if not inbox.draining:
             await inbox.queue.put(("client", exc))
+        with contextlib.suppress(Exception):  # read the rest, keeping nothing: the client gets the error reply (see _drain)
+            await reader.discard()
 
 
 async def _drain_reader(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-    """Read the client's stream to its end before closing ours: closing first would break the pipe
-    under the client's last write, and it would lose our reply (asyncio fails buffered reads then)."""
+    """Read the client's stream to its end, keeping nothing, before closing ours: closing first would
+    break the pipe under the client's last write, and it would lose our reply (asyncio fails buffered
+    reads then)."""
     try:
         async with asyncio.timeout(timeout_s):
-            while await reader.read() is not None:
-                pass
-    except (TimeoutError, errors.SwarmError):
+            await reader.discard()
+    except TimeoutError:
         pass
 
 
