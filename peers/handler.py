@@ -10,6 +10,7 @@ the peer goes on serving. This module does not announce anything or load blocks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -26,12 +27,13 @@ from peers.scheduler import Scheduler
 from peers.serving import Serving
 from peers.sessions import INPUT_TENSORS, PlainSession, SessionEnv, drain_reader
 from peers.slots import SlotSession
+from peers.validation import MAX_STATELESS_CALLS, REQUEST_BUFFER_BYTES, STATELESS_WAIT_S
 from swarm import errors
 from swarm.lora import wire_names
-from swarm.messages import PEER_REQUEST, BackwardRequest, ErrorReply, ForwardRequest, OpenSession, PushStep
+from swarm.messages import MAX_SLOT_STEP_TOKENS, PEER_REQUEST, BackwardRequest, ErrorReply, ForwardRequest, OpenSession, PushStep
 from swarm.protocol import BlockService
 from swarm.swarm_key import check_access
-from swarm.transport import FrameReader, decode_header, name_tensors, read_message
+from swarm.transport import CHUNK_BYTES, ByteBudget, FrameReader, decode_header, name_tensors, read_message
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class BlockServicer(BlockService):
 
     def __init__(self, env: SessionEnv, config: ServicerConfig = ServicerConfig()):
         self.env, self.config = env, config
+        self.request_buffer = ByteBudget(REQUEST_BUFFER_BYTES)  # tensor bytes of the frames being read, all calls together
+        self._stateless_calls = asyncio.Semaphore(MAX_STATELESS_CALLS)
 
     @property
     def serving(self) -> Serving:
@@ -114,10 +118,16 @@ class BlockServicer(BlockService):
     async def _stateless(self, requests, context: P2PContext, kind: type[ForwardRequest] | type[BackwardRequest]):
         """A forward or backward over a whole sequence, without a session: one frame in, one out."""
         started = time.perf_counter()
-        reader = FrameReader(requests)
+        blocks = self.serving.blocks[1] - self.serving.blocks[0]
+        max_frame_bytes = self.serving.limits.frame_bytes(blocks=blocks, backward=kind is BackwardRequest)
+        reader = FrameReader(requests, max_frame_bytes, self.request_buffer)
         what = kind.model_fields["type"].default
         try:
-            reply, span = await self._stateless_reply(reader, context, kind)
+            async with self._stateless_slot():
+                try:
+                    reply, span = await self._stateless_reply(reader, context, kind)
+                finally:
+                    reader.release()  # the request's tensors are consumed
         except Exception as exc:  # a bad request must never take the peer down
             yield self._error(exc, context, what)
             await drain_reader(reader)
@@ -127,6 +137,19 @@ class BlockServicer(BlockService):
             for message in reply:
                 yield message
         await drain_reader(reader)
+
+    @contextlib.asynccontextmanager
+    async def _stateless_slot(self) -> AsyncIterator[None]:
+        """A turn among the MAX_STATELESS_CALLS forward and backward calls read or computed at once."""
+        try:
+            async with asyncio.timeout(STATELESS_WAIT_S):
+                await self._stateless_calls.acquire()
+        except TimeoutError:
+            raise errors.OverloadedError(f"{MAX_STATELESS_CALLS} forward and backward calls run here already; retry later") from None
+        try:
+            yield
+        finally:
+            self._stateless_calls.release()
 
     async def _stateless_reply(self, reader: FrameReader, context: P2PContext, kind) -> tuple[list[Response] | None, tuple[int, int]]:
         """The reply of a stateless call's frame, and its blocks (None: the stream closed at once)."""
@@ -150,19 +173,23 @@ class BlockServicer(BlockService):
 
     # ---- inference sessions ---------------------------------------------------------------------
     async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        reader = FrameReader(requests)
+        reader = FrameReader(requests, 0, self.request_buffer)  # an opening carries no tensors
         try:
             opening = await self._read_opening(reader, context)
         except Exception as exc:
             yield self._error(exc, context, "open")
             await drain_reader(reader)
             return
+        # a step's tensors: those of batch_size x max_length tokens at most (a batched session's: one step's rows)
+        tokens = MAX_SLOT_STEP_TOKENS if opening.slots is not None else opening.batch_size * opening.max_length
+        reader.max_frame_bytes = self.serving.limits.frame_bytes(tokens=tokens)
         caller = str(context.remote_id)
         try:
             if opening.slots is not None:  # a batched session takes cache for each sequence as it starts
                 async with self.cache.reserve(0, self.config.cache_wait_s):
                     async for message in SlotSession(opening, reader, self.env, caller).serve():
                         yield message
+                    await drain_reader(reader)  # after a malformed frame, the client may still be sending
                     return
             async with self.cache.reserve(opening.batch_size * opening.max_length, self.config.cache_wait_s):
                 async for message in PlainSession(opening, reader, self.env, caller).serve():
@@ -170,6 +197,8 @@ class BlockServicer(BlockService):
         except errors.SwarmError as exc:  # no cache for this session, or it could not open
             yield self._error(exc, context, "open")
             await drain_reader(reader)
+        finally:
+            reader.release()  # the session's last frame is consumed
 
     async def _read_opening(self, reader: FrameReader, context: P2PContext) -> OpenSession:
         async with asyncio.timeout(self.config.idle_timeout_s):
@@ -192,7 +221,7 @@ class BlockServicer(BlockService):
     # ---- pushes between consecutive hops --------------------------------------------------------
     async def rpc_push(self, request: Request, context: P2PContext) -> Response:
         try:
-            metadata, tensors = await read_message(request)
+            metadata, tensors = await read_message(request, min(2 * CHUNK_BYTES, self.serving.limits.frame_bytes()))
             header = self._decode(metadata, PushStep, context)
             self.env.deliver(header, name_tensors(header, tensors, INPUT_TENSORS), str(context.remote_id))
         except Exception as exc:

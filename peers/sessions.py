@@ -15,6 +15,7 @@ pushes are encoded by `peers.replies`; sessions never touch the compute thread o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -202,7 +203,10 @@ def _step_of(source: str, item) -> tuple[InferenceStep | PushStep, dict[str, tor
 
 
 async def _pump(reader: FrameReader, inbox: Inbox) -> None:
-    """Move the client's frames into the session's inbox; after the session ended, read and drop them."""
+    """Move the client's frames into the session's inbox; after the session ended, read and drop them.
+
+    The request buffer counts the frame being read, not those already queued: INBOX_FRAMES at most per
+    session, each within the session's batch x length, and the cache budget bounds the sessions."""
     try:
         while True:
             frame = await reader.read()
@@ -210,19 +214,21 @@ async def _pump(reader: FrameReader, inbox: Inbox) -> None:
                 await inbox.queue.put(("client", frame))
             if frame is None:
                 return
-    except Exception as exc:  # a malformed frame or a broken stream
+    except Exception as exc:  # a malformed frame (the session ends) or a broken stream
         if not inbox.draining:
             await inbox.queue.put(("client", exc))
+        with contextlib.suppress(Exception):  # read the rest, keeping nothing: the client gets the error reply (see _drain)
+            await reader.discard()
 
 
 async def drain_reader(reader: FrameReader, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-    """Read the client's stream to its end before closing ours: closing first would break the pipe
-    under the client's last write, and it would lose our reply (asyncio fails buffered reads then)."""
+    """Read the client's stream to its end, keeping nothing, before closing ours: closing first would
+    break the pipe under the client's last write, and it would lose our reply (asyncio fails buffered
+    reads then)."""
     try:
         async with asyncio.timeout(timeout_s):
-            while await reader.read() is not None:
-                pass
-    except (TimeoutError, errors.SwarmError):
+            await reader.discard()
+    except TimeoutError:
         pass
 
 

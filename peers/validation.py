@@ -15,6 +15,11 @@ from swarm.errors import BlocksNotServedError, InvalidRequestError, SessionLengt
 from swarm.lora import MAX_RANK, LoraWeights
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_WIRE_BYTES = 4  # the largest float on the wire: float32 (bfloat16 may travel as float32 too)
+INT_WIRE_BYTES = 8  # int64: position ids and attention masks
+REQUEST_BUFFER_BYTES = 2**30  # tensor bytes that all requests being read may hold together
+MAX_STATELESS_CALLS = 32  # forward and backward calls read or computed at once; more wait, then get 'overloaded'
+STATELESS_WAIT_S = 5.0  # how long such a call waits for its turn
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,17 @@ class Limits:
     max_batch_size: int
     max_length: int  # tokens per sequence, cache included
     lora_shapes: dict | None = None  # projection -> (in_features, out_features); None: no LoRA accepted
+
+    def frame_bytes(self, *, tokens: int | None = None, blocks: int = 0, backward: bool = False) -> int:
+        """The most tensor bytes a request may carry and pass the checks below: hidden_states [batch, seq, hidden],
+        position_ids [batch, seq] and attention_mask [batch, <= max_length] for `tokens` = batch x length (default:
+        the largest batch of the longest sequence); for a stateless call through up to `blocks` blocks, deep
+        prompts [blocks, batch, prefix <= seq, hidden] and LoRA A/B of those blocks; for a backward, grad_outputs."""
+        tokens = self.max_batch_size * self.max_length if tokens is None else tokens
+        hidden_bytes = tokens * self.hidden_size * FLOAT_WIRE_BYTES
+        lora_bytes = blocks * MAX_RANK * FLOAT_WIRE_BYTES * sum(sum(shape) for shape in (self.lora_shapes or {}).values())
+        grad_bytes = hidden_bytes if backward else 0
+        return hidden_bytes + 2 * tokens * INT_WIRE_BYTES + blocks * hidden_bytes + lora_bytes + grad_bytes
 
 
 def check_span(start_block: int, end_block: int, served: tuple[int, int]) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """Frames over hivemind streams: a typed header plus named tensors, split into messages under the
-4 MiB cap, read back with every tensor checked before it is built. Also where the exceptions of
+4 MiB cap, read back with every tensor checked before it is built (and a frame refused as soon as
+its tensors announce more bytes than the reader takes, before they arrive). Also where the exceptions of
 talking to a peer (hivemind, asyncio) become `swarm.errors` (starting a DHT node: `swarm.network`).
 
 It does not decide what a tensor should look like for a model: peers check shapes themselves.
@@ -66,24 +67,79 @@ def encode_error(exc: BaseException, proto_type: type[Proto], code: str | None =
     return message
 
 
-class FrameReader:
-    """Reads frames from a stream of messages; at most `max_frame_bytes` of tensor data per frame."""
+class ByteBudget:
+    """Bytes that the frames being read may hold, shared by all the readers of a peer: a reader takes
+    a tensor's bytes when its first part announces them, and gives them back once its frame is
+    consumed or dropped. One event loop uses it: no lock."""
 
-    def __init__(self, stream: AsyncIterator[Proto], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+    def __init__(self, total_bytes: int):
+        self.total_bytes = total_bytes
+        self.used_bytes = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.used_bytes + nbytes > self.total_bytes:
+            raise errors.OverloadedError(
+                f"this peer is busy reading other requests ({self.used_bytes} of {self.total_bytes} bytes held); retry later"
+            )
+        self.used_bytes += nbytes
+
+    def give_back(self, nbytes: int) -> None:
+        self.used_bytes -= nbytes
+
+
+class FrameReader:
+    """Reads frames from a stream of messages. A tensor's first part announces its dtype and shape, so a
+    frame is refused at the part that makes its announced tensors exceed `max_frame_bytes` (or what
+    `budget` has left), before the rest of it arrives; so is a chunk beyond what its tensor announced.
+
+    The bytes a frame took from `budget` are held until the next `read` or `release`."""
+
+    def __init__(
+        self, stream: AsyncIterator[Proto], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, budget: ByteBudget | None = None
+    ):
         self._stream = stream.__aiter__()
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes  # the caller may change it between frames
+        self._budget = budget
+        self._held_bytes = 0
 
     async def read(self) -> tuple[bytes, list[torch.Tensor]] | None:
         """The next frame's (header bytes, tensors), or None once the other side closed the stream."""
+        self.release()
+        try:
+            return await self._read_frame()
+        except BaseException:
+            self.release()  # the frame's parts are dropped
+            raise
+
+    def release(self) -> None:
+        """Give the budget back: the last frame's tensors are consumed (or the frame was dropped)."""
+        if self._budget is not None:
+            self._budget.give_back(self._held_bytes)
+        self._held_bytes = 0
+
+    async def discard(self) -> None:
+        """Read the stream to its end, keeping nothing."""
+        self.release()
+        async for _ in self._stream:
+            pass
+
+    async def _read_frame(self) -> tuple[bytes, list[torch.Tensor]] | None:
         parts: list[runtime_pb2.Tensor] = []
-        frame_bytes = 0
+        announced_bytes = 0  # of the frame's tensors so far
+        missing_bytes = 0  # of the current tensor: announced, not yet arrived
         async for message in self._stream:
             if len(parts) + len(message.tensors) > MAX_PARTS_PER_FRAME:
                 raise errors.InvalidRequestError(f"more than {MAX_PARTS_PER_FRAME} tensor parts in one frame")
             for part in message.tensors:
-                frame_bytes += len(part.buffer)
-                if frame_bytes > self._max_frame_bytes:
-                    raise errors.InvalidRequestError(f"frame larger than {self._max_frame_bytes} bytes")
+                if part.dtype:
+                    missing_bytes = _announced_bytes(part)
+                    announced_bytes += missing_bytes
+                    self._hold(announced_bytes, missing_bytes)
+                elif not parts:
+                    raise errors.InvalidRequestError("tensor chunk without a header")
+                if len(part.buffer) > missing_bytes:
+                    raise errors.InvalidRequestError("tensor chunk beyond the size its header announced")
+                missing_bytes -= len(part.buffer)
                 parts.append(part)
             if message.metadata:
                 if len(message.metadata) > MAX_HEADER_BYTES:
@@ -92,6 +148,17 @@ class FrameReader:
         if parts:
             raise errors.InvalidRequestError("stream ended in the middle of a frame")
         return None
+
+    def _hold(self, frame_bytes: int, tensor_bytes: int) -> None:
+        """Refuse a frame announcing more than it may carry; take a newly announced tensor's bytes from the budget."""
+        limit = self.max_frame_bytes if self._budget is None else min(self.max_frame_bytes, self._budget.total_bytes)
+        if frame_bytes > limit:
+            raise errors.InvalidRequestError(
+                f"frame announces {frame_bytes} bytes of tensors, larger than the {limit} this peer reads in one request"
+            )
+        if self._budget is not None:
+            self._budget.take(tensor_bytes)
+            self._held_bytes += tensor_bytes
 
 
 async def read_message(message: Proto, max_frame_bytes: int = 2 * CHUNK_BYTES) -> tuple[bytes, list[torch.Tensor]]:
@@ -125,6 +192,22 @@ def name_tensors(header: BaseModel, tensors: list[torch.Tensor], allowed: Sequen
     return dict(zip(names, tensors))
 
 
+def _announced_bytes(head: runtime_pb2.Tensor) -> int:
+    """The bytes a tensor's first part announces (dtype x shape), checked before any more of it is read."""
+    if head.compression != runtime_pb2.CompressionType.NONE:
+        raise errors.InvalidRequestError("compressed tensors are not accepted")
+    dtype = WIRE_DTYPES.get(head.dtype)
+    if dtype is None:
+        raise errors.InvalidRequestError(f"dtype {head.dtype[:32]!r} not accepted; use one of {list(WIRE_DTYPES)}")
+    if not 1 <= len(head.size) <= MAX_TENSOR_DIMS:
+        raise errors.InvalidRequestError(f"tensors must have 1 to {MAX_TENSOR_DIMS} dimensions, got {len(head.size)}")
+    return math.prod(head.size) * max(_itemsizes(dtype))
+
+
+def _itemsizes(dtype: torch.dtype) -> tuple[int, ...]:
+    return (2, 4) if dtype == torch.bfloat16 else (torch.empty((), dtype=dtype).element_size(),)  # hivemind may send bf16 as fp32
+
+
 def _tensors_from_parts(parts: list[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     groups: list[list[runtime_pb2.Tensor]] = []
     for part in parts:
@@ -138,20 +221,13 @@ def _tensors_from_parts(parts: list[runtime_pb2.Tensor]) -> list[torch.Tensor]:
 
 
 def _decode_tensor(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """One tensor from its parts; its head passed `_announced_bytes` (compression, dtype, dimensions) as it arrived."""
     head = group[0]
-    if head.compression != runtime_pb2.CompressionType.NONE:
-        raise errors.InvalidRequestError("compressed tensors are not accepted")
-    dtype = WIRE_DTYPES.get(head.dtype)
-    if dtype is None:
-        raise errors.InvalidRequestError(f"dtype {head.dtype[:32]!r} not accepted; use one of {list(WIRE_DTYPES)}")
-    shape = list(head.size)
-    if not 1 <= len(shape) <= MAX_TENSOR_DIMS:
-        raise errors.InvalidRequestError(f"tensors must have 1 to {MAX_TENSOR_DIMS} dimensions, got {len(shape)}")
+    dtype, shape = WIRE_DTYPES[head.dtype], list(head.size)
     if head.chunks not in (0, len(group)):
         raise errors.InvalidRequestError(f"tensor announced {head.chunks} chunks but {len(group)} arrived")
     buffer_bytes = sum(len(part.buffer) for part in group)
-    itemsizes = (2, 4) if dtype == torch.bfloat16 else (torch.empty((), dtype=dtype).element_size(),)
-    if buffer_bytes not in [math.prod(shape) * itemsize for itemsize in itemsizes]:  # hivemind may send bf16 as fp32
+    if buffer_bytes not in [math.prod(shape) * itemsize for itemsize in _itemsizes(dtype)]:
         raise errors.InvalidRequestError(f"shape {shape} of {head.dtype} does not match {buffer_bytes} bytes")
     whole = runtime_pb2.Tensor()
     whole.CopyFrom(head)
