@@ -20,7 +20,7 @@ started together would be) and `--outage-block 40` (every peer serving block 40 
 The model: events (arrival, loaded, rebalance check, switch, departure) run one at a time in time
 order, each decision on the current state (a peer re-reads the DHT just before acting). A moving
 peer keeps serving its old blocks until the new ones are loaded (warm handoff) and meanwhile counts
-for the balancer where it is going, as `swarm.balance.swarm_spans` does. It does NOT model network
+for the balancer where it is going, as `swarm.coverage.peer_spans` does. It does NOT model network
 delays, stale DHT reads, failed loads or a peer's memory.
 """
 

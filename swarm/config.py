@@ -204,12 +204,18 @@ class ClientConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _flat_network_fields(cls, values: Any) -> Any:
-        """ClientConfig(initial_peers=..., host_maddrs=...) keeps working: flat keys go to the network section."""
-        if not isinstance(values, dict) or not set(values) & set(_CLIENT_NETWORK_KEYS):
+        """ClientConfig(initial_peers=..., host_maddrs=...) keeps working: flat keys go to the network section;
+        a network section given as a dict goes over the client's defaults (loopback, client mode)."""
+        if not isinstance(values, dict):
             return values
+        section = values.get("network")
+        if not set(values) & set(_CLIENT_NETWORK_KEYS) and not isinstance(section, dict):
+            return values  # a whole NetworkConfig, or none (the default): as it is
         values = dict(values)
-        section = values.get("network") or client_network()
-        section = section.model_dump() if isinstance(section, NetworkConfig) else dict(section)
+        if isinstance(section, NetworkConfig):
+            section = section.model_dump()
+        else:
+            section = {**client_network().model_dump(), **(section or {})}
         for key, target in _CLIENT_NETWORK_KEYS.items():
             if key in values:
                 section[target] = values.pop(key)
@@ -267,8 +273,10 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def build_config(model_type: type[Config], *layers: dict[str, Any]) -> Config:
-    """Merge layers (file, environment, command line; later wins) into one validated config."""
-    merged: dict[str, Any] = {}
+    """Merge layers (file, environment, command line; later wins) into one validated config. The layers
+    go over the role's own section defaults (a client's network section: loopback, client mode), so that
+    setting one field of a section keeps the others as the role has them, not as the section's class has."""
+    merged = section_defaults(model_type)
     for layer in layers:
         merged = _merged(merged, layer)
     try:
@@ -278,6 +286,17 @@ def build_config(model_type: type[Config], *layers: dict[str, Any]) -> Config:
         where = ".".join(str(item) for item in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(message if message.startswith("--") else f"invalid configuration {where}: {message}") from exc
+
+
+def section_defaults(model_type: type[BaseModel]) -> dict[str, Any]:
+    """{section: its default, as plain data} for every field of `model_type` that is a section with a
+    default (nested sections included), e.g. {"network": {"host_maddrs": ["/ip4/127.0.0.1/tcp/0"], ...}}."""
+    defaults: dict[str, Any] = {}
+    for name, field in model_type.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not field.is_required():
+            defaults[name] = field.get_default(call_default_factory=True).model_dump()
+    return defaults
 
 
 def _merged(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:

@@ -36,20 +36,23 @@ class Span:
         return self.end - self.start
 
 
-def peer_spans(records_per_block: Sequence[Mapping[str, PeerRecord]], states: Sequence[PeerState] = PLACEMENT_STATES) -> dict[str, Span]:
+def peer_spans(
+    records_per_block: Sequence[Mapping[str, PeerRecord]], states: Sequence[PeerState] = PLACEMENT_STATES, *, any_version: bool = False
+) -> dict[str, Span]:
     """One span per peer whose record is in one of `states`, from the records read under each block's key.
 
     The rules every reader shares:
     - a record counts only under a block key inside its own range (elsewhere it is stale or misplaced);
     - a range past the model's last block (`len(records_per_block)`) is not real;
-    - a record of another protocol version does not count: that peer cannot serve this version's clients;
+    - a record of another protocol version does not count: that peer cannot serve this version's clients
+      (unless `any_version`: the dashboard shows every peer, and counts blocks with compatible ones only);
     - a peer with records in several states (moving: online on its old blocks, joining its new ones) counts
       with the state that comes first in `states`."""
     rank = {state: position for position, state in enumerate(states)}
     spans: dict[str, Span] = {}
     for block_index, records in enumerate(records_per_block):
         for peer_id, record in records.items():
-            if record.state not in rank or record.protocol_version != PROTOCOL_VERSION:
+            if record.state not in rank or (record.protocol_version != PROTOCOL_VERSION and not any_version):
                 continue
             if not record.start_block <= block_index < record.end_block or record.end_block > len(records_per_block):
                 continue

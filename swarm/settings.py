@@ -151,7 +151,8 @@ def _argparse_kind(option: Option) -> dict[str, Any]:
     annotation = field.annotation
     members = [member for member in _members(annotation) if member is not type(None)]
     help_text = (field.description or "").replace("%", "%%")  # argparse formats help with %
-    if not field.is_required() and field.default not in (None, [], (), False, "") and field.default_factory is None:
+    shown = field.default is not None and field.default is not False and field.default not in ("", [], ())  # 0 is shown
+    if not field.is_required() and shown and field.default_factory is None:
         help_text += f" (default: {field.default})"
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     kind: dict[str, Any] = {"help": help_text, "metavar": extra.get("metavar") or option.flag.lstrip("-").replace("-", "_").upper()}

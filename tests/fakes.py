@@ -65,10 +65,24 @@ class ClientStream:
 
     def __init__(self, servicer: BlockServicer, caller: str = "client"):
         self._outbox: asyncio.Queue = asyncio.Queue()
-        self._replies = FrameReader(servicer.rpc_inference(self._requests(), context(caller)))
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        # the peer's side runs on its own, as hivemind drives a handler: it does not wait for us to read
+        self._peer = asyncio.ensure_future(self._drive(servicer.rpc_inference(self._requests(), context(caller))))
+        self._replies = FrameReader(self._received())
 
     async def _requests(self):
         while (message := await self._outbox.get()) is not None:
+            yield message
+
+    async def _drive(self, replies) -> None:
+        try:
+            async for message in replies:
+                self._inbox.put_nowait(message)
+        finally:
+            self._inbox.put_nowait(None)
+
+    async def _received(self):
+        while (message := await self._inbox.get()) is not None:
             yield message
 
     def send(self, header, tensors=()) -> None:
@@ -89,4 +103,5 @@ class ClientStream:
         async with asyncio.timeout(10):
             while await self._replies.read() is not None:
                 pass
+            await self._peer
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from swarm import balance, network
+from swarm import coverage, network
 from swarm.config import LOOPBACK_MADDRS, PeerConfig
 from swarm.tools.local import LocalSwarm, Node
 from swarm.models import resolve_model
@@ -37,10 +37,10 @@ def peer_id_of(node: Node) -> str:
     return node.maddrs[0].rsplit("/p2p/", 1)[1]
 
 
-def spans_on(reader, dht_prefix: str, block_index: int) -> dict[str, balance.Span]:
+def spans_on(reader, dht_prefix: str, block_index: int) -> dict[str, coverage.Span]:
     """The joining or online peers whose span (where they are, or are going) holds `block_index`."""
     raw = network.fetch_block_records(reader, dht_prefix, BLOCKS)
-    spans = balance.swarm_spans([parse_peer_records(entry) for entry in raw])
+    spans = coverage.peer_spans([parse_peer_records(entry) for entry in raw])
     return {peer_id: span for peer_id, span in spans.items() if span.start <= block_index < span.end}
 
 

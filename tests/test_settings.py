@@ -70,3 +70,21 @@ def test_client_config_takes_its_network_fields_flat_as_before():
     assert config.network.host_maddrs == ["/ip4/127.0.0.1/tcp/0"]  # the client's default, not a peer's
     assert ClientConfig().network == NetworkConfig(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     assert BootstrapConfig().network.new_swarm is True
+
+
+@pytest.mark.parametrize(
+    ("role", "client_mode", "section"),
+    [
+        (DashboardConfig, True, "network"), (PlanConfig, True, "network"), (ApiConfig, True, "client.network"),
+        (TrainerConfig, False, "client.network"),
+    ],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_setting_one_network_field_keeps_the_roles_other_network_defaults(role, client_mode, section):
+    argv = ["--initial-peers", "/ip4/127.0.0.1/tcp/1"] + (["--data", "d", "--output", "o", "--run-name", "r"] if role is TrainerConfig else [])
+    config = settings.parse(role, argv, prog="x", description="y", env_prefix="SWARM_TEST_")
+    for part in section.split("."):
+        config = getattr(config, part)
+    assert config.host_maddrs == ["/ip4/127.0.0.1/tcp/0"] and config.client_mode is client_mode  # not a peer's 0.0.0.0
+    assert config.initial_peers == ["/ip4/127.0.0.1/tcp/1"]
+    assert ClientConfig(network={"initial_peers": ["/ip4/127.0.0.1/tcp/1"]}).network.client_mode is True

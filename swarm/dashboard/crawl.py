@@ -96,7 +96,7 @@ def crawl(dht, measure) -> SwarmState:
 
 
 def _model_view(prefix: str, model: ModelRecord, records: list[dict[str, PeerRecord]], latencies) -> ModelView:
-    peers = coverage.peer_spans(records, coverage.ALL_STATES)  # a moving peer shows where it is going
+    peers = coverage.peer_spans(records, coverage.ALL_STATES, any_version=True)  # a moving peer shows where it is going
     serving = coverage.peer_spans(records, coverage.SERVING_STATES)  # blocks count who can take a request now
     blocks = []
     for index in range(model.num_blocks):

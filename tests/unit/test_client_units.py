@@ -1,0 +1,113 @@
+"""The client's pure parts: optimizer state on disk, when to push, round trips, its event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm import errors
+from swarm.records import (
+    PROTOCOL_VERSION,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def record(start: int, end: int, state: str = "online", **overrides) -> dict:
+    value = dict(
+        protocol_version=PROTOCOL_VERSION, state=state, model="m", start_block=start, end_block=end,
+        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", public_name=None,
+    )
+    value.update(overrides)
+    return value
+
+
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    from client.finetune import load_optimizer_state, save_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.95))
+    for _ in range(3):
+        sum((p**2).sum() for p in params).backward()
+        optimizer.step()
+    state = optimizer.state_dict()
+    state["state"]["local_epoch"] = 7  # as hivemind.Optimizer adds it
+    save_optimizer_state(state, tmp_path / "optimizer.safetensors")
+    loaded = load_optimizer_state(tmp_path / "optimizer.safetensors")
+    assert loaded["state"].pop("local_epoch") == 7
+    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.5)
+    fresh.load_state_dict(loaded)
+    assert fresh.param_groups[0]["lr"] == 0.01 and tuple(fresh.param_groups[0]["betas"]) == (0.8, 0.95)
+    for index in (0, 1):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[fresh.param_groups[0]["params"][index]][name], optimizer.state[params[index]][name])
+
+
+def test_pushes_pay_where_round_trips_are_slow():
+    from types import SimpleNamespace
+
+    from client.sequence import RemoteSequence
+    from swarm.config import ClientConfig
+
+    latency = {"near": 0.001, "far": 0.040}
+    view = lambda **config: SimpleNamespace(config=ClientConfig(**config), latency_s=latency)  # noqa: E731
+    assert [RemoteSequence.pushes_pay(view(), peer) for peer in ("near", "far", "unmeasured")] == [False, True, True]
+    assert RemoteSequence.pushes_pay(view(push_steps=True), "near") and not RemoteSequence.pushes_pay(view(push_steps=False), "far")
+    assert RemoteSequence.pushes_pay(view(push_min_rtt_s=0.0005), "near")
+
+
+def test_a_round_trip_is_the_fastest_of_several_pings(monkeypatch):
+    """The first ping of a peer also dials it: its time must not decide whether pushes pay; a peer
+    that fails a ping is banned and gets no round trip."""
+    from types import SimpleNamespace
+
+    from client import sequence
+    from swarm.config import ClientConfig
+
+    calls: dict[str, int] = {}
+
+    async def call_info(p2p, peer_id, namespace, timeout_s, auth=None):
+        calls[peer_id] = calls.get(peer_id, 0) + 1
+        if peer_id == "dead":
+            raise errors.PeerUnavailableError("gone")
+        await asyncio.sleep(0.05 if calls[peer_id] == 1 else 0.0)
+
+    monkeypatch.setattr(sequence, "call_info", call_info)
+    banned = []
+    view = SimpleNamespace(
+        p2p=None, dht_prefix="m", config=ClientConfig(), latency_s={}, proof=lambda peer_id: None, ban=banned.append,
+    )
+    asyncio.run(sequence.RemoteSequence._measure_latencies(view, ["slow-to-dial", "dead"]))
+    assert calls == {"slow-to-dial": sequence.PINGS_PER_PEER, "dead": 1}
+    assert view.latency_s["slow-to-dial"] < 0.04 and "dead" not in view.latency_s and banned == ["dead"]
+
+
+def test_client_calls_run_on_one_plain_asyncio_loop_even_where_uvloop_is_installed(monkeypatch):
+    """hivemind installs uvloop's policy for the whole process (its RemoteExpertWorker does); the client's
+    calls still run on one plain asyncio loop thread: a uvloop handle let go of by another thread
+    crashes the process (see swarm.loop_thread)."""
+    import threading
+
+    import uvloop
+
+    from swarm import loop_thread
+
+    async def where():
+        return asyncio.get_running_loop(), threading.current_thread().name
+
+    monkeypatch.setattr(loop_thread, "_loop", None)  # a loop of this test's own, started under uvloop's policy
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        loop, thread = loop_thread.run_coroutine(where())
+    finally:
+        asyncio.set_event_loop_policy(previous)
+    try:
+        assert type(loop) is asyncio.SelectorEventLoop and thread == "swarm-loop"
+        assert loop_thread.run_coroutine(where()) == (loop, thread)  # one loop and thread for every call
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
