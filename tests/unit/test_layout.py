@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # swarm/'s modules that are not the contract: thin entrypoints, their shared helpers, applications, tools
 NOT_CONTRACT = {"swarm.cli", "swarm.demo", "swarm.dht", "swarm.hw", "swarm.peer", "swarm.plan", "swarm.api", "swarm.dashboard", "swarm.tools"}
 
@@ -63,6 +63,7 @@ def test_ruff_is_clean():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_mypy_is_clean_on_the_contract():
     files = [str(Path(*module.split(".")).with_suffix(".py")) for module in contract_modules()]
     result = _run([_tool("mypy"), *files], timeout_s=540)

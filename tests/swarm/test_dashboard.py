@@ -25,7 +25,7 @@ from swarm.tools.local import LocalSwarm
 from swarm.records import MODELS_KEY, block_key
 
 from tests.conftest import PEER_ENV, stop_group
-from tests.test_dht_records import HOSTILE_VALUES
+from tests.swarm.test_dht_records import HOSTILE_VALUES
 
 pytestmark = pytest.mark.timeout(300)
 

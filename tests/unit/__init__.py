@@ -1,0 +1,1 @@
+"""Unit tests: no sockets, no subprocesses of our own, seconds each."""
