@@ -8,22 +8,8 @@ import pytest
 import torch
 
 from swarm import errors
-from swarm.records import (
-    PROTOCOL_VERSION,
-)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def record(start: int, end: int, state: str = "online", **overrides) -> dict:
-    value = dict(
-        protocol_version=PROTOCOL_VERSION, state=state, model="m", start_block=start, end_block=end,
-        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", public_name=None,
-    )
-    value.update(overrides)
-    return value
-
-
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from swarm import errors
 from swarm.config import PeerConfig, parse_blocks, parse_throughput
-from swarm.records import (
-    PROTOCOL_VERSION,
-)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def record(start: int, end: int, state: str = "online", **overrides) -> dict:
-    value = dict(
-        protocol_version=PROTOCOL_VERSION, state=state, model="m", start_block=start, end_block=end,
-        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", public_name=None,
-    )
-    value.update(overrides)
-    return value
-
 
 
 # ---- configuration -----------------------------------------------------------------------------

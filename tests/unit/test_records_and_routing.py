@@ -12,11 +12,17 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from client.routing import PeerSpan, choose_route, choose_spread_route, missing_blocks
-from swarm.coverage import SERVING_STATES, peer_spans
 from swarm import errors
+from swarm.coverage import SERVING_STATES, peer_spans
 from swarm.identity import Identity
 from swarm.records import (
-    MAX_RECORD_BYTES, PROTOCOL_VERSION, PeerRecord, PeerState, RecordShapeValidator, parse_models, parse_peer_records,
+    MAX_RECORD_BYTES,
+    PROTOCOL_VERSION,
+    PeerRecord,
+    PeerState,
+    RecordShapeValidator,
+    parse_models,
+    parse_peer_records,
 )
 
 pytestmark = pytest.mark.timeout(60)

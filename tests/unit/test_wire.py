@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
 from swarm import errors
 from swarm.messages import PEER_REQUEST, ForwardRequest, InferenceStep
-from swarm.records import (
-    PROTOCOL_VERSION,
-)
 from swarm.transport import FrameReader, decode_header, encode_frame, name_tensors
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def record(start: int, end: int, state: str = "online", **overrides) -> dict:
-    value = dict(
-        protocol_version=PROTOCOL_VERSION, state=state, model="m", start_block=start, end_block=end,
-        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", public_name=None,
-    )
-    value.update(overrides)
-    return value
-
 
 
 async def _aiter(items):
