@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -78,6 +78,11 @@ class TrainerConfig(BaseModel):
     save_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     seed: int = Field(0, description="the order of this trainer's examples")
     verbose: bool = Field(False, description="log hivemind's progress of the run (samples, rounds, peers)")
+
+    @model_validator(mode="after")
+    def _needs_peers(self) -> "TrainerConfig":
+        self.client.network.require_initial_peers()
+        return self
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -341,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
         args = settings.parse(
             TrainerConfig, argv, prog="python -m client.finetune", description=__doc__.split("\n\n")[0], env_prefix="SWARM_TRAINER_"
         )
-        if not args.client.network.initial_peers:
-            raise ConfigError("--initial-peers: give the multiaddr of at least one node of the swarm")
         state = train(args)
     except SwarmError as exc:
         return fail(str(exc))

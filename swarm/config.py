@@ -46,6 +46,11 @@ class NetworkConfig(BaseModel):
     def is_loopback_only(self) -> bool:
         return all(_is_loopback_maddr(maddr) for maddr in self.host_maddrs)
 
+    def require_initial_peers(self) -> None:
+        """For the roles that only join a swarm (clients, the API, the dashboard, swarm.plan, trainers)."""
+        if not self.initial_peers:
+            raise ValueError("--initial-peers: give the multiaddr of at least one node of the swarm")
+
     def require_peers_or_new_swarm(self) -> None:
         if not self.initial_peers and not self.new_swarm:
             raise ConfigError("give --initial-peers MULTIADDR (a peer of an existing swarm) or --new-swarm")
@@ -161,8 +166,7 @@ class PlanConfig(BaseModel):
 
     @model_validator(mode="after")
     def _needs_peers(self) -> "PlanConfig":
-        if not self.network.initial_peers:
-            raise ValueError("--initial-peers: give the multiaddr of at least one node of the swarm")
+        self.network.require_initial_peers()
         return self
 
 

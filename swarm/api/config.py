@@ -31,6 +31,5 @@ class ApiConfig(BaseModel):
 
     @model_validator(mode="after")
     def _needs_peers(self) -> "ApiConfig":
-        if not self.client.network.initial_peers:
-            raise ValueError("--initial-peers: give the multiaddr of at least one node of the swarm")
+        self.client.network.require_initial_peers()
         return self

@@ -19,6 +19,5 @@ class DashboardConfig(BaseModel):
 
     @model_validator(mode="after")
     def _needs_peers(self) -> "DashboardConfig":
-        if not self.network.initial_peers:
-            raise ValueError("--initial-peers: give the multiaddr of at least one node of the swarm")
+        self.network.require_initial_peers()
         return self
