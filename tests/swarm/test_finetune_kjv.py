@@ -32,6 +32,7 @@ def _mean_nll(model, tokenizer, texts: list[str]) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_lora_finetune_lowers_heldout_perplexity(smollm2_swarm, tmp_path):
     verses = [json.loads(line)["text"] for line in kjv_path().read_text().splitlines()[:640]]  # Genesis 1-24
     train, heldout = verses[:600:3] + verses[1:600:3], verses[600:640]  # 400 verses; the next 40 held out

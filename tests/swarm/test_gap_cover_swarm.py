@@ -44,6 +44,7 @@ def spans_on(reader, dht_prefix: str, block_index: int) -> dict[str, coverage.Sp
     return {peer_id: span for peer_id, span in spans.items() if span.start <= block_index < span.end}
 
 
+@pytest.mark.slow
 def test_a_gap_is_covered_within_the_record_ttl_by_exactly_one_peer(eight_block_model, tmp_path):
     """The only peer of 0:4 (fixed range, 2 tokens/s) is killed; two peers of `--blocks 4` at 1 token/s
     each took 4:8 (the weakest window). Either could cover 0:4 without opening a gap: one must."""

@@ -42,6 +42,7 @@ def _rss(node) -> int:
     return psutil.Process(node.pid).memory_info().rss
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_sessions(tiny_model_path, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(16)

@@ -380,6 +380,7 @@ def test_finetune_cli_trains_saves_and_resumes(tiny_swarm, tiny_model_path, tmp_
     assert sum(losses[-2:]) < sum(losses[:2])  # it learns
 
 
+@pytest.mark.slow
 def test_trainers_average_gradients_join_late_and_leave(tiny_swarm, tiny_model_path, tmp_path):
     """Three LoRA trainers of one run, each on its own data: A and B start together, C joins after the
     first round (it loads the run's state), runs out of data first and leaves; A and B go on. Every
