@@ -15,7 +15,6 @@ import sys
 from typing import Awaitable, Callable
 
 from swarm.errors import SwarmError
-from swarm.network import PARENT_POLL_S
 
 
 # Iterations an idle OpenMP thread (libgomp, torch's CPU thread pool) spins before it sleeps; on this
@@ -109,6 +108,10 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    # imported here: swarm.network imports torch, and entrypoints import this module before torch is
+    # loaded, so that limit_openmp_spinning can still set GOMP_SPINCOUNT (tests/unit/test_layout.py)
+    from swarm.network import PARENT_POLL_S
+
     while os.getppid() == parent:
         await asyncio.sleep(PARENT_POLL_S)
     logging.getLogger(__name__).warning("the process that started this node (pid %d) is gone: stopping", parent)

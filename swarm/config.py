@@ -16,9 +16,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
-from swarm.records import MAX_RECORD_TTL_S
 
 Config = TypeVar("Config", bound=BaseModel)
+DEFAULT_MODEL = "smollm2-135m"  # the embedded model (swarm.models finds it offline)
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 DEFAULT_MAX_LENGTH = 8192  # tokens: the longest sequence a peer serves unless told otherwise
 
@@ -66,7 +66,7 @@ class PeerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2-135m", description="model name, Hugging Face id or local folder")
+    model: str = Field(DEFAULT_MODEL, description="model name, Hugging Face id or local folder")
     dht_prefix: str | None = Field(None, description="DHT key prefix; default: derived from the model name")
     blocks: str = Field(
         "auto", description="blocks to serve: a range START:END (END exclusive), a count N placed where the swarm needs it, or auto"
@@ -118,6 +118,8 @@ class PeerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_record_ttl(self) -> "PeerConfig":
+        from swarm.records import MAX_RECORD_TTL_S  # here: swarm.records loads hivemind and torch, config must stay light
+
         if self.announce_period_s * self.record_ttl_periods > MAX_RECORD_TTL_S:
             raise ValueError("--announce-period: records would live over 6 hours, which other nodes ignore as absurd")
         return self

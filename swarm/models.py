@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import kernels
+from swarm.config import DEFAULT_MODEL
 from swarm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Layers built outside a PreTrainedModel get no attention kernel chosen for them (config value

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from swarm.config import ClientConfig
-from swarm.models import DEFAULT_MODEL
+from swarm.config import DEFAULT_MODEL, ClientConfig
 
 
 class ApiConfig(BaseModel):

@@ -68,3 +68,12 @@ def test_mypy_is_clean_on_the_contract():
     files = [str(Path(*module.split(".")).with_suffix(".py")) for module in contract_modules()]
     result = _run([_tool("mypy"), *files], timeout_s=540)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def test_entrypoints_that_limit_openmp_spinning_load_no_torch_before_they_do():
+    """libgomp reads GOMP_SPINCOUNT when torch loads it: `swarm.cli.limit_openmp_spinning` works only if the
+    entrypoint (and the config it parses first) has not imported torch yet."""
+    modules = ["swarm.cli", "swarm.settings", "swarm.config", "swarm.peer", "swarm.api.app", "swarm.api.config", "swarm.demo"]
+    code = f"import sys\nfor name in {modules!r}:\n    __import__(name)\nprint(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))"
+    result = _run([sys.executable, "-c", code], timeout_s=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
