@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 
 from swarm import settings
 from swarm.cli import fail, setup_logging
-from swarm.config import LOOPBACK_MADDRS, ClientConfig, NetworkConfig
+from swarm.config import DEFAULT_MODEL, LOOPBACK_MADDRS, ClientConfig, NetworkConfig
 from swarm.errors import ConfigError, SwarmError
-from swarm.models import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -173,7 +173,10 @@ class BlockServicer(BlockService):
 
     # ---- inference sessions ---------------------------------------------------------------------
     async def rpc_inference(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        reader = FrameReader(requests, 0, self.request_buffer)  # an opening carries no tensors
+        # an opening carries no tensors; a session's frames are bounded by its own batch x length (below), INBOX_FRAMES
+        # and the sessions the cache budget admits, not by the budget shared with stateless calls: a busy peer must
+        # refuse new calls, not end the sessions it serves
+        reader = FrameReader(requests, 0)
         try:
             opening = await self._read_opening(reader, context)
         except Exception as exc:

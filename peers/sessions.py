@@ -29,7 +29,7 @@ from peers.cache import CacheBudget
 from peers.compute import Row, Step
 from peers.scheduler import Scheduler
 from peers.serving import Serving
-from peers.validation import Limits
+from peers.validation import Limits, check_span
 from swarm import errors
 from swarm.messages import PEER_REQUEST, InferenceStep, OpenSession, PushStep
 from swarm.swarm_key import SwarmKey, make_proof
@@ -92,6 +92,7 @@ class PlainSession:
         self.id, self.span = opening.session_id, (opening.start_block, opening.end_block)
         self.reader, self.env, self.caller = reader, env, caller
         self.stack = env.serving.stack  # the session stays on these blocks, even if the peer moves meanwhile
+        check_span(*self.span, (self.stack.start_block, self.stack.end_block))  # the peer may have moved while it waited for cache
         self.adapter = env.serving.adapter_weights(opening, self.span)
         self.cache = self.stack.new_cache()
         self.limits = Limits(env.serving.limits.hidden_size, opening.batch_size, opening.max_length)
@@ -147,7 +148,7 @@ class PlainSession:
                 continue
             except Exception as exc:  # failed mid-compute: the cache may be half-updated, end the session
                 logger.exception("internal error in session %s", self.id[:8])
-                yield replies.error(exc, step_id=getattr(step, "step_id", None))
+                yield replies.error(exc, step_id=getattr(step, "step_id", None), idle_timeout_s=self.env.idle_timeout_s)
                 await _drain(self.inbox, pump)
                 return
             self.last_step_id = step.step_id
@@ -190,7 +191,7 @@ class PlainSession:
 
     def _refusal(self, exc: BaseException, what: str, step_id: int | None = None) -> Response:
         logger.warning("refused %s from %s: %s", what, self.caller[-8:], str(exc)[:200])
-        return replies.error(exc, step_id=step_id)
+        return replies.error(exc, step_id=step_id, idle_timeout_s=self.env.idle_timeout_s)
 
 
 def _step_of(source: str, item) -> tuple[InferenceStep | PushStep, dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ from hivemind.proto import runtime_pb2
 from peers import replies
 from peers.compute import Row, Step
 from peers.sessions import SessionEnv
-from peers.validation import Limits
+from peers.validation import Limits, check_span
 from swarm import errors
 from swarm.messages import MAX_SLOT_STEP_TOKENS, PEER_REQUEST, OpenSession, SlotStep
 from swarm.transport import FrameReader, decode_header, name_tensors
@@ -100,6 +100,7 @@ class SlotSession:
         self.slots, self.max_length = opening.slots or 0, opening.max_length
         self.reader, self.env, self.caller = reader, env, caller
         self.stack = env.serving.stack  # the session stays on these blocks, even if the peer moves meanwhile
+        check_span(*self.span, (self.stack.start_block, self.stack.end_block))  # the peer may have moved while it waited for cache
         self.adapter = env.serving.adapter_weights(opening, self.span)
         self.table: dict[int, _Slot] = {}
         self.steps = 0
@@ -131,7 +132,7 @@ class SlotSession:
                     continue
                 except Exception as exc:  # failed mid-compute: caches may be half-updated, end the session
                     logger.exception("internal error in batched session %s", self.id[:8])
-                    yield replies.error(exc, step_id=getattr(step, "step_id", None))
+                    yield replies.error(exc, step_id=getattr(step, "step_id", None), idle_timeout_s=self.env.idle_timeout_s)
                     return
                 self.steps += 1
                 for message in replies.result(outputs, step_id=step.step_id):
@@ -173,4 +174,4 @@ class SlotSession:
 
     def _refusal(self, exc: BaseException, step_id: int | None = None) -> Response:
         logger.warning("refused slot step from %s: %s", self.caller[-8:], str(exc)[:200])
-        return replies.error(exc, step_id=step_id)
+        return replies.error(exc, step_id=step_id, idle_timeout_s=self.env.idle_timeout_s)

@@ -201,3 +201,24 @@ def test_a_batched_session_steps_its_slots_together(model):
     prefill, decode = run(session)
     torch.testing.assert_close(prefill, torch.cat([want[0] for want in expected], dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(decode, torch.cat([want[1] for want in expected], dim=1), atol=1e-5, rtol=0)
+
+
+def test_a_session_goes_on_while_stateless_calls_hold_the_whole_read_budget(model):
+    """The byte budget bounds what stateless calls buffer; a busy peer refuses new calls, it does not end the
+    sessions it serves (their frames are bounded by their own batch x length)."""
+    prompt = torch.randn(1, 4, HIDDEN)
+    expected = reference(model, prompt)[0]
+
+    async def session(executor):
+        servicer = make_servicer(stack_of(model, 0, 4), executor)
+        servicer.request_buffer.used_bytes = servicer.request_buffer.total_bytes  # every byte held by other calls
+        client = ClientStream(servicer)
+        client.send(open_session("s", 0, 4))
+        await client.receive()
+        client.send(step(0, 0), [prompt])
+        output = (await client.receive())[1]["hidden_states"]
+        await client.close()
+        await servicer.close()
+        return output
+
+    torch.testing.assert_close(run(session), expected, atol=1e-5, rtol=0)
