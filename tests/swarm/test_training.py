@@ -413,10 +413,14 @@ def test_trainers_average_gradients_join_late_and_leave(tiny_swarm, tiny_model_p
                 process.wait()
 
     rounds = {name: _rounds(tmp_path / name) for name in trainers}
-    for number in set().union(*rounds.values()):
-        seen = [values[number] for values in rounds.values() if number in values]
-        for other in seen[1:]:
-            assert other == pytest.approx(seen[0], rel=1e-5, abs=1e-6), (number, rounds)
+    for number in sorted(set().union(*rounds.values()), key=int):
+        seen = {name: values[number] for name, values in rounds.items() if number in values}
+        first, *others = seen
+        for other in others:
+            assert seen[other] == pytest.approx(seen[first], rel=1e-5, abs=1e-6), (
+                f"round {number}: {first} and {other} differ\n{first}: {_tail(tmp_path / f'{first}.log')}\n"
+                f"{other}: {_tail(tmp_path / f'{other}.log')}"
+            )
     assert len(set(rounds["a"]) & set(rounds["b"])) >= 3, rounds  # 0 and at least two averaged rounds
     joined = min(int(number) for number in rounds["c"] if number != "0")
     assert joined >= 1 and str(joined) in rounds["b"], rounds  # C started from the run's state, not from scratch
