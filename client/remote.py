@@ -7,7 +7,7 @@ error a peer answered with. Choosing peers and retrying belong to `client.sequen
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -17,7 +17,8 @@ from swarm import errors, protocol
 from swarm.blocks import BlockInputs
 from swarm.lora import AdapterId
 from swarm.messages import (
-    PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, Result, SessionOpened, SlotStep,
+    PEER_REPLY, BackwardRequest, ForwardRequest, InferenceStep, OpenSession, PeerInfo, PushFailed, Result, SessionOpened,
+    SlotStep,
 )
 from swarm.transport import FrameReader, decode_header, encode_frame, frame_tensors, raise_if_error, translated_errors
 
@@ -76,7 +77,7 @@ async def call_forward(
 
     async with translated_errors(peer_id[-8:]), asyncio.timeout(timeout_s):
         replies = await protocol.stub(p2p, PeerID.from_base58(peer_id), namespace).rpc_forward(requests())
-        (hidden_states,), _ = await _read_result(FrameReader(replies), peer_id, {"hidden_states": inputs.hidden_states.shape})
+        (hidden_states,), _ = await _read_result(FrameReader(replies).read, peer_id, {"hidden_states": inputs.hidden_states.shape})
         return hidden_states
 
 
@@ -102,27 +103,30 @@ async def call_backward(
             expected["grad_prompts"] = inputs.prompts.shape
         if inputs.lora is not None:
             expected.update({f"grad_{name}": tensor.shape for name, tensor in inputs.lora.tensors().items()})
-        grads, _ = await _read_result(FrameReader(replies), peer_id, expected)
+        grads, _ = await _read_result(FrameReader(replies).read, peer_id, expected)
         named = dict(zip(expected, grads))
         grad_lora = {name.removeprefix("grad_"): grad for name, grad in named.items() if name.startswith("grad_lora_")}
         return named["grad_inputs"], named.get("grad_prompts"), grad_lora
 
 
 async def _read_result(
-    reader: FrameReader, peer_id: str, expected: dict[str, torch.Size], step_id: int | None = None
-) -> tuple[list[torch.Tensor], bool]:
+    read: Callable[[], Awaitable], peer_id: str, expected: dict[str, torch.Size], step_id: int | None = None
+) -> tuple[list[torch.Tensor], Result]:
     """The tensors a peer answered with (`expected`: their names and shapes, in order), checked (a
-    malformed reply bans the peer, never crashes us), and whether the peer pushed them to the next hop.
-    Replies to earlier steps are skipped: they answer steps pushed to this peer that the client re-ran
-    after a failover."""
+    malformed reply bans the peer, never crashes us), and the result's header (whether the peer pushed
+    them to the next hop, its compute time). Replies to earlier steps are skipped: they answer steps
+    pushed to this peer that the client re-ran after a failover; so are notices of failed pushes (a
+    current one is read by `SpanStream.push_failed` while the next hop is awaited)."""
     while True:
         try:
-            frame = await reader.read()
+            frame = await read()
             if frame is None:
                 raise errors.PeerUnavailableError(f"peer {peer_id[-8:]} closed the stream without answering")
             header = decode_header(PEER_REPLY, frame[0])
         except errors.InvalidRequestError as exc:  # FrameReader speaks of requests; here the peer is at fault
             raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} sent a malformed reply: {exc}") from exc
+        if isinstance(header, PushFailed):
+            continue
         stale = getattr(header, "step_id", None)
         if step_id is None or stale is None or stale >= step_id:
             break
@@ -138,7 +142,7 @@ async def _read_result(
             )
         if not torch.isfinite(tensor).all():
             raise errors.PeerMisbehavedError(f"peer {peer_id[-8:]} returned NaN or infinite {name}")
-    return frame[1], header.pushed
+    return frame[1], header
 
 
 class SpanStream:
@@ -154,6 +158,7 @@ class SpanStream:
         self.push_from: str | None = None  # the previous hop, allowed to push steps into this one
         self._outbox: asyncio.Queue[Request | None] = asyncio.Queue()
         self._reader: FrameReader | None = None
+        self._next_frame: asyncio.Future | None = None  # a read in progress, which no one has consumed yet
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(
@@ -173,7 +178,7 @@ class SpanStream:
                 self._requests()
             )
             self._reader = FrameReader(replies)
-            frame = await self._reader.read()
+            frame = await self._read_frame()
             if frame is None:
                 raise errors.PeerUnavailableError(f"peer {self.peer_id[-8:]} closed the session at once")
             reply = decode_header(PEER_REPLY, frame[0])
@@ -182,20 +187,57 @@ class SpanStream:
                 raise errors.PeerMisbehavedError(f"peer {self.peer_id[-8:]} did not open the session")
 
     async def step(
-        self, inputs: BlockInputs, position: int, step_id: int, push_to: list[str] = (), *, send: bool = True
-    ) -> tuple[torch.Tensor, bool]:
-        """Send a step (unless `send` is False: the previous hop pushed it here) and read its result,
-        and whether this peer pushed it on to the next hop.
+        self, inputs: BlockInputs, position: int, step_id: int, push_to: list[str] = (), *,
+        pushed_by: "SpanStream | None" = None,
+    ) -> tuple[torch.Tensor, Result]:
+        """Send a step and read its result (hidden states, and the header: whether this peer pushed it
+        on to the next hop, its compute time). `push_to`: the following hops, to which this peer sends
+        its output directly. With `pushed_by`, the previous hop pushed the step here: it is sent only if
+        that hop says its push failed, or its stream breaks."""
 
-        `push_to`: the following hops, to which this peer sends its output directly."""
-        if send:
+        def send() -> None:
             names, tensors = _input_tensors(inputs)
             self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
+
+        if pushed_by is None:
+            send()
         async with translated_errors(self.peer_id[-8:]):
-            (hidden_states,), pushed = await self._await_reply(
-                _read_result(self._reader, self.peer_id, {"hidden_states": inputs.hidden_states.shape}, step_id)
+            (hidden_states,), header = await self._await_reply(
+                _read_result(self._read_frame, self.peer_id, {"hidden_states": inputs.hidden_states.shape}, step_id),
+                None if pushed_by is None else (pushed_by.push_failed(step_id), send),
             )
-            return hidden_states, pushed
+            return hidden_states, header
+
+    async def push_failed(self, step_id: int) -> None:
+        """Returns when this peer says that its push of step `step_id` did not arrive, or its stream
+        broke; never otherwise (cancel it). Any other frame stays for this stream's next read."""
+        while True:
+            try:
+                frame = await asyncio.shield(self._frame_task())
+                header = decode_header(PEER_REPLY, frame[0]) if frame is not None else None
+            except Exception:
+                return  # broken: whether the push left is unknown, so the step is sent (a copy runs once)
+            if header is None:
+                return  # the stream ended, likewise
+            if not isinstance(header, PushFailed) or header.step_id > step_id:
+                await asyncio.Future()  # the next step's reply: leave it
+            self._next_frame = None  # consumed
+            if header.step_id == step_id:
+                return
+
+    def _frame_task(self) -> asyncio.Future:
+        if self._next_frame is None:
+            self._next_frame = asyncio.ensure_future(self._reader.read())
+        return self._next_frame
+
+    async def _read_frame(self):
+        """The stream's next frame (a read cancelled half-way goes on, for the next caller)."""
+        task = self._frame_task()
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._next_frame is task:
+                self._next_frame = None
 
     async def step_slots(self, header: SlotStep, hidden_states: torch.Tensor | None) -> torch.Tensor | None:
         """One step of a batched session: `hidden_states` [1, tokens, hidden] (None: no rows);
@@ -204,26 +246,35 @@ class SpanStream:
         self._send(header, [] if hidden_states is None else [hidden_states])
         expected = {} if hidden_states is None else {"hidden_states": hidden_states.shape}
         async with translated_errors(self.peer_id[-8:]):
-            outputs, _ = await self._await_reply(_read_result(self._reader, self.peer_id, expected, header.step_id))
+            outputs, _ = await self._await_reply(_read_result(self._read_frame, self.peer_id, expected, header.step_id))
             return outputs[0] if outputs else None
 
-    async def _await_reply(self, reading):
+    async def _await_reply(self, reading, push: tuple[Awaitable, Callable[[], None]] | None = None):
         """The reply, within the step timeout. While it is late, ping the peer every LIVENESS_PERIOD_S:
         a read from a peer that died mid-step can wait forever (nothing is written to notice the broken
-        connection), so a dead or frozen peer is found within seconds, not after the whole timeout."""
+        connection), so a dead or frozen peer is found within seconds, not after the whole timeout.
+        `push`: (what returns if the push of this step to this peer failed, what sends it instead)."""
         task = asyncio.ensure_future(reading)
+        watch = asyncio.ensure_future(push[0]) if push is not None else None
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             while True:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     raise errors.PeerTimeoutError(f"peer {self.peer_id[-8:]} did not answer within {self.timeout_s:g} s")
-                await asyncio.wait({task}, timeout=min(LIVENESS_PERIOD_S, remaining))
+                waiting = {task} if watch is None else {task, watch}
+                await asyncio.wait(waiting, timeout=min(LIVENESS_PERIOD_S, remaining), return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
                     return task.result()
+                if watch is not None and watch.done():
+                    watch = None
+                    push[1]()  # the previous hop's push failed: send the step ourselves
+                    continue
                 await call_info(self.p2p, self.peer_id, self.namespace, LIVENESS_PING_TIMEOUT_S, self.auth)
         finally:
             task.cancel()
+            if watch is not None:
+                watch.cancel()
 
     def close(self) -> None:
         """End the stream (from any thread): the peer frees the session's cache at once."""

@@ -7,9 +7,11 @@ to rebuild their cache, and continues. It does not compute anything locally (see
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
+import time
 import uuid
 
 import torch
@@ -17,12 +19,15 @@ import torch
 from client.remote import SpanStream
 from client.retries import Retries
 from client.sequence import RemoteSequence
+from client.timing import HopTiming, StepTiming, hop_timing
 from swarm import errors
 from swarm.blocks import BlockInputs
 from swarm.lora import AdapterId, adapter_ref
 from swarm.messages import MAX_PUSH_HOPS
 
 logger = logging.getLogger(__name__)
+
+TIMED_STEPS = 64  # the most recent steps whose timing a session keeps
 
 
 class InferenceSession:
@@ -41,6 +46,7 @@ class InferenceSession:
         self.closed = False
         self.history_ids: torch.Tensor | None = None  # token ids of the conversation, kept by generate()
         self.history_mask: torch.Tensor | None = None
+        self.timings: collections.deque[StepTiming] = collections.deque(maxlen=TIMED_STEPS)  # see client.timing
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
@@ -83,13 +89,21 @@ class InferenceSession:
         self._truncate(position)
         sent = inputs.without_defaults(position)  # what every hop gets: the defaults cost each hop time to decode
         hidden_states, index, step_id, pushed = inputs.hidden_states, 0, next(self._step_ids), False
+        started = last = time.perf_counter()
+        hops: list[HopTiming] = []
         while index < len(self.streams):
             stream = self.streams[index]
             self._remember(stream.start, hidden_states, position)
             try:
-                hidden_states, pushed = await stream.step(
-                    _with_hidden(sent, hidden_states), position, step_id, self._push_chain(index), send=not pushed
+                hidden_states, result = await stream.step(
+                    _with_hidden(sent, hidden_states), position, step_id, self._push_chain(index),
+                    pushed_by=self.streams[index - 1] if pushed else None,
                 )
+                now = time.perf_counter()
+                hops.append(hop_timing(
+                    stream.peer_id, stream.start, stream.end, waited_ms=1000 * (now - last), compute_ms=result.compute_ms, pushed=pushed,
+                ))
+                pushed, last = result.pushed, now
                 index += 1
             except errors.RemoteError as exc:
                 if not exc.transient:
@@ -98,6 +112,8 @@ class InferenceSession:
                 # the rest of the step runs anew under a new id: what later hops answer to the old one
                 # (a push from the failed peer) is stale, and they recompute at the same position
                 step_id, pushed = next(self._step_ids), False
+                hops, last = hops[:index], time.perf_counter()
+        self.timings.append(StepTiming(position, new_tokens, tuple(hops), round(1000 * (time.perf_counter() - started), 3)))
         self._remember_positions(inputs, position)
         self.position = position + new_tokens
         return hidden_states

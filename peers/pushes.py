@@ -8,6 +8,7 @@ It does not decide what to push, nor whether the next hop takes it (`peers.handl
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import AsyncIterator
 
 from hivemind.p2p import P2P, PeerID
@@ -36,6 +37,8 @@ class PushChannels:
     def __init__(self, p2p: P2P, namespace: str, timeout_s: float):
         self.p2p, self.namespace, self.timeout_s = p2p, namespace, timeout_s
         self._channels: dict[str, _Channel] = {}
+        # pushes run in the background, and answers on a stream come in order: one push at a time per target
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     async def send(self, target: str, message: Request) -> Response:
         """Push `message` to peer `target` and return its answer (empty, or an ErrorReply's frame).
@@ -43,7 +46,7 @@ class PushChannels:
         Raises a SwarmError if the push did not arrive in time; that stream is then dropped, so that a
         late answer cannot pass for the next push's."""
         try:
-            async with translated_errors(target[-8:]), asyncio.timeout(self.timeout_s):
+            async with translated_errors(target[-8:]), asyncio.timeout(self.timeout_s), self._locks[target]:
                 channel = self._channels.get(target)
                 if channel is None:
                     channel = self._channels[target] = _Channel()

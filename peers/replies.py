@@ -1,8 +1,7 @@
 """What a peer sends: a step's or a call's result, a typed error, and the push of a step's output to
 the next hop, each encoded in one place (`swarm.transport` frames).
 
-A reply is encoded once its content is known (a session step's reply says whether the next hop took
-the push, so it is encoded after the push): nothing edits an encoded frame. Nothing here computes,
+A reply is encoded once its content is known: nothing edits an encoded frame. Nothing here computes,
 decides or sends.
 """
 
@@ -16,7 +15,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import errors
 from swarm.blocks import BlockInputs
-from swarm.messages import InferenceStep, PushStep, Result, SessionOpened
+from swarm.messages import InferenceStep, PushFailed, PushStep, Result, SessionOpened
 from swarm.transport import encode_error, encode_frame, frame_tensors
 
 logger = logging.getLogger(__name__)
@@ -40,11 +39,19 @@ def opened(session_id: str) -> Response:
     return message
 
 
-def result(outputs: torch.Tensor | None, *, step_id: int | None = None, pushed: bool = False) -> list[Response]:
+def result(
+    outputs: torch.Tensor | None, *, step_id: int | None = None, pushed: bool = False, compute_ms: float | None = None
+) -> list[Response]:
     """The messages of a result: hidden states [batch, seq, hidden] (none for a step without rows)."""
     names = [] if outputs is None else ["hidden_states"]
-    header = Result(tensor_names=names, step_id=step_id, pushed=pushed)
+    header = Result(tensor_names=names, step_id=step_id, pushed=pushed, compute_ms=compute_ms)
     return list(encode_frame(header, [] if outputs is None else [outputs], Response))
+
+
+def push_failed(step_id: int) -> Response:
+    """Tells the client that the push of step `step_id`, announced in its result, did not arrive."""
+    (message,) = encode_frame(PushFailed(step_id=step_id), [], Response)
+    return message
 
 
 def gradients(named: dict[str, torch.Tensor]) -> list[Response]:

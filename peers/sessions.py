@@ -3,9 +3,11 @@ adapter, step ids and inbox, and turns each step it receives into a reply.
 
 A session's steps reach it two ways: from its client over the session's stream, and pushed by the peer
 serving the blocks just before it (`rpc_push`), which sends its output straight on instead of making the
-client relay it. A peer that pushed says so in its reply once the next hop has taken the push; only then
-does the client skip sending that step itself. A step that arrives twice runs once. Every reply names its
-step, so a client re-running a step after a failover can tell stale replies from current ones.
+client relay it. A peer that pushes says so in its reply, which it sends at once: waiting for the next hop
+to take the push would add a round trip per hop to every token. If the push then fails, a `PushFailed`
+follows on the session's stream and the client sends the step itself. A step that arrives twice runs
+once. Every reply names its step, so a client re-running a step after a failover can tell stale replies
+from current ones.
 
 `PlainSession` is one sequence (or a batch of them) with one cache; a batched session, many independent
 sequences on one stream, is `peers.slots.SlotSession`. Compute goes through `peers.scheduler`, replies and
@@ -15,6 +17,7 @@ pushes are encoded by `peers.replies`; sessions never touch the compute thread o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -98,6 +101,9 @@ class PlainSession:
         self.limits = Limits(env.serving.limits.hidden_size, opening.batch_size, opening.max_length)
         self.inbox = Inbox(push_from=opening.push_from)
         self.last_step_id = -1
+        self._pushes: set[asyncio.Task] = set()  # pushes on their way to the next hop
+        self._failed_pushes: collections.deque[int] = collections.deque()  # their step ids, for the client
+        self._push_failed = asyncio.Event()
 
     async def serve(self) -> AsyncIterator[Response]:
         """The session's replies until its client closes it, goes idle, or its stream breaks."""
@@ -114,6 +120,8 @@ class PlainSession:
         finally:
             del self.env.sessions[key]
             pump.cancel()
+            for task in self._pushes:
+                task.cancel()
             if pusher is not None:
                 pusher.close()
             logger.info(
@@ -125,10 +133,13 @@ class PlainSession:
         while True:
             try:
                 async with asyncio.timeout(self.env.idle_timeout_s):
-                    source, item = await self.inbox.queue.get()
+                    source, item = await self._next()
             except TimeoutError:
                 logger.info("session %s idle for %.0f s: freeing its cache", self.id[:8], self.env.idle_timeout_s)
                 return
+            if source == "push_failed":
+                yield replies.push_failed(item)
+                continue
             if item is None:
                 return  # the client closed the session
             if isinstance(item, errors.SwarmError):  # a malformed frame: end the session, keep serving others
@@ -154,15 +165,30 @@ class PlainSession:
             self.last_step_id = step.step_id
             self.inbox.steps += 1
             self.inbox.pushed_steps += source == "push"
+            compute_ms = 1000 * (time.perf_counter() - started)
             logger.debug(
-                "step peer=%s session=%s blocks=%d:%d from=%s ms=%.1f", self.caller[-8:], self.id[:8], *self.span, source,
-                1000 * (time.perf_counter() - started),
+                "step peer=%s session=%s blocks=%d:%d from=%s ms=%.1f", self.caller[-8:], self.id[:8], *self.span, source, compute_ms
             )
-            for message in replies.result(outputs, step_id=step.step_id, pushed=pushed):
+            for message in replies.result(outputs, step_id=step.step_id, pushed=pushed, compute_ms=round(compute_ms, 3)):
                 yield message
 
+    async def _next(self) -> tuple[str, object]:
+        """The next thing to answer: a step's id whose push failed, or the inbox's next frame."""
+        while not self._failed_pushes:
+            self._push_failed.clear()
+            getting, failing = asyncio.ensure_future(self.inbox.queue.get()), asyncio.ensure_future(self._push_failed.wait())
+            try:
+                await asyncio.wait({getting, failing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                failing.cancel()
+                if not getting.done():
+                    getting.cancel()  # asyncio.Queue.get leaves the item in the queue when cancelled before taking it
+            if getting.done() and not getting.cancelled():
+                return getting.result()
+        return "push_failed", self._failed_pushes.popleft()
+
     async def _run(self, step: InferenceStep | PushStep, tensors: dict[str, torch.Tensor], pusher: Pusher | None):
-        """The step's outputs, and whether the next hop took them from us."""
+        """The step's outputs, and whether they are on their way to the next hop (a push in the background)."""
         self.env.serving.check(self.stack)
         cached = self.stack.cache_length(self.cache, self.span[0])
         if step.position > cached:
@@ -173,21 +199,31 @@ class PlainSession:
             return outputs, False
         target = step.push_to[0]
         push = replies.push(self.id, step, self.span[1], inputs, outputs, make_proof(self.env.swarm_key, self.env.peer_id, target))
-        return outputs, push is not None and await self._push(pusher, target, push)
-
-    async def _push(self, pusher: Pusher, target: str, push: replies.Push) -> bool:
-        """Send a step's output to the next hop; True once it took it (it then owes the client the reply)."""
-        try:
-            if target == self.env.peer_id:  # the next hop is this peer too
+        if push is None:
+            return outputs, False
+        if target == self.env.peer_id:  # the next hop is this peer too
+            try:
                 self.env.deliver(push.header, push.tensors, self.env.peer_id)
-                return True
+            except errors.SwarmError as exc:
+                logger.debug("push of session %s to itself refused: %s", self.id[:8], exc)
+                return outputs, False
+            return outputs, True
+        task = asyncio.create_task(self._push(pusher, target, push))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return outputs, True
+
+    async def _push(self, pusher: Pusher, target: str, push: replies.Push) -> None:
+        """Send a step's output to the next hop; if it does not take it, tell the client (see `_next`)."""
+        try:
             reply = await pusher.send(target, push.message)
+            refusal = reply.metadata[:200] if reply.metadata else None
         except (errors.SwarmError, ValueError) as exc:
-            logger.debug("push of session %s to %s failed: %s", self.id[:8], target[-8:], exc)
-            return False
-        if reply.metadata:
-            logger.debug("push of session %s to %s refused: %s", self.id[:8], target[-8:], reply.metadata[:200])
-        return not reply.metadata
+            refusal = str(exc)
+        if refusal is not None:
+            logger.debug("push of session %s to %s failed: %s", self.id[:8], target[-8:], refusal)
+            self._failed_pushes.append(push.header.step_id)
+            self._push_failed.set()
 
     def _refusal(self, exc: BaseException, what: str, step_id: int | None = None) -> Response:
         logger.warning("refused %s from %s: %s", what, self.caller[-8:], str(exc)[:200])

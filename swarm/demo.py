@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_client(initial_peers: list[str], prompt: str, max_new_tokens: int) -> None:
     from client import SwarmClient
+    from client.timing import summarize
 
     with SwarmClient(initial_peers=initial_peers) as client:
         input_ids = client.tokenizer(prompt, return_tensors="pt").input_ids
@@ -55,12 +56,16 @@ def run_client(initial_peers: list[str], prompt: str, max_new_tokens: int) -> No
             output = client.model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
             elapsed_s = time.perf_counter() - started
             route = session.describe_route()
+            timing = summarize(list(session.timings))
         new_tokens = output.shape[1] - input_ids.shape[1]
         text = client.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     print("\n=== prompt ===\n" + prompt)
     print("=== completion ===\n" + text.strip())
     print("=== route ===")
     for line in route:
+        print("  " + line)
+    print("=== where a token's time goes ===")
+    for line in timing:
         print("  " + line)
     print(f"=== speed ===\n  {new_tokens} tokens in {elapsed_s:.2f} s: {new_tokens / elapsed_s:.1f} tokens/s (prefill included)\n", flush=True)
 

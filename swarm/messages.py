@@ -155,7 +155,22 @@ class Result(_Message):
 
     type: Literal["result"] = "result"
     step_id: int | None = Field(default=None, description="the session step this answers (None for a forward)")
-    pushed: bool = Field(default=False, description="the next hop took this output from us: the client need not send it")
+    pushed: bool = Field(
+        default=False,
+        description="this output is on its way to the next hop: the client need not send it (a PushFailed follows if it "
+        "does not arrive)",
+    )
+    compute_ms: float | None = Field(
+        default=None, ge=0, le=1e7, allow_inf_nan=False, description="time the peer spent on this step, queue and compute, ms"
+    )
+
+
+class PushFailed(_Message):
+    """Sent after a Result with pushed=True when the next hop did not take that push: the client sends
+    the step to the next hop itself."""
+
+    type: Literal["push_failed"] = "push_failed"
+    step_id: int = Field(ge=0)
 
 
 class ErrorReply(_Message):
@@ -188,7 +203,7 @@ class PeerInfo(BaseModel):
 PeerRequest = Annotated[
     Union[ForwardRequest, BackwardRequest, OpenSession, InferenceStep, SlotStep, PushStep], Field(discriminator="type")
 ]
-PeerReply = Annotated[Union[SessionOpened, Result, ErrorReply], Field(discriminator="type")]
+PeerReply = Annotated[Union[SessionOpened, Result, PushFailed, ErrorReply], Field(discriminator="type")]
 
 PEER_REQUEST = TypeAdapter(PeerRequest)
 PEER_REPLY = TypeAdapter(PeerReply)

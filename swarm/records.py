@@ -21,7 +21,7 @@ from swarm.identity import owned_name, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_RECORD_TTL_S = 6 * 3600.0  # records expiring later than this are hostile or broken (peers refresh far more often)
 MAX_RECORD_BYTES = 16 * 1024  # a peer record is a few hundred bytes
 MAX_SUBKEY_BYTES = 4096  # a peer id and an RSA public key

@@ -1,7 +1,9 @@
 """A local swarm of subprocesses on 127.0.0.1: a bootstrap node and peers, started in their own
 process groups, awaited through their `swarm:` lines (never a fixed sleep), and stopped as groups.
 
-Used by the demo, the tests and the benchmarks. It does not pick models or block ranges.
+Used by the demo, the tests and the benchmarks. With a `Link`, every node sits behind a delaying
+relay (`swarm.tools.delay`) and announces the relay's port, so that every hop pays the link's delay.
+It does not pick models or block ranges.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from swarm.cli import STOP_WITH_PARENT_ENV
+from swarm.tools.delay import Link, free_port
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -87,7 +90,9 @@ class Node:
 class LocalSwarm:
     """Start nodes with `start_bootstrap()` / `start_peer()`; `close()` stops them all."""
 
-    def __init__(self, log_dir: Path, *, env: dict[str, str] | None = None, startup_timeout_s: float = 180.0):
+    def __init__(
+        self, log_dir: Path, *, env: dict[str, str] | None = None, startup_timeout_s: float = 180.0, link: Link | None = None
+    ):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # nodes stop by themselves if this process dies without stopping them (SIGKILL, a crash)
@@ -95,6 +100,8 @@ class LocalSwarm:
         self.startup_timeout_s = startup_timeout_s
         self.nodes: list[Node] = []
         self.initial_peers: list[str] = []
+        self.link = link  # every node behind a relay that delays what reaches it, and what it answers
+        self.relays: list[Node] = []
 
     def __enter__(self) -> "LocalSwarm":
         self._restore_sigterm = _sigterm_interrupts()
@@ -107,15 +114,16 @@ class LocalSwarm:
             self._restore_sigterm()
 
     def start_bootstrap(self, extra_args: list[str] = ()) -> Node:
-        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", "--host-maddrs", LOOPBACK, *extra_args])
+        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", *self._listen_args("bootstrap"), *extra_args])
         self._await_listening(node)
         self.initial_peers = node.maddrs
         return node
 
     def start_peer(self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True) -> Node:
-        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, "--host-maddrs", LOOPBACK]
+        name = f"peer-{blocks.replace(':', '-')}-{len(self.nodes)}"
+        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, *self._listen_args(name)]
         args += ["--initial-peers", *self.initial_peers] if self.initial_peers else ["--new-swarm"]
-        node = self._spawn(f"peer-{blocks.replace(':', '-')}-{len(self.nodes)}", [*args, *extra_args])
+        node = self._spawn(name, [*args, *extra_args])
         if wait:
             self.wait_ready(node)
         return node
@@ -126,10 +134,25 @@ class LocalSwarm:
         if not self.initial_peers:
             self.initial_peers = node.maddrs
 
+    def _listen_args(self, name: str) -> list[str]:
+        """Where a node listens: any loopback port, or (with a link) a fixed one behind a relay it announces."""
+        if self.link is None:
+            return ["--host-maddrs", LOOPBACK]
+        port, relay_port = free_port(), free_port()
+        relay = self._spawn(f"{name}-relay", [
+            sys.executable, "-m", "swarm.tools.delay", f"{relay_port}={port}", "--delay-ms", str(self.link.delay_ms),
+            *(["--rate-mbit", str(self.link.rate_mbit)] if self.link.rate_mbit is not None else []),
+        ])
+        self.nodes.remove(relay)  # self.nodes: the swarm's own nodes, in the order they started
+        self.relays.append(relay)
+        relay.wait_for("swarm: relaying", self.startup_timeout_s)
+        return ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{relay_port}"]
+
     def close(self) -> None:
-        for node in reversed(self.nodes):
+        for node in [*reversed(self.nodes), *self.relays]:
             node.stop()
         self.nodes.clear()
+        self.relays.clear()
 
     def _await_listening(self, node: Node) -> None:
         line = node.wait_for("swarm: listening on", self.startup_timeout_s)

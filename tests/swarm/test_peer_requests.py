@@ -146,8 +146,8 @@ def test_steps_run_once_and_pushes_come_only_from_the_previous_hop(model, first_
         reply = await protocol.stub(seq.p2p, PeerID.from_base58(first_peer), seq.dht_prefix).rpc_push(message)
         with pytest.raises(errors.UnknownSessionError):  # we are not the peer this session takes pushes from
             raise_if_error(decode_header(PEER_REPLY, reply.metadata))
-        third, pushed = await stream.step(step, 2, step_id=3)
-        assert torch.equal(third, await _replayed(stream, step, first_peer)) and not pushed
+        third, header = await stream.step(step, 2, step_id=3)
+        assert torch.equal(third, await _replayed(stream, step, first_peer)) and not header.pushed
         stream.close()
 
     async def _replayed(stream, step, peer_id):  # the same three steps in a fresh session
@@ -178,7 +178,32 @@ def test_replies_to_earlier_steps_are_skipped():
         ]:
             yield message
 
-    (hidden_states,), pushed = asyncio.run(
-        _read_result(FrameReader(replies()), "peer", {"hidden_states": torch.Size([1, 1, 64])}, step_id=5)
+    (hidden_states,), header = asyncio.run(
+        _read_result(FrameReader(replies()).read, "peer", {"hidden_states": torch.Size([1, 1, 64])}, step_id=5)
     )
-    assert torch.equal(hidden_states, torch.ones(1, 1, 64)) and pushed
+    assert torch.equal(hidden_states, torch.ones(1, 1, 64)) and header.pushed
+
+
+def test_a_push_that_fails_makes_the_client_send_the_step_itself(model, first_peer):
+    """The first hop answers at once that it pushed; the second hop refuses the push (its session takes
+    pushes from nobody), the first says so on its stream, and the client sends the step itself: the
+    step ends with the same output as without pushes."""
+    seq = model.sequence
+    second_peer = next(peer_id for peer_id, span in seq.spans.items() if span.start == 2)
+    step = BlockInputs(torch.randn(1, 3, 64))
+
+    async def scenario():
+        front = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        back = SpanStream(seq.p2p, second_peer, seq.dht_prefix, 2, 4, 30)
+        await front.open("refused-push", max_length=8, batch_size=1)
+        await back.open("refused-push", max_length=8, batch_size=1)  # no push_from: pushes are refused
+        middle, header = await front.step(step, 0, step_id=0, push_to=[second_peer])
+        assert header.pushed and header.compute_ms is not None
+        output, _ = await asyncio.wait_for(back.step(BlockInputs(middle), 0, step_id=0, pushed_by=front), 20)
+        front.close()
+        back.close()
+        return output
+
+    output = run_coroutine(scenario())
+    expected = forward(model, second_peer, 2, 4, BlockInputs(forward(model, first_peer, 0, 2, step)))
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)

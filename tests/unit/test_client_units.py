@@ -97,3 +97,19 @@ def test_client_calls_run_on_one_plain_asyncio_loop_even_where_uvloop_is_install
         assert loop_thread.run_coroutine(where()) == (loop, thread)  # one loop and thread for every call
     finally:
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_steps_time_is_split_per_hop_into_network_and_compute():
+    from client.timing import StepTiming, hop_timing, summarize
+
+    hops = (
+        hop_timing("peer-a", 0, 10, waited_ms=70.0, compute_ms=20.0, pushed=False),
+        hop_timing("peer-b", 10, 20, waited_ms=45.0, compute_ms=20.0, pushed=True),
+        hop_timing("peer-c", 20, 30, waited_ms=10.0, compute_ms=None, pushed=True),  # an older peer reports nothing
+    )
+    step = StepTiming(position=5, tokens=1, hops=hops, total_ms=125.0)
+    assert [hop.network_ms for hop in hops] == [50.0, 25.0, 10.0] and step.network_ms == 85.0 and step.compute_ms == 40.0
+    assert hop_timing("p", 0, 1, waited_ms=5.0, compute_ms=9.0, pushed=False).network_ms == 0.0  # clocks disagree: never negative
+    lines = summarize([step, StepTiming(0, 16, hops, 400.0)])  # the prefill is left out of the medians
+    assert len(lines) == 4 and "network   25.0 ms, compute   20.0 ms (pushed)" in lines[1] and "125.0 ms" in lines[-1]
+    assert summarize([]) == ["no steps timed yet"]

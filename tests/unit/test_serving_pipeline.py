@@ -102,7 +102,7 @@ def test_a_step_pushed_by_the_previous_hop_runs_once_and_the_reply_says_so(model
         for number, (position, piece) in enumerate([(0, prompt), (4, token)]):
             to_front.send(step(position, number, push_to=["back"]), [piece])
             header, _ = await to_front.receive()
-            assert header.pushed  # the back hop took the front's output: the client sends it nothing
+            assert header.pushed  # the front's output is on its way to the back hop: the client sends it nothing
             header, tensors = await to_back.receive()
             assert header.step_id == number
             outputs.append(tensors["hidden_states"])
@@ -118,6 +118,38 @@ def test_a_step_pushed_by_the_previous_hop_runs_once_and_the_reply_says_so(model
     outputs = run(chain)
     for output, want in zip(outputs, expected):
         torch.testing.assert_close(output, want, atol=1e-5, rtol=0)
+
+
+def test_a_push_that_does_not_arrive_is_followed_by_a_notice_and_the_client_sends_the_step(model):
+    """The front hop answers before the back hop took its push (waiting would cost a round trip per
+    hop); when the push is refused (here: the back hop takes pushes from nobody), a PushFailed for that
+    step follows on the front's stream, and the step the client then sends runs as usual."""
+    prompt = torch.randn(1, 4, HIDDEN)
+    expected = reference(model, prompt)[0]
+
+    async def chain(executor):
+        peers: dict = {}
+        front = make_servicer(stack_of(model, 0, 2), executor, peer_id="front", peers=peers)
+        back = make_servicer(stack_of(model, 2, 4), executor, peer_id="back", peers=peers)
+        to_front, to_back = ClientStream(front), ClientStream(back)
+        to_front.send(open_session("s", 0, 2))
+        to_back.send(open_session("s", 2, 4))  # push_from=None: it refuses pushes
+        await to_front.receive()
+        await to_back.receive()
+        to_front.send(step(0, 7, push_to=["back"]), [prompt])
+        header, tensors = await to_front.receive()
+        assert header.type == "result" and header.pushed
+        notice, _ = await to_front.receive()
+        assert notice.type == "push_failed" and notice.step_id == 7
+        to_back.send(step(0, 7), [tensors["hidden_states"]])
+        header, tensors = await to_back.receive()
+        for stream in (to_front, to_back):
+            await stream.close()
+        return header, tensors["hidden_states"]
+
+    header, output = run(chain)
+    assert header.step_id == 7 and header.compute_ms is not None and header.compute_ms >= 0
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
 
 
 def test_decode_steps_of_concurrent_sessions_share_a_turn(model):
