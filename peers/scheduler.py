@@ -32,6 +32,7 @@ class Scheduler:
         """`batch_steps`: rows of different sessions run as one batched turn, at most (1: no batching)."""
         self.executor = executor
         self._running = 0  # jobs queued or running on the compute thread
+        self.busy_s = 0.0  # time the compute thread has spent on our jobs (for the peer's announced load)
         self._closed = False
         self.batcher = StepBatcher(self.run, compute.run_turn, batch_steps) if batch_steps > 1 else None
 
@@ -48,9 +49,16 @@ class Scheduler:
             raise errors.PeerUnavailableError("this peer is shutting down")
         self._running += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, job)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, job)
         finally:
             self._running -= 1
+
+    def _timed(self, job: Callable[[], T]) -> T:  # on the compute thread, the only one that adds to busy_s
+        started = time.perf_counter()
+        try:
+            return job()
+        finally:
+            self.busy_s += time.perf_counter() - started
 
     async def step(self, step: Step) -> Outputs:
         """A session's step: each row's checked inputs and outputs. A refusal (a SwarmError) comes before

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 import swarm
-from peers import placement, sizing
+from peers import pings, placement, sizing
 from peers.cache import CacheBudget
 from peers.handler import BlockServicer, ServicerConfig
 from peers.pushes import PushChannels
@@ -32,7 +32,7 @@ from swarm.config import PeerConfig
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.lora import AdapterId, LoraWeights, adapter_name, read_peft_adapter
-from swarm.swarm_key import SwarmKey
+from swarm.swarm_key import SwarmKey, make_proof
 from swarm.messages import PeerInfo
 from swarm.records import PROTOCOL_VERSION, PeerRecord, PeerState
 
@@ -64,6 +64,9 @@ class Peer:
         self._chosen = self.fixed_range or (0, 0)  # the blocks to load; once serving, they are the stack's
         self.moving_to: tuple[int, int] | None = None  # a range being loaded, announced as joining
         self.throughput = 0.0
+        self.next_pings: dict[str, float] = {}  # round trips to the peers serving the block after ours
+        self.load = 0.0  # share of the last announce period the compute thread was busy
+        self._load_mark = (time.monotonic(), 0.0)
         self.dht = None
         self.servicer: BlockServicer | None = None  # serving: what it serves is `self.servicer.serving`
         self.state = PeerState.JOINING
@@ -299,10 +302,13 @@ class Peer:
             public_name=self.config.public_name,
             adapters=tuple(sorted(adapter.name for adapter in self.adapters)),
             adapter_digests={adapter.name: adapter.digest for adapter in self.adapters},
+            next_pings=self.next_pings if (start, end) == self.blocks else {},
+            load=self.load,
         )
 
     async def _announce(self, timeout_s: float | None = None) -> None:
         """Our current record (and, while moving, a joining record for where we are going)."""
+        self._measure_load()
         await self._announce_record(self._record(self.state, *self.blocks), timeout_s=timeout_s)
         if self.moving_to is not None:
             await self._announce_record(self._record(PeerState.JOINING, *self.moving_to), timeout_s=timeout_s)
@@ -329,9 +335,34 @@ class Peer:
             if stop.is_set():
                 break
             try:
+                await self._measure_next_pings()
+            except Exception as exc:  # a slow DHT or a gone peer: announce what we have
+                logger.debug("measuring round trips to the next peers failed: %s: %s", type(exc).__name__, exc)
+            try:
                 await self._announce()
             except Exception as exc:  # the DHT may be slow or partitioned: keep serving, try next period
                 logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
+
+    def _measure_load(self) -> None:
+        if self.servicer is None:
+            return
+        now, busy_s = time.monotonic(), self.servicer.scheduler.busy_s
+        then, busy_then = self._load_mark
+        if now - then > 0:
+            self.load = round(min(1.0, max(0.0, (busy_s - busy_then) / (now - then))), 4)
+        self._load_mark = (now, busy_s)
+
+    async def _measure_next_pings(self) -> None:
+        """Round trips to the peers serving the block after ours, for our record (clients route by them)."""
+        end = self.blocks[1]
+        if self.p2p is None or not 0 < end < self.num_blocks:
+            self.next_pings = {}
+            return
+        spans = await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks)
+        targets = pings.next_hops(spans, end, self.peer_id)
+        self.next_pings = await pings.measure(
+            self.p2p, targets, self.dht_prefix, lambda target: make_proof(self.swarm_key, self.peer_id, target)
+        )
 
     # ---- leaving -------------------------------------------------------------------------------
     async def _leave(self) -> None:

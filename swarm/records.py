@@ -31,6 +31,9 @@ MAX_BLOCKS = 4096  # no supported model has more blocks than this
 
 AdapterNameText = Annotated[str, Field(min_length=1, max_length=128)]
 AdapterDigestText = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]  # swarm.lora.DIGEST_CHARS hex digits
+PeerIdText = Annotated[str, Field(min_length=1, max_length=128)]
+RoundTrip = Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)]
+MAX_NEXT_PINGS = 32
 
 
 class PeerState(str, enum.Enum):
@@ -61,6 +64,14 @@ class PeerRecord(BaseModel):
         default_factory=dict, max_length=32,
         description="adapter name -> its digest (swarm.lora.adapter_digest); peers that predate digests send none",
     )
+    next_pings: dict[PeerIdText, RoundTrip] = Field(
+        default_factory=dict, max_length=MAX_NEXT_PINGS,
+        description="peer id -> round trip in seconds from this peer to that one, for peers serving the block after ours",
+    )
+    load: float = Field(
+        default=0.0, ge=0, le=1, allow_inf_nan=False, description="share of the last announce period spent computing, 0-1"
+    )
+    using_relay: bool = Field(default=False, description="others reach this peer only through a relay (/p2p-circuit)")
 
     @model_validator(mode="before")
     @classmethod

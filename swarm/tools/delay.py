@@ -94,6 +94,7 @@ class DelayRelay:
         self.listen_port, self.target_port, self.link = listen_port, target_port, link
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, HOST, self.listen_port)
@@ -106,22 +107,28 @@ class DelayRelay:
             except OSError:
                 client_writer.close()
                 return
+            self._writers.update((client_writer, target_writer))
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(_pump(client_reader, target_writer, self.link))
                     group.create_task(_pump(target_reader, client_writer, self.link))
             finally:
-                target_writer.close()
-                client_writer.close()
+                for writer in (client_writer, target_writer):
+                    writer.close()
+                    self._writers.discard(writer)
         finally:
             self._tasks.discard(asyncio.current_task())
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop listening and end every connection (closing their sockets ends their pumps)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in list(self._writers):
+            writer.close()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            for task in late:
+                task.cancel()
 
 
 async def _run(pairs: list[tuple[int, int]], link: Link, ready: str) -> None:

@@ -113,15 +113,19 @@ class LocalSwarm:
         finally:
             self._restore_sigterm()
 
-    def start_bootstrap(self, extra_args: list[str] = ()) -> Node:
-        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", *self._listen_args("bootstrap"), *extra_args])
+    def start_bootstrap(self, extra_args: list[str] = (), *, link: Link | None = None) -> Node:
+        """`link`: this node's own (default: the swarm's)."""
+        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", *self._listen_args("bootstrap", link), *extra_args])
         self._await_listening(node)
         self.initial_peers = node.maddrs
         return node
 
-    def start_peer(self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True) -> Node:
+    def start_peer(
+        self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True, link: Link | None = None
+    ) -> Node:
+        """`link`: this peer's own (default: the swarm's)."""
         name = f"peer-{blocks.replace(':', '-')}-{len(self.nodes)}"
-        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, *self._listen_args(name)]
+        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, *self._listen_args(name, link)]
         args += ["--initial-peers", *self.initial_peers] if self.initial_peers else ["--new-swarm"]
         node = self._spawn(name, [*args, *extra_args])
         if wait:
@@ -134,14 +138,15 @@ class LocalSwarm:
         if not self.initial_peers:
             self.initial_peers = node.maddrs
 
-    def _listen_args(self, name: str) -> list[str]:
+    def _listen_args(self, name: str, link: Link | None = None) -> list[str]:
         """Where a node listens: any loopback port, or (with a link) a fixed one behind a relay it announces."""
-        if self.link is None:
+        link = link or self.link
+        if link is None:
             return ["--host-maddrs", LOOPBACK]
         port, relay_port = free_port(), free_port()
         relay = self._spawn(f"{name}-relay", [
-            sys.executable, "-m", "swarm.tools.delay", f"{relay_port}={port}", "--delay-ms", str(self.link.delay_ms),
-            *(["--rate-mbit", str(self.link.rate_mbit)] if self.link.rate_mbit is not None else []),
+            sys.executable, "-m", "swarm.tools.delay", f"{relay_port}={port}", "--delay-ms", str(link.delay_ms),
+            *(["--rate-mbit", str(link.rate_mbit)] if link.rate_mbit is not None else []),
         ])
         self.nodes.remove(relay)  # self.nodes: the swarm's own nodes, in the order they started
         self.relays.append(relay)

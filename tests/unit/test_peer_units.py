@@ -170,3 +170,14 @@ def test_step_batcher_counts_rows_per_turn():
     assert turns == [["a", "b"], ["c"], ["d"], ["e"]]
 
 
+
+
+def test_a_peer_pings_the_peers_that_serve_the_block_after_its_own():
+    from peers.pings import next_hops
+    from swarm.coverage import Span
+    from swarm.records import MAX_NEXT_PINGS
+
+    spans = {"me": Span("me", 0, 4), "next": Span("next", 4, 8), "over": Span("over", 2, 6), "later": Span("later", 5, 9)}
+    assert next_hops(spans, 4, "me") == ["next", "over"]  # they could take our push; "later" could not
+    many = {f"p{index:03d}": Span(f"p{index:03d}", 4, 8) for index in range(50)}
+    assert len(next_hops(many, 4, "me")) == MAX_NEXT_PINGS

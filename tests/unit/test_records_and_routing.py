@@ -11,7 +11,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from client.routing import PeerSpan, choose_route, choose_spread_route, missing_blocks
+from client.routing import HOP_OVERHEAD_S, Hop, PeerSpan, choose_route, choose_spread_route, expected_time_s, missing_blocks
 from swarm import errors
 from swarm.coverage import SERVING_STATES, peer_spans
 from swarm.identity import Identity
@@ -158,6 +158,69 @@ def test_route_random_ties_spread_load():
     swarm = spans(("x", 0, 4), ("y", 0, 4))
     chosen = {choose_route(swarm, 0, 4, rng=random.Random(seed))[0].peer_id for seed in range(20)}
     assert chosen == {"x", "y"}
+
+
+def measured(peer_id: str, start: int, end: int, throughput: float = 100.0, **announced) -> PeerSpan:
+    """A span with its record: `throughput` tokens/s per block, and what else the peer announces."""
+    value = PeerRecord.model_validate(record(start, end, throughput=throughput, **announced))
+    return PeerSpan(peer_id, start, end, throughput=throughput, record=value)
+
+
+def by_id(*items: PeerSpan) -> dict[str, PeerSpan]:
+    return {span.peer_id: span for span in items}
+
+
+def hops(route) -> list[tuple[str, int, int]]:
+    return [(hop.peer_id, hop.start, hop.end) for hop in route]
+
+
+def test_route_takes_two_fast_nearby_peers_over_one_slow_far_one():
+    # far: one hop over all 20 blocks, 150 ms away; near: two hops of 10 blocks, 5 ms away, pushing to each other in 4 ms
+    swarm = by_id(
+        measured("far", 0, 20), measured("near-1", 0, 10, next_pings={"near-2": 0.004}), measured("near-2", 10, 20),
+    )
+    latency = {"far": 0.150, "near-1": 0.005, "near-2": 0.005}
+    route = choose_route(swarm, 0, 20, latency_s=latency)
+    assert hops(route) == [("near-1", 0, 10), ("near-2", 10, 20)]
+    near = expected_time_s(swarm, route, latency_s=latency)
+    far = expected_time_s(swarm, [Hop("far", 0, 20)], latency_s=latency)
+    # 20 blocks at 100 tokens/s = 0.2 s either way; the far one adds 150 ms of round trip, the near ones 2.5 + 2 + 2.5 ms
+    assert near == pytest.approx(0.2 + 0.0025 + 0.002 + 0.0025 + 2 * HOP_OVERHEAD_S)
+    assert far == pytest.approx(0.2 + 0.150 + HOP_OVERHEAD_S)
+    # the far peer, near now, is one hop instead of two: it wins
+    assert hops(choose_route(swarm, 0, 20, latency_s={**latency, "far": 0.005})) == [("far", 0, 20)]
+
+
+def test_route_on_a_uniform_swarm_has_the_fewest_hops():
+    swarm = by_id(measured("a", 0, 10), measured("b", 10, 20), measured("c", 20, 30), measured("big", 0, 20))
+    latency = dict.fromkeys(swarm, 0.02)
+    assert hops(choose_route(swarm, 0, 30, latency_s=latency)) == [("big", 0, 20), ("c", 20, 30)]
+
+
+def test_route_follows_the_round_trips_peers_announce_to_the_next_ones():
+    # both b and c serve the next blocks and are as far from us; a reaches b in 2 ms, c in 80 ms
+    swarm = by_id(measured("a", 0, 10, next_pings={"b": 0.002, "c": 0.080}), measured("b", 10, 20), measured("c", 10, 20))
+    latency = dict.fromkeys(swarm, 0.04)
+    assert [hop.peer_id for hop in choose_route(swarm, 0, 20, latency_s=latency)] == ["a", "b"]
+
+
+def test_route_avoids_relayed_busy_and_slow_peers():
+    latency = {"plain": 0.02, "other": 0.02}
+    for announced in ({"using_relay": True}, {"load": 0.8}, {"throughput": 20.0}):
+        swarm = by_id(measured("plain", 0, 10), measured("other", 0, 10, **announced))
+        chosen = {choose_route(swarm, 0, 10, latency_s=latency, rng=random.Random(seed))[0].peer_id for seed in range(10)}
+        assert chosen == {"plain"}, announced
+    swarm = by_id(measured("plain", 0, 10), measured("other", 0, 10))  # alike: both get clients
+    assert {choose_route(swarm, 0, 10, latency_s=latency, rng=random.Random(seed))[0].peer_id for seed in range(20)} == set(swarm)
+
+
+def test_records_announce_bounded_round_trips_and_load():
+    good = PeerRecord.model_validate(record(0, 4, next_pings={"p": 0.01}, load=0.5, using_relay=True))
+    assert good.next_pings == {"p": 0.01} and good.load == 0.5 and good.using_relay
+    for bad in ({"next_pings": {"p": -1.0}}, {"next_pings": {"p": math.inf}}, {"next_pings": {f"p{i}": 0.1 for i in range(33)}},
+                {"load": 1.5}, {"load": math.nan}):
+        with pytest.raises(ValueError):
+            PeerRecord.model_validate(record(0, 4, **bad))
 
 
 # ---- wire framing ------------------------------------------------------------------------------
