@@ -19,14 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 import swarm
-from peers import pings, placement, sizing
+from peers import nat, pings, placement, sizing
 from peers.cache import CacheBudget
 from peers.handler import BlockServicer, ServicerConfig
 from peers.pushes import PushChannels
 from peers.scheduler import Scheduler
 from peers.serving import Serving
 from peers.sessions import PUSH_TIMEOUT_S, SessionEnv
-from swarm import balance, models, network, protocol
+from swarm import balance, models, network, protocol, reachability
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
@@ -66,6 +66,7 @@ class Peer:
         self.throughput = 0.0
         self.next_pings: dict[str, float] = {}  # round trips to the peers serving the block after ours
         self.load = 0.0  # share of the last announce period the compute thread was busy
+        self.using_relay = False  # others reach us only through a relay (we are behind NAT)
         self._load_mark = (time.monotonic(), 0.0)
         self.dht = None
         self.servicer: BlockServicer | None = None  # serving: what it serves is `self.servicer.serving`
@@ -86,7 +87,16 @@ class Peer:
         loop = asyncio.get_running_loop()
         self.dht = await loop.run_in_executor(None, network.start_node, self.config.network, self.identity)
         try:
-            print(f"swarm: listening on {' '.join(network.visible_maddrs(self.dht))}", flush=True)
+            self.dht, identity = await nat.become_reachable(
+                self.dht, self.config.network, lambda: Identity.load(self.config.network.identity_path), await self._checkers()
+            )
+            if identity is not None:  # restarted behind relays, maybe with a new (temporary) key
+                self.identity, self.using_relay = identity, True
+            await reachability.serve(await self.dht.replicate_p2p())
+            maddrs = network.visible_maddrs(self.dht, latest=True)
+            if self.using_relay:  # only the relayed ones are of use to others
+                maddrs = [maddr for maddr in maddrs if "/p2p-circuit" in maddr]
+            print(f"swarm: listening on {' '.join(maddrs)}", flush=True)
             self.peer_id = self.dht.peer_id.to_base58()
             assert self.peer_id == self.identity.peer_id, "the p2p daemon did not take our identity"
             self.throughput = await loop.run_in_executor(self.executor, self._measure_throughput)
@@ -304,6 +314,7 @@ class Peer:
             adapter_digests={adapter.name: adapter.digest for adapter in self.adapters},
             next_pings=self.next_pings if (start, end) == self.blocks else {},
             load=self.load,
+            using_relay=self.using_relay,
         )
 
     async def _announce(self, timeout_s: float | None = None) -> None:
@@ -342,6 +353,16 @@ class Peer:
                 await self._announce()
             except Exception as exc:  # the DHT may be slow or partitioned: keep serving, try next period
                 logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
+
+    async def _checkers(self) -> list[str]:
+        """Peers that could check whether we can be dialed, besides our initial peers (a few, from the DHT)."""
+        if self.config.network.is_loopback_only() or self.config.network.reachability != "auto":
+            return []
+        try:
+            return list(await placement.read_swarm(self.dht, self.dht_prefix, self.num_blocks))[:8]
+        except Exception as exc:  # a slow DHT: the initial peers will do
+            logger.debug("could not read the swarm for reachability checkers: %s", exc)
+            return []
 
     def _measure_load(self) -> None:
         if self.servicer is None:

@@ -42,9 +42,28 @@ class NetworkConfig(BaseModel):
         None, description="file with the shared secret of a private swarm: nodes without it are refused (see swarm/swarm_key.py)"
     )
     client_mode: bool = Field(False, description="join the DHT as a client only: reads and writes records, but others cannot dial it")
+    reachability: Literal["auto", "public", "private"] = Field(
+        "auto",
+        description="peers: auto (at start, ask swarm nodes to dial us back; if none can, serve through a relay), public "
+        "(others can dial us: no check), private (serve through a relay)",
+    )
+    relay: bool = Field(
+        True,
+        description="dial through relays, and carry connections to peers behind NAT once other nodes find this one "
+        "dialable (off: neither; loopback-only nodes never use relays)",
+    )
+    relays: list[str] = Field(
+        default_factory=list,
+        description="relays a peer behind NAT may use (default: its initial peers)", json_schema_extra={"metavar": "MULTIADDR"},
+    )
+    relay_wait_s: float = Field(60.0, gt=0, description="seconds a peer behind NAT waits for a relay to take it")
 
     def is_loopback_only(self) -> bool:
         return all(_is_loopback_maddr(maddr) for maddr in self.host_maddrs)
+
+    def trusted_relays(self) -> list[str]:
+        """The relays a peer behind NAT asks to carry its connections."""
+        return list(self.relays or self.initial_peers)
 
     def require_initial_peers(self) -> None:
         """For the roles that only join a swarm (clients, the API, the dashboard, swarm.plan, trainers)."""

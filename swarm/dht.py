@@ -7,13 +7,16 @@ variables (`swarm.settings`); without --initial-peers it founds a new swarm.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
-from swarm import network, settings
+from swarm import network, reachability, settings
 from swarm.cli import fail, run_until_signal, setup_logging
 from swarm.config import BootstrapConfig
 from swarm.errors import SwarmError
 from swarm.identity import Identity
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         identity = Identity.load(config.identity_path) if config.identity_path else None  # a stable peer id
         dht = await asyncio.get_running_loop().run_in_executor(None, network.start_node, config, identity)
         try:
+            await reachability.serve(await dht.replicate_p2p())  # others ask us whether they can be dialed
+            if config.relay and not config.is_loopback_only():
+                logger.info("relay: will carry connections to peers behind NAT once other nodes find this one dialable")
             print(f"swarm: listening on {' '.join(network.visible_maddrs(dht))}", flush=True)
             await stop.wait()
         finally:

@@ -71,16 +71,29 @@ def start_dht(
     client_mode: bool = False,
     loopback_only: bool = False,
     startup_timeout_s: float = 15.0,
+    relay: bool = True,
+    via_relays: Sequence[str] = (),
 ) -> hivemind.DHT:
     """Start a DHT node in its own process and wait until it has joined (or founded) the swarm.
 
     Every node validates signed records (see `swarm.identity`); `identity` is the key the node signs
     its own records with and, if it has a file, its peer id (default: no records, any peer id).
-    With `swarm_key` (a private swarm) it also stores and accepts only records keyed with it."""
+    With `swarm_key` (a private swarm) it also stores and accepts only records keyed with it.
+    `relay`: dial through relays and carry connections to nodes behind NAT; libp2p starts carrying once
+    other nodes confirm (AutoNAT) that this one can be dialed. It is not forced at start: p2pd then runs
+    two relay services, and in 5 of 8 starts the one with go-libp2p's default limits (128 KiB or 2
+    minutes per connection) won (measured; docs/networks.md). `via_relays`: this node is behind NAT; it
+    asks these relays (and others it finds) to carry connections to it and announces addresses through
+    them (/p2p-circuit), in client mode."""
     identity = identity or Identity.anonymous()
     extra: dict[str, Any] = {}
     if loopback_only:  # no NAT traversal or relays: nothing should ever leave this machine
         extra.update(auto_nat=False, nat_port_map=False, use_relay=False, use_auto_relay=False)
+    elif via_relays:
+        extra.update(use_relay=True, use_auto_relay=True, trusted_relays=list(via_relays))
+        client_mode = True
+    else:
+        extra.update(use_relay=relay)
     if announce_maddrs:
         extra["announce_maddrs"] = list(announce_maddrs)
     if identity.path is not None:
@@ -105,9 +118,12 @@ def start_dht(
         identity.forget_file()
 
 
-def start_node(config: NetworkConfig, identity: Identity | None = None, swarm_key: SwarmKey | None = None) -> hivemind.DHT:
+def start_node(
+    config: NetworkConfig, identity: Identity | None = None, swarm_key: SwarmKey | None = None, *, behind_nat: bool = False
+) -> hivemind.DHT:
     """A node as its NetworkConfig says: a peer, a bootstrap node, or (client_mode) a client, the dashboard
-    or `swarm.plan`. `swarm_key`: the one already loaded from `config.swarm_key_path`, if the caller has it."""
+    or `swarm.plan`. `swarm_key`: the one already loaded from `config.swarm_key_path`, if the caller has it.
+    `behind_nat`: others cannot dial this node; it takes connections through `config.trusted_relays()`."""
     return start_dht(
         initial_peers=config.initial_peers,
         host_maddrs=config.host_maddrs,
@@ -117,6 +133,8 @@ def start_node(config: NetworkConfig, identity: Identity | None = None, swarm_ke
         client_mode=config.client_mode,
         loopback_only=config.is_loopback_only(),
         startup_timeout_s=config.connect_timeout_s,
+        relay=config.relay,
+        via_relays=config.trusted_relays() if behind_nat else (),
     )
 
 
@@ -129,8 +147,9 @@ def stop_dht(dht: hivemind.DHT, timeout_s: float = 5.0) -> None:
         dht.join()
 
 
-def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+def visible_maddrs(dht: hivemind.DHT, latest: bool = False) -> list[str]:
+    """The addresses others may dial (`latest`: asked of the daemon now, e.g. once a relay took us)."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs(latest=latest)]
 
 
 def announce(

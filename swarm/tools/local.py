@@ -113,19 +113,26 @@ class LocalSwarm:
         finally:
             self._restore_sigterm()
 
-    def start_bootstrap(self, extra_args: list[str] = (), *, link: Link | None = None) -> Node:
-        """`link`: this node's own (default: the swarm's)."""
-        node = self._spawn("bootstrap", [sys.executable, "-m", "swarm.dht", *self._listen_args("bootstrap", link), *extra_args])
+    def start_bootstrap(
+        self, extra_args: list[str] = (), *, link: Link | None = None, listen: str | None = None, prefix: list[str] = ()
+    ) -> Node:
+        """`link`: this node's own (default: the swarm's). `listen`: its multiaddr (default: loopback, any
+        port). `prefix`: what the command runs under, e.g. `ip netns exec NAME` (swarm.tools.netns). The
+        first node started becomes the swarm's initial peer; a later bootstrap node joins through it."""
+        name = f"bootstrap-{len(self.nodes)}" if self.initial_peers else "bootstrap"
+        joining = ["--initial-peers", *self.initial_peers] if self.initial_peers else []
+        node = self._spawn(name, [*prefix, sys.executable, "-m", "swarm.dht", *self._listen_args(name, link, listen), *joining, *extra_args])
         self._await_listening(node)
-        self.initial_peers = node.maddrs
+        self.initial_peers = self.initial_peers or node.maddrs
         return node
 
     def start_peer(
-        self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True, link: Link | None = None
+        self, blocks: str, *, model: str, extra_args: list[str] = (), wait: bool = True, link: Link | None = None,
+        listen: str | None = None, prefix: list[str] = (),
     ) -> Node:
-        """`link`: this peer's own (default: the swarm's)."""
+        """`link`, `listen`, `prefix`: as for `start_bootstrap`."""
         name = f"peer-{blocks.replace(':', '-')}-{len(self.nodes)}"
-        args = [sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, *self._listen_args(name, link)]
+        args = [*prefix, sys.executable, "-m", "swarm.peer", "--model", model, "--blocks", blocks, *self._listen_args(name, link, listen)]
         args += ["--initial-peers", *self.initial_peers] if self.initial_peers else ["--new-swarm"]
         node = self._spawn(name, [*args, *extra_args])
         if wait:
@@ -138,11 +145,11 @@ class LocalSwarm:
         if not self.initial_peers:
             self.initial_peers = node.maddrs
 
-    def _listen_args(self, name: str, link: Link | None = None) -> list[str]:
-        """Where a node listens: any loopback port, or (with a link) a fixed one behind a relay it announces."""
+    def _listen_args(self, name: str, link: Link | None = None, listen: str | None = None) -> list[str]:
+        """Where a node listens: `listen` or any loopback port, or (with a link) a fixed one behind a relay it announces."""
         link = link or self.link
         if link is None:
-            return ["--host-maddrs", LOOPBACK]
+            return ["--host-maddrs", listen or LOOPBACK]
         port, relay_port = free_port(), free_port()
         relay = self._spawn(f"{name}-relay", [
             sys.executable, "-m", "swarm.tools.delay", f"{relay_port}={port}", "--delay-ms", str(link.delay_ms),

@@ -1,6 +1,6 @@
 """Emulated networks of Linux network namespaces for tests: public hosts and home LANs behind NAT routers; no delay, loss or IPv6.
 
-An `EmulatedNetwork` creates an "internet" namespace holding a bridge (the switch, 10.77.0.0/24), public
+An `EmulatedNetwork` creates an "internet" namespace holding a bridge (the switch, 11.77.0.0/24), public
 hosts joined to it by veth pairs, and routers: a namespace with one leg on the internet (a public
 address) and a home bridge behind it, which masquerades what its home hosts send out and forwards
 nothing in (a plain NAT: no port forwarding, no UPnP, no hairpinning). Like real homes, every home LAN
@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-INTERNET_SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
+# a public range, as libp2p sees it: it never offers relayed addresses, nor decides by AutoNAT that a node is
+# behind NAT, on private ranges such as 10/8 (measured). Nothing leaves the namespaces, which link to nothing else.
+INTERNET_SUBNET = ipaddress.IPv4Network("11.77.0.0/24")
 HOME_SUBNET = ipaddress.IPv4Network("192.168.77.0/24")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
 COMMAND_TIMEOUT_S = 30.0

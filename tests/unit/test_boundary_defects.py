@@ -251,3 +251,18 @@ def test_backward_around_a_failed_later_hop_bans_nobody_else(monkeypatch):
     grad, prompts, _ = asyncio.run(view.backward([(0, 4, BlockInputs(torch.zeros(1, 3, 8)))], torch.ones(1, 3, 8)))
     assert torch.equal(grad, torch.full((1, 3, 8), 8.0)) and prompts is None  # x4 over 2:4, x2 over 0:2
     assert view.banned() == {"broken"}
+
+
+def test_reachability_verdicts_and_the_addresses_worth_dialing():
+    from swarm.reachability import Reachability, dialable, tcp_endpoint, verdict
+
+    assert verdict([None, ["/ip4/1.2.3.4/tcp/5"], []]) is Reachability.PUBLIC  # one checker got through
+    assert verdict([[], None, []]) is Reachability.PRIVATE  # checkers answered, none got through
+    assert verdict([None, None]) is Reachability.UNKNOWN and verdict([]) is Reachability.UNKNOWN
+    assert tcp_endpoint("/ip4/10.77.0.2/tcp/31337/p2p/12D3KooWJFmV4AAKnn4o3k9txrvQz6kfrq9irftMu4wJDkASBKu1") == ("10.77.0.2", 31337)
+    assert tcp_endpoint("/ip6/2001:db8::1/tcp/80") == ("2001:db8::1", 80)
+    for never in ("/ip4/127.0.0.1/tcp/5", "/ip4/0.0.0.0/tcp/5", "/ip6/::1/tcp/5", "/ip4/1.2.3.4/udp/5/quic", "garbage", "",
+                  "/ip4/1.2.3.4/tcp/5/p2p/12D3KooWJFmV4AAKnn4o3k9txrvQz6kfrq9irftMu4wJDkASBKu1/p2p-circuit"):
+        assert tcp_endpoint(never) is None, never
+    many = [f"/ip4/10.0.0.{index}/tcp/1" for index in range(10)]
+    assert dialable(["/ip4/127.0.0.1/tcp/1", *many, many[0]]) == many[:4]
