@@ -86,6 +86,31 @@ def run_streams(client, streams: int, seconds: float, max_tokens: int) -> dict:
     return {"tokens_s": sum(tokens) / elapsed, "ttft": ttft, "tpot": tpot, "failures": failures, "requests": len(ttft)}
 
 
+def start_api(swarm: LocalSwarm, folder: Path, extra_args: list[str] = ()):
+    """`python -m swarm.api` over `swarm` on a free loopback port, once it answers: (process, openai client)."""
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api = subprocess.Popen(
+        [sys.executable, "-m", "swarm.api", "--initial-peers", *swarm.initial_peers, "--port", str(port),
+         "--jobs-dir", str(folder / "jobs"), *extra_args],
+        stdout=open(folder / "api.log", "w"), stderr=subprocess.STDOUT, env=swarm.env, start_new_session=True,
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.models.list()
+            return api, client
+        except openai.APIConnectionError:
+            if time.monotonic() > deadline or api.poll() is not None:
+                api.kill()
+                raise RuntimeError(f"the API did not start: see {folder / 'api.log'}") from None
+            time.sleep(0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
@@ -99,8 +124,6 @@ def main() -> int:
     parser.add_argument("--lanes", type=int, default=2, help="the API's --lanes (batched sessions in flight at once)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import openai
-
     folder = Path(tempfile.mkdtemp(prefix="swarm-bench-serving-"))
     threads = ["--num-threads", str(args.peer_threads)] if args.peer_threads else []
     with LocalSwarm(folder, env={"OMP_NUM_THREADS": str(args.peer_threads)} if args.peer_threads else {}) as swarm:
@@ -111,25 +134,8 @@ def main() -> int:
             swarm.start_peer(blocks, model="smollm2-135m", wait=False, extra_args=[*threads, "--batch-steps", str(args.batch_steps)])
         for node in swarm.nodes[1:]:
             swarm.wait_ready(node)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        api = subprocess.Popen(
-            [sys.executable, "-m", "swarm.api", "--initial-peers", *swarm.initial_peers, "--port", str(port),
-             "--jobs-dir", str(folder / "jobs"), "--max-batch", str(args.max_batch), "--lanes", str(args.lanes)],
-            stdout=open(folder / "api.log", "w"), stderr=subprocess.STDOUT, env=swarm.env, start_new_session=True,
-        )
+        api, client = start_api(swarm, folder, ["--max-batch", str(args.max_batch), "--lanes", str(args.lanes)])
         try:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    client.models.list()
-                    break
-                except openai.APIConnectionError:
-                    if time.monotonic() > deadline or api.poll() is not None:
-                        raise RuntimeError(f"the API did not start: see {folder / 'api.log'}") from None
-                    time.sleep(0.5)
             run_streams(client, 1, 3.0, 4)  # warm-up
             print(f"default model through the API (--max-batch {args.max_batch} --lanes {args.lanes}) and 3 peers ({args.peer_threads or 'all'} "
                   f"thread(s) each, --batch-steps {args.batch_steps}), {args.max_tokens} new tokens per request, greedy, "

@@ -33,7 +33,7 @@ limit_openmp_spinning()
 
 import torch  # noqa: E402
 
-from swarm.tools.delay import Link, free_port  # noqa: E402
+from swarm.tools.delay import Link  # noqa: E402
 from swarm.tools.local import LocalSwarm  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -105,27 +105,10 @@ def measure_sequence(swarm: LocalSwarm, repeats: int, new_tokens: int) -> tuple[
 
 
 def measure_streams(swarm: LocalSwarm, folder: Path, streams: int, seconds: float) -> dict:
-    import openai
+    from benchmarks.serving import run_streams, start_api
 
-    from benchmarks.serving import run_streams
-
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "swarm.api", "--initial-peers", *swarm.initial_peers, "--port", str(port),
-         "--jobs-dir", str(folder / "jobs")],
-        stdout=open(folder / "api.log", "w"), stderr=subprocess.STDOUT, env=swarm.env, start_new_session=True,
-    )
+    api, client = start_api(swarm, folder)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.monotonic() > deadline or api.poll() is not None:
-                    raise RuntimeError(f"the API did not start: {(folder / 'api.log').read_text()[-2000:]}") from None
-                time.sleep(0.5)
         run_streams(client, streams, 5.0, 8)  # warm-up
         return run_streams(client, streams, seconds, 32)
     finally:

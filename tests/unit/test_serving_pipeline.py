@@ -85,19 +85,25 @@ def test_a_session_prefills_decodes_and_regenerates_exactly(model):
         torch.testing.assert_close(output, want, atol=1e-5, rtol=0)
 
 
+async def two_hops(model, executor, push_from: str | None) -> tuple[ClientStream, ClientStream]:
+    """A session open on two in-process peers, "front" (blocks 0:2) and "back" (2:4, taking pushes from `push_from`)."""
+    peers: dict = {}
+    front = make_servicer(stack_of(model, 0, 2), executor, peer_id="front", peers=peers)
+    back = make_servicer(stack_of(model, 2, 4), executor, peer_id="back", peers=peers)
+    to_front, to_back = ClientStream(front), ClientStream(back)
+    to_front.send(open_session("s", 0, 2))
+    to_back.send(open_session("s", 2, 4, push_from=push_from))
+    await to_front.receive()
+    await to_back.receive()
+    return to_front, to_back
+
+
 def test_a_step_pushed_by_the_previous_hop_runs_once_and_the_reply_says_so(model):
     prompt, token = torch.randn(1, 4, HIDDEN), torch.randn(1, 1, HIDDEN)
     expected = reference(model, prompt, token)
 
     async def chain(executor):
-        peers: dict = {}
-        front = make_servicer(stack_of(model, 0, 2), executor, peer_id="front", peers=peers)
-        back = make_servicer(stack_of(model, 2, 4), executor, peer_id="back", peers=peers)
-        to_front, to_back = ClientStream(front), ClientStream(back)
-        to_front.send(open_session("s", 0, 2))
-        to_back.send(open_session("s", 2, 4, push_from="front"))
-        await to_front.receive()
-        await to_back.receive()
+        to_front, to_back = await two_hops(model, executor, push_from="front")
         outputs = []
         for number, (position, piece) in enumerate([(0, prompt), (4, token)]):
             to_front.send(step(position, number, push_to=["back"]), [piece])
@@ -128,14 +134,7 @@ def test_a_push_that_does_not_arrive_is_followed_by_a_notice_and_the_client_send
     expected = reference(model, prompt)[0]
 
     async def chain(executor):
-        peers: dict = {}
-        front = make_servicer(stack_of(model, 0, 2), executor, peer_id="front", peers=peers)
-        back = make_servicer(stack_of(model, 2, 4), executor, peer_id="back", peers=peers)
-        to_front, to_back = ClientStream(front), ClientStream(back)
-        to_front.send(open_session("s", 0, 2))
-        to_back.send(open_session("s", 2, 4))  # push_from=None: it refuses pushes
-        await to_front.receive()
-        await to_back.receive()
+        to_front, to_back = await two_hops(model, executor, push_from=None)  # the back hop refuses pushes
         to_front.send(step(0, 7, push_to=["back"]), [prompt])
         header, tensors = await to_front.receive()
         assert header.type == "result" and header.pushed
