@@ -25,6 +25,8 @@ from swarm.transport import FrameReader, decode_header, encode_frame, frame_tens
 Request = runtime_pb2.ExpertRequest
 LIVENESS_PERIOD_S = 1.0  # a step slower than this makes the client check that its peer is still there
 LIVENESS_PING_TIMEOUT_S = 3.0
+PUSH_GRACE_S = 3.0  # a pushed step not answered by then is sent by the client too (a copy runs once): the previous
+# hop may have died silently after promising the push, and a dead machine sends no FIN to notice it by
 
 
 def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
@@ -233,11 +235,10 @@ class SpanStream:
     async def _read_frame(self):
         """The stream's next frame (a read cancelled half-way goes on, for the next caller)."""
         task = self._frame_task()
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done() and self._next_frame is task:
-                self._next_frame = None
+        frame = await asyncio.shield(task)  # a broken stream raises here, and again at the next read
+        if self._next_frame is task:
+            self._next_frame = None
+        return frame
 
     async def step_slots(self, header: SlotStep, hidden_states: torch.Tensor | None) -> torch.Tensor | None:
         """One step of a batched session: `hidden_states` [1, tokens, hidden] (None: no rows);
@@ -256,19 +257,22 @@ class SpanStream:
         `push`: (what returns if the push of this step to this peer failed, what sends it instead)."""
         task = asyncio.ensure_future(reading)
         watch = asyncio.ensure_future(push[0]) if push is not None else None
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.timeout_s
         try:
             while True:
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise errors.PeerTimeoutError(f"peer {self.peer_id[-8:]} did not answer within {self.timeout_s:g} s")
                 waiting = {task} if watch is None else {task, watch}
                 await asyncio.wait(waiting, timeout=min(LIVENESS_PERIOD_S, remaining), return_when=asyncio.FIRST_COMPLETED)
                 if task.done():
                     return task.result()
-                if watch is not None and watch.done():
+                if watch is not None and (watch.done() or loop.time() - started > PUSH_GRACE_S):
+                    watch.cancel()
                     watch = None
-                    push[1]()  # the previous hop's push failed: send the step ourselves
+                    push[1]()  # the previous hop's push failed, or it went silent: send the step ourselves
                     continue
                 await call_info(self.p2p, self.peer_id, self.namespace, LIVENESS_PING_TIMEOUT_S, self.auth)
         finally:
@@ -281,6 +285,8 @@ class SpanStream:
         if self._loop is None or self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._outbox.put_nowait, None)
+        if self._next_frame is not None:
+            self._loop.call_soon_threadsafe(self._next_frame.cancel)
 
     def _send(self, header, tensors) -> None:
         for message in encode_frame(header, tensors, Request):

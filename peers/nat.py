@@ -68,7 +68,11 @@ async def become_reachable(
     await loop.run_in_executor(None, network.stop_dht, dht)
     identity = new_identity()
     dht = await loop.run_in_executor(None, lambda: network.start_node(config, identity, behind_nat=True))
-    circuit = await _wait_for_circuit(dht, config.relay_wait_s)
+    try:
+        circuit = await _wait_for_circuit(dht, config.relay_wait_s)
+    except BaseException:  # cancelled (Ctrl-C) or the daemon broke: the new node must not outlive us
+        network.stop_dht(dht)
+        raise
     if not circuit:
         await loop.run_in_executor(None, network.stop_dht, dht)
         raise ConfigError(_unreachable(f"no relay of {len(relays)} took this peer within {config.relay_wait_s:.0f} s"))

@@ -45,6 +45,7 @@ async def round_trip_s(p2p: P2P, peer_id: str, namespace: str, auth: str | None,
 
 
 async def measure(p2p: P2P, peer_ids: list[str], namespace: str, proof) -> dict[str, float]:
-    """{peer id: round trip s} of the peers that answered; `proof(peer_id)`: what a call to it carries."""
+    """{peer id: round trip s}; a peer that did not answer counts as PING_TIMEOUT_S (a push to it would
+    fail and the client relay it: routes should not count on it). `proof(peer_id)`: what a call carries."""
     found = await asyncio.gather(*(round_trip_s(p2p, peer_id, namespace, proof(peer_id)) for peer_id in peer_ids))
-    return {peer_id: round(rtt, 6) for peer_id, rtt in zip(peer_ids, found) if rtt is not None}
+    return {peer_id: round(PING_TIMEOUT_S if rtt is None else rtt, 6) for peer_id, rtt in zip(peer_ids, found)}

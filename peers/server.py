@@ -346,13 +346,14 @@ class Peer:
             if stop.is_set():
                 break
             try:
-                await self._measure_next_pings()
-            except Exception as exc:  # a slow DHT or a gone peer: announce what we have
-                logger.debug("measuring round trips to the next peers failed: %s: %s", type(exc).__name__, exc)
-            try:
                 await self._announce()
             except Exception as exc:  # the DHT may be slow or partitioned: keep serving, try next period
                 logger.warning("announcement failed: %s: %s", type(exc).__name__, exc)
+            try:  # for the next announcement; never long enough to let our records expire
+                async with asyncio.timeout(self.config.announce_period_s / 2):
+                    await self._measure_next_pings()
+            except Exception as exc:  # a slow DHT or a gone peer: announce what we had
+                logger.debug("measuring round trips to the next peers failed: %s: %s", type(exc).__name__, exc)
 
     async def _checkers(self) -> list[str]:
         """Peers that could check whether we can be dialed, besides our initial peers (a few, from the DHT)."""

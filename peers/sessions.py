@@ -220,6 +220,9 @@ class PlainSession:
             refusal = reply.metadata[:200] if reply.metadata else None
         except (errors.SwarmError, ValueError) as exc:
             refusal = str(exc)
+        except Exception as exc:  # a bug of ours or of a library: the client must still learn that the push is lost
+            logger.warning("push of session %s to %s failed unexpectedly", self.id[:8], target[-8:], exc_info=True)
+            refusal = f"{type(exc).__name__}: {exc}"
         if refusal is not None:
             logger.debug("push of session %s to %s failed: %s", self.id[:8], target[-8:], refusal)
             self._failed_pushes.append(push.header.step_id)

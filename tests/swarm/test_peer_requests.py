@@ -207,3 +207,29 @@ def test_a_push_that_fails_makes_the_client_send_the_step_itself(model, first_pe
     output = run_coroutine(scenario())
     expected = forward(model, second_peer, 2, 4, BlockInputs(forward(model, first_peer, 0, 2, step)))
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+
+
+def test_a_pushed_step_that_never_comes_is_sent_by_the_client_after_a_grace(model, first_peer):
+    """The previous hop promised a push, then went silent (a dead machine sends nothing to notice it
+    by): after PUSH_GRACE_S the client sends the step itself, instead of waiting out the step timeout."""
+    from client.remote import PUSH_GRACE_S
+
+    seq = model.sequence
+    second_peer = next(peer_id for peer_id, span in seq.spans.items() if span.start == 2)
+    step = BlockInputs(torch.randn(1, 2, 64))
+
+    async def scenario():
+        silent = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+        back = SpanStream(seq.p2p, second_peer, seq.dht_prefix, 2, 4, 30)
+        await silent.open("silent-push", max_length=8, batch_size=1)  # it is sent nothing, so it pushes nothing
+        await back.open("silent-push", max_length=8, batch_size=1, push_from=first_peer)
+        started = asyncio.get_running_loop().time()
+        output, _ = await asyncio.wait_for(back.step(step, 0, step_id=0, pushed_by=silent), 20)
+        waited = asyncio.get_running_loop().time() - started
+        silent.close()
+        back.close()
+        return output, waited
+
+    output, waited = run_coroutine(scenario())
+    assert waited >= PUSH_GRACE_S  # sent only once the grace was over (a lower bound, not a timing)
+    torch.testing.assert_close(output, forward(model, second_peer, 2, 4, step), atol=1e-5, rtol=0)
