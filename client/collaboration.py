@@ -59,6 +59,16 @@ def wait_for_trainers(dht: hivemind.DHT, run_name: str, count: int, timeout_s: f
         time.sleep(POLL_S)
 
 
+def wait_until_tracked(optimizer: hivemind.Optimizer, count: int, timeout_s: float) -> None:
+    """After this trainer's first step of a new run: wait until hivemind's progress tracker lists `count`
+    trainers. It lists a trainer only once that one reported samples; a trainer that reaches the first
+    round's target while its tracker lists only itself takes the step alone ("Proceeding with local
+    gradients") and the others average their round 0 with its round 1 (seen in a test, under load)."""
+    deadline = time.monotonic() + timeout_s
+    while optimizer.tracker.global_progress.num_peers < count and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+
+
 def join_run(optimizer: hivemind.Optimizer, timeout_s: float) -> None:
     """A trainer joining a run that is already under way loads its state at the start of a round.
 

@@ -305,6 +305,8 @@ def write_progress(folder: Path, state: dict, total_steps: int) -> None:
 
 
 def _loop(args: TrainerConfig, model, trainable: Trainable, optimizer, examples, pad_id: int, state: dict) -> None:
+    from client.collaboration import wait_until_tracked
+
     args.output.mkdir(parents=True, exist_ok=True)
     total_steps = -(-len(examples) // args.batch_size) * args.epochs
     reported = 0.0
@@ -329,6 +331,8 @@ def _loop(args: TrainerConfig, model, trainable: Trainable, optimizer, examples,
             if time.monotonic() - reported > PROGRESS_PERIOD_S:
                 write_progress(args.output, state, total_steps)
                 reported = time.monotonic()
+            if args.min_trainers > 1 and state["optimizer_steps"] == 0 and number == done:  # this run's first step here
+                wait_until_tracked(optimizer, args.min_trainers, args.wait_trainers_s)
             if optimizer.local_epoch != before:
                 state["optimizer_steps"] += 1
                 state["rounds"][str(optimizer.local_epoch)] = trainable.fingerprint()

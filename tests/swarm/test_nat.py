@@ -84,7 +84,7 @@ def test_a_relay_that_dies_mid_session_is_failed_over(wide_model, tmp_path):
             first = _phase(client, tmp_path)
             circuit = next(maddr for maddr in first["connections"][_peer_id(at_home)] if "/p2p-circuit" in maddr)
             relay_id = circuit.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1]
-            (relay,) = [node for node in swarm.nodes if any(relay_id in maddr for maddr in node.maddrs)]
+            (relay,) = [node for node in swarm.nodes if any(maddr.endswith(f"/p2p/{relay_id}") for maddr in node.maddrs)]
             for blocks in ("0:1", "1:3", "3:4"):  # somewhere to go, whatever the relay was
                 host = net.add_public(f"spare{blocks[0]}")
                 swarm.start_peer(blocks, model=str(wide_model), listen=listen(host), prefix=host.command([]))
