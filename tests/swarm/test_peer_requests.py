@@ -188,15 +188,11 @@ def test_a_push_that_fails_makes_the_client_send_the_step_itself(model, first_pe
     """The first hop answers at once that it pushed; the second hop refuses the push (its session takes
     pushes from nobody), the first says so on its stream, and the client sends the step itself: the
     step ends with the same output as without pushes."""
-    seq = model.sequence
-    second_peer = next(peer_id for peer_id, span in seq.spans.items() if span.start == 2)
+    second_peer = _second_peer(model)
     step = BlockInputs(torch.randn(1, 3, 64))
 
     async def scenario():
-        front = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
-        back = SpanStream(seq.p2p, second_peer, seq.dht_prefix, 2, 4, 30)
-        await front.open("refused-push", max_length=8, batch_size=1)
-        await back.open("refused-push", max_length=8, batch_size=1)  # no push_from: pushes are refused
+        front, back = await _two_hops(model, first_peer, "refused-push", push_from=None)  # the back hop refuses pushes
         middle, header = await front.step(step, 0, step_id=0, push_to=[second_peer])
         assert header.pushed and header.compute_ms is not None
         output, _ = await asyncio.wait_for(back.step(BlockInputs(middle), 0, step_id=0, pushed_by=front), 20)
@@ -214,15 +210,11 @@ def test_a_pushed_step_that_never_comes_is_sent_by_the_client_after_a_grace(mode
     by): after PUSH_GRACE_S the client sends the step itself, instead of waiting out the step timeout."""
     from client.remote import PUSH_GRACE_S
 
-    seq = model.sequence
-    second_peer = next(peer_id for peer_id, span in seq.spans.items() if span.start == 2)
+    second_peer = _second_peer(model)
     step = BlockInputs(torch.randn(1, 2, 64))
 
     async def scenario():
-        silent = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
-        back = SpanStream(seq.p2p, second_peer, seq.dht_prefix, 2, 4, 30)
-        await silent.open("silent-push", max_length=8, batch_size=1)  # it is sent nothing, so it pushes nothing
-        await back.open("silent-push", max_length=8, batch_size=1, push_from=first_peer)
+        silent, back = await _two_hops(model, first_peer, "silent-push", push_from=first_peer)  # silent is sent nothing
         started = asyncio.get_running_loop().time()
         output, _ = await asyncio.wait_for(back.step(step, 0, step_id=0, pushed_by=silent), 20)
         waited = asyncio.get_running_loop().time() - started
@@ -233,3 +225,17 @@ def test_a_pushed_step_that_never_comes_is_sent_by_the_client_after_a_grace(mode
     output, waited = run_coroutine(scenario())
     assert waited >= PUSH_GRACE_S  # sent only once the grace was over (a lower bound, not a timing)
     torch.testing.assert_close(output, forward(model, second_peer, 2, 4, step), atol=1e-5, rtol=0)
+
+
+def _second_peer(model) -> str:
+    return next(peer_id for peer_id, span in model.sequence.spans.items() if span.start == 2)
+
+
+async def _two_hops(model, first_peer: str, session_id: str, push_from: str | None) -> tuple[SpanStream, SpanStream]:
+    """Streams of one session on the first peer (blocks 0:2) and the second (2:4, taking pushes from `push_from`)."""
+    seq = model.sequence
+    front = SpanStream(seq.p2p, first_peer, seq.dht_prefix, 0, 2, 30)
+    back = SpanStream(seq.p2p, _second_peer(model), seq.dht_prefix, 2, 4, 30)
+    await front.open(session_id, max_length=8, batch_size=1)
+    await back.open(session_id, max_length=8, batch_size=1, push_from=push_from)
+    return front, back
