@@ -29,12 +29,18 @@ PUSH_GRACE_S = 3.0  # a pushed step not answered by then is sent by the client t
 # hop may have died silently after promising the push, and a dead machine sends no FIN to notice it by
 
 
-def _input_tensors(inputs: BlockInputs) -> tuple[list[str], list[torch.Tensor]]:
+def _input_tensors(inputs: BlockInputs, dtype: torch.dtype | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """The named tensors of a request; the hidden states in `dtype`, the peer's own (it would convert
+    them on arrival anyway: sending them converted costs fewer bytes and gives the same result)."""
     return frame_tensors({
-        "hidden_states": inputs.hidden_states, "position_ids": inputs.position_ids,
+        "hidden_states": _in_dtype(inputs.hidden_states, dtype), "position_ids": inputs.position_ids,
         "attention_mask": inputs.attention_mask, "prompts": inputs.prompts,
         **(inputs.lora.tensors() if inputs.lora is not None else {}),
     })
+
+
+def _in_dtype(hidden_states: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return hidden_states if dtype is None else hidden_states.to(dtype)
 
 
 def _lora_options(inputs: BlockInputs) -> dict:
@@ -66,9 +72,10 @@ async def call_info(p2p: P2P, peer_id: str, namespace: str, timeout_s: float, au
 
 async def call_forward(
     p2p: P2P, peer_id: str, namespace: str, start: int, end: int, inputs: BlockInputs, timeout_s: float,
-    auth: str | None = None, adapter: AdapterId | None = None,
+    auth: str | None = None, adapter: AdapterId | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    names, tensors = _input_tensors(inputs)
+    """The peer's blocks [start, end) on `inputs`, the hidden states sent in `dtype` (the peer's)."""
+    names, tensors = _input_tensors(inputs, dtype)
     header = ForwardRequest(
         start_block=start, end_block=end, tensor_names=names, **_lora_options(inputs), **_adapter_options(adapter), auth=auth
     )
@@ -151,9 +158,11 @@ class SpanStream:
     """One inference stream to one peer for blocks [start, end): open, step, close."""
 
     def __init__(
-        self, p2p: P2P, peer_id: str, namespace: str, start: int, end: int, timeout_s: float, auth: str | None = None
+        self, p2p: P2P, peer_id: str, namespace: str, start: int, end: int, timeout_s: float, auth: str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         self.p2p, self.peer_id, self.namespace = p2p, peer_id, namespace
+        self.dtype = dtype  # the peer's: hidden states are sent in it
         self.auth = auth  # proof of a private swarm's key, for this peer
         self.start, self.end = start, end
         self.timeout_s = timeout_s
@@ -198,7 +207,7 @@ class SpanStream:
         that hop says its push failed, or its stream breaks."""
 
         def send() -> None:
-            names, tensors = _input_tensors(inputs)
+            names, tensors = _input_tensors(inputs, self.dtype)
             self._send(InferenceStep(position=position, step_id=step_id, push_to=list(push_to), tensor_names=names), tensors)
 
         if pushed_by is None:
@@ -244,7 +253,7 @@ class SpanStream:
         """One step of a batched session: `hidden_states` [1, tokens, hidden] (None: no rows);
         returns this peer's output, shaped like it."""
         header = header.model_copy(update={"tensor_names": [] if hidden_states is None else ["hidden_states"]})
-        self._send(header, [] if hidden_states is None else [hidden_states])
+        self._send(header, [] if hidden_states is None else [_in_dtype(hidden_states, self.dtype)])
         expected = {} if hidden_states is None else {"hidden_states": hidden_states.shape}
         async with translated_errors(self.peer_id[-8:]):
             outputs, _ = await self._await_reply(_read_result(self._read_frame, self.peer_id, expected, header.step_id))

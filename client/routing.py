@@ -11,10 +11,10 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from swarm.coverage import Span as PeerSpan  # a peer and its blocks, as `swarm.coverage.peer_spans` reads them
-from swarm.errors import AdapterNotServedError, AmbiguousAdapterError, MissingBlocksError
+from swarm.errors import AdapterNotServedError, AmbiguousAdapterError, FormatNotServedError, MissingBlocksError
 from swarm.lora import AdapterId
 
 
@@ -57,6 +57,29 @@ def adapter_spans(spans: Mapping[str, PeerSpan], adapter: AdapterId | None, star
     return serving
 
 
+def format_spans(
+    spans: Mapping[str, PeerSpan], quantizations: Sequence[str], dtypes: Sequence[str], start: int, end: int
+) -> dict[str, PeerSpan]:
+    """The spans of the peers whose blocks are stored in an accepted format: one of `quantizations`
+    (`PeerRecord.quantization`) computing in one of `dtypes` (a span without a record is kept).
+    Raises FormatNotServedError, naming the formats that do serve them, if the others leave blocks of
+    [start, end) uncovered."""
+
+    def accepted(span: PeerSpan) -> bool:
+        return span.record is None or (span.record.quantization in quantizations and span.record.dtype in dtypes)
+
+    kept = {peer_id: span for peer_id, span in spans.items() if accepted(span)}
+    missing = missing_blocks(kept, start, end)
+    if missing and not missing_blocks(spans, start, end):
+        served = sorted({span.record.precision for span in spans.values() if span.record is not None and not accepted(span)})
+        raise FormatNotServedError(missing, [*quantizations, *dtypes], served)
+    return kept
+
+
+def quantization_of(span: PeerSpan) -> str:
+    return span.record.quantization if span.record is not None else "none"
+
+
 def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[int]:
     covered = set()
     for span in spans.values():
@@ -67,14 +90,18 @@ def missing_blocks(spans: Mapping[str, PeerSpan], start: int, end: int) -> list[
 HOP_OVERHEAD_S = 0.002  # per hop, beyond network and compute: the Python on both sides (1-4 ms measured, docs/performance.md)
 RELAYED_SLOWDOWN = 5.0  # a relayed peer's compute counts this many times (Petals weighs its throughput by 0.2)
 MAX_LOAD = 0.9  # a busier peer counts as this busy: its queue makes each step up to 10x longer
+OTHER_FORMAT_SLOWDOWN = 10.0  # with a preferred block format, a peer of another format's compute counts this many times
 
 
-def hop_compute_s(span: PeerSpan, blocks: int) -> float:
+def hop_compute_s(span: PeerSpan, blocks: int, prefer: str | None = None) -> float:
     """Expected seconds for one token through `blocks` of the peer's blocks: its announced throughput,
-    slowed by its load (the share of time it is busy with others) and by a relay."""
+    slowed by its load (the share of time it is busy with others), by a relay, and, where the client
+    prefers a block format (`prefer`) the peer does not store, by OTHER_FORMAT_SLOWDOWN."""
     record = span.record
     load = min(record.load, MAX_LOAD) if record is not None else 0.0
     slowdown = RELAYED_SLOWDOWN if record is not None and record.using_relay else 1.0
+    if prefer is not None and quantization_of(span) != prefer:
+        slowdown *= OTHER_FORMAT_SLOWDOWN
     return blocks / max(span.throughput, 1e-9) / (1.0 - load) * slowdown
 
 
@@ -98,10 +125,11 @@ def choose_route(
     banned: frozenset[str] | set[str] = frozenset(),
     default_latency_s: float = 0.1,
     rng: random.Random | None = None,
+    prefer: str | None = None,
 ) -> list[Hop]:
     """The chain through [start, end) with the lowest expected time per token: into each hop (from the
-    client, or pushed from the previous hop), its compute (`hop_compute_s`), HOP_OVERHEAD_S, and back
-    from the last hop to the client. `latency_s`: our measured round trips (`default_latency_s` for a
+    client, or pushed from the previous hop), its compute (`hop_compute_s`, with the block format the
+    client would `prefer`), HOP_OVERHEAD_S, and back from the last hop to the client. `latency_s`: our measured round trips (`default_latency_s` for a
     peer not measured yet). On a uniform swarm this is the route with the fewest hops; equal routes are
     picked at random, spreading clients over peers.
 
@@ -131,7 +159,7 @@ def choose_route(
             continue
         for span in covering[position]:
             target = min(span.end, end)
-            added = link_s(usable[last] if last else None, span, rtt_s) + hop_compute_s(span, target - position) + HOP_OVERHEAD_S
+            added = link_s(usable[last] if last else None, span, rtt_s) + hop_compute_s(span, target - position, prefer) + HOP_OVERHEAD_S
             if target == end:
                 added += rtt_s(span.peer_id) / 2  # the last hop answers the client
             state = (target, span.peer_id)

@@ -23,6 +23,7 @@ from swarm.loop_thread import run_coroutine
 from swarm.lora import AdapterId, adapter_ref
 from swarm.records import parse_peer_records
 from swarm.swarm_key import SwarmKey, make_proof
+from swarm.transport import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class RemoteSequence:
         self._bans: dict[str, tuple[float, int]] = {}  # peer_id -> (banned until, failures)
         self._updated_at = 0.0
         self._last_seen: dict[str, float] = {}  # peer_id -> when a DHT lookup last listed it online
+        self._formats_told: set[tuple[str, ...]] = set()  # mixes of block formats already logged
 
     # ---- swarm state -------------------------------------------------------------------------
     async def update(self) -> None:
@@ -100,6 +102,12 @@ class RemoteSequence:
         """What a call to `peer_id` carries to show we hold the swarm's key (None in a public swarm)."""
         return make_proof(self.swarm_key, self.peer_id, peer_id)
 
+    def wire_dtype(self, peer_id: str) -> torch.dtype | None:
+        """The dtype the peer computes in, as it announces it (None if unknown): hidden states travel in it."""
+        span = self.spans.get(peer_id)
+        dtype = WIRE_DTYPES.get(span.record.dtype) if span is not None and span.record is not None else None
+        return dtype if dtype is not None and dtype.is_floating_point else None
+
     def ban(self, peer_id: str) -> None:
         """Avoid a peer for a while after a transient failure; the ban doubles with each failure."""
         _, failures = self._bans.get(peer_id, (0.0, 0))
@@ -124,7 +132,8 @@ class RemoteSequence:
             await self.update()
         while True:
             try:
-                spans = routing.adapter_spans(self.spans, adapter, start, end)
+                spans = routing.format_spans(self.spans, self.config.quantizations, self.config.dtypes, start, end)
+                spans = routing.adapter_spans(spans, adapter, start, end)
                 if whole:
                     banned = self.banned()
                     covering = {
@@ -134,12 +143,26 @@ class RemoteSequence:
                     spans = covering or spans
                 if spread:
                     return routing.choose_spread_route(spans, start, end, banned=self.banned())
-                return routing.choose_route(spans, start, end, latency_s=self.latency_s, banned=self.banned())
+                route = routing.choose_route(
+                    spans, start, end, latency_s=self.latency_s, banned=self.banned(), prefer=self.config.prefer_quantization
+                )
+                self._tell_formats(spans, route)
+                return route
             except errors.MissingBlocksError:
                 if time.monotonic() >= deadline:
                     raise
             await asyncio.sleep(1.0)
             await self.update()
+
+    def _tell_formats(self, spans: dict[str, routing.PeerSpan], route: list[routing.Hop]) -> None:
+        """Log (INFO, once per mix) a route whose hops store their blocks in different formats: all are
+        formats the client accepts (ClientConfig.quantizations), and the text differs from a one-format route's."""
+        formats = tuple(
+            f"{hop.start}:{hop.end} {spans[hop.peer_id].record.precision}" for hop in route if spans[hop.peer_id].record is not None
+        )
+        if len({text.split(" ", 1)[1] for text in formats}) > 1 and formats not in self._formats_told:
+            self._formats_told.add(formats)
+            logger.info("this route mixes block formats: %s", ", ".join(formats))
 
     async def pin_adapter(self, adapter: AdapterId | str | None) -> AdapterId | None:
         """`adapter` (a path, a name or an AdapterId) with its digest, so that a session or a forward
@@ -258,7 +281,7 @@ class RemoteSequence:
             try:
                 output = await call_forward(
                     self.p2p, hop.peer_id, self.dht_prefix, hop.start, hop.end, _for_span(inputs, hop.start, hop.end),
-                    self.config.step_timeout_s, self.proof(hop.peer_id), adapter,
+                    self.config.step_timeout_s, self.proof(hop.peer_id), adapter, self.wire_dtype(hop.peer_id),
                 )
                 return output, hop.end
             except errors.RemoteError as exc:

@@ -209,7 +209,7 @@ async def open_streams(
         for hop in await sequence.route(start, end, adapter):
             stream = SpanStream(
                 sequence.p2p, hop.peer_id, sequence.dht_prefix, hop.start, hop.end, sequence.config.step_timeout_s,
-                sequence.proof(hop.peer_id),
+                sequence.proof(hop.peer_id), sequence.wire_dtype(hop.peer_id),
             )
             streams.append(stream)
             await stream.open(session_id, max_length, batch_size, push_from=push_from, adapter=adapter, slots=slots)

@@ -31,13 +31,13 @@ async def read_swarm(dht, dht_prefix: str, num_blocks: int) -> dict[str, coverag
 
 def auto_block_count(
     model_config, *, dtype: torch.dtype, device: str, cache_tokens: int, max_length: int, max_memory_gb: float | None,
-    cache_gb: float | None = None,
+    cache_gb: float | None = None, quantization: str = "none",
 ) -> tuple[int, str]:
     """As many blocks as fit in the memory budget with their KV cache, and the explanation.
 
     The cache is `cache_tokens` tokens for every block, or `cache_gb` GiB over all blocks when given."""
     num_blocks = model_config.num_hidden_layers
-    weights = sizing.block_memory_bytes(model_config, dtype)
+    weights = sizing.block_memory_bytes(model_config, dtype, quantization)
     cache = sizing.kv_bytes_per_token(model_config, dtype) * cache_tokens if cache_gb is None else 0
     fixed_cache = int(cache_gb * GiB) if cache_gb is not None else 0
     # a long prefill holds a few [max_length, hidden] buffers and one row of attention scores per head
@@ -53,7 +53,8 @@ def auto_block_count(
         else f"a share of the {cache_gb:g} GiB KV cache (--cache-gb)"
     )
     explanation = (
-        f"{count} of {num_blocks} blocks fit: each needs {weights / 2**20:.1f} MiB of weights + {cache_text}; "
+        f"{count} of {num_blocks} blocks fit: each needs {weights / 2**20:.1f} MiB of weights "
+        f"({'not quantized' if quantization == 'none' else quantization}) + {cache_text}; "
         f"budget {source}, minus {(activations + RUNTIME_RESERVE_BYTES) / GiB:.2f} GiB "
         f"reserved for activations and the runtime"
     )

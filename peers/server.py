@@ -26,7 +26,7 @@ from peers.pushes import PushChannels
 from peers.scheduler import Scheduler
 from peers.serving import Serving
 from peers.sessions import PUSH_TIMEOUT_S, SessionEnv
-from swarm import balance, models, network, protocol, reachability
+from swarm import balance, models, network, protocol, quantization, reachability
 from swarm.blocks import BlockStack
 from swarm.config import PeerConfig
 from swarm.errors import ConfigError
@@ -58,8 +58,10 @@ class Peer:
         if isinstance(spec, int) and spec > self.num_blocks:
             raise ConfigError(f"--blocks {spec}: {config.model} has {self.num_blocks} blocks")
         config.network.require_peers_or_new_swarm()
+        sizing.check_device(config.device)
         self.dtype = sizing.resolve_dtype(config.dtype, config.device)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
+        quantization.check_quantization(config.quant, config.device)  # before anything big is loaded
         self.block_count = spec if isinstance(spec, int) else None  # "auto": chosen from memory in run()
         self._chosen = self.fixed_range or (0, 0)  # the blocks to load; once serving, they are the stack's
         self.moving_to: tuple[int, int] | None = None  # a range being loaded, announced as joining
@@ -173,14 +175,16 @@ class Peer:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         return sizing.block_throughput(
-            self.source, self.model_config, device=self.config.device, dtype=self.dtype, mode=self.config.throughput
+            self.source, self.model_config, device=self.config.device, dtype=self.dtype, quantization=self.config.quant,
+            mode=self.config.throughput,
         )
 
     async def _choose_blocks(self, stop: asyncio.Event) -> None:
         """How many blocks (from memory, for 'auto') and where (the weakest window of the swarm)."""
         if self.block_count is None:
             self.block_count, explanation = placement.auto_block_count(
-                self.model_config, dtype=self.dtype, device=self.config.device, cache_tokens=self.config.cache_tokens,
+                self.model_config, dtype=self.dtype, quantization=self.config.quant, device=self.config.device,
+                cache_tokens=self.config.cache_tokens,
                 max_length=self.config.max_length, max_memory_gb=self.config.max_memory_gb, cache_gb=self.config.cache_gb,
             )
         else:
@@ -279,9 +283,12 @@ class Peer:
             if reuse is not None and reuse.start_block <= index < reuse.end_block:
                 layers.append(reuse.layers[index - reuse.start_block])
             else:
-                layers.append(models.load_block(self.source, self.model_config, index, dtype=self.dtype, device=self.config.device))
+                layers.append(models.load_block(
+                    self.source, self.model_config, index, dtype=self.dtype, device=self.config.device, quantization=self.config.quant
+                ))
         rotary = reuse.rotary if reuse is not None else models.load_rotary(self.model_config, device=self.config.device)
-        logger.info("loaded blocks %d:%d (%s) in %.1f s", start, end, self.dtype, time.perf_counter() - started)
+        logger.info("loaded blocks %d:%d (%s, quantization %s) in %.1f s", start, end, self.dtype_name, self.config.quant,
+                    time.perf_counter() - started)
         return BlockStack(self.model_config, layers, start, rotary)
 
     # ---- announcing ----------------------------------------------------------------------------
@@ -293,6 +300,7 @@ class Peer:
             start_block=start,
             end_block=end,
             dtype=self.dtype_name,
+            quantization=self.config.quant,
             version=swarm.__version__,
             max_batch_size=self.config.max_batch_size,
             max_length=self.config.max_length,
@@ -308,6 +316,7 @@ class Peer:
             throughput=float(self.throughput),
             cache_tokens_left=self.servicer.cache.tokens_left if self.servicer else self.config.cache_tokens,
             dtype=self.dtype_name,
+            quantization=self.config.quant,
             version=swarm.__version__,
             public_name=self.config.public_name,
             adapters=tuple(sorted(adapter.name for adapter in self.adapters)),

@@ -29,7 +29,7 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from swarm import models
+from swarm import models, quantization as quantizations
 from swarm.blocks import BlockInputs, BlockStack
 from swarm.config import parse_throughput
 from swarm.errors import ConfigError
@@ -37,7 +37,6 @@ from swarm.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-QUANTIZATIONS = ("none",)
 THROUGHPUT_FILE = "throughput.json"
 CONTEXT_TOKENS = 32  # decode steps continue a context this long
 FORWARD_TOKENS = 512  # a forward without cache runs this many tokens (capped by max_position_embeddings)
@@ -48,6 +47,7 @@ class BlockMeasurement:
     model: str
     device: str
     dtype: str
+    quantization: str
     parameter_bytes: int
     kv_bytes_per_token: int
     context_tokens: int
@@ -57,11 +57,12 @@ class BlockMeasurement:
 
 
 # ---- sizes ---------------------------------------------------------------------------------
-def block_memory_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """Parameter bytes of one decoder block in `dtype`, from a layer built on meta (no weights read)."""
+def block_memory_bytes(config: PretrainedConfig, dtype: torch.dtype, quantization: str = "none") -> int:
+    """Parameter bytes of one decoder block in `dtype` and `quantization`, from a layer built on meta
+    (no weights read)."""
     with torch.device("meta"):
         layer = models.decoder_layer_class(config)(config, layer_idx=0)
-    return sum(parameter.numel() for parameter in layer.parameters()) * dtype.itemsize
+    return quantizations.parameter_bytes(layer, quantization, dtype)
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -97,20 +98,34 @@ def check_device(device: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' = float32 on CPU, bfloat16 elsewhere; else the named dtype."""
+    """'auto' = float32 on CPU, bfloat16 elsewhere; else the named dtype. Raises ConfigError for a
+    dtype `device` cannot compute in."""
     if name == "auto":
         return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if name not in DTYPE_NAMES:
         raise ConfigError(f"--dtype {name!r}: choose auto, {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, name)
+    dtype = getattr(torch, name)
+    if not dtype_works(dtype, device):
+        working = [other for other in DTYPE_NAMES if dtype_works(getattr(torch, other), device)]
+        raise ConfigError(f"--dtype {name}: {device} cannot compute in it (a test matmul failed); it can in {', '.join(working) or 'none'}")
+    return dtype
+
+
+def dtype_works(dtype: torch.dtype, device: str) -> bool:
+    """Whether a tiny matmul in `dtype` on `device` runs and gives the right answer."""
+    try:
+        ones = torch.ones(8, 8, dtype=dtype, device=device)
+        return float((ones @ ones).sum().item()) == 512.0
+    except (RuntimeError, TypeError):
+        return False
 
 
 # ---- timing one block ----------------------------------------------------------------------
 def load_probe_stack(
-    source: models.ModelSource, config: PretrainedConfig, *, device: str, dtype: torch.dtype
+    source: models.ModelSource, config: PretrainedConfig, *, device: str, dtype: torch.dtype, quantization: str = "none"
 ) -> BlockStack:
-    """Block 0 with its real weights, as a one-block stack."""
-    layer = models.load_block(source, config, 0, dtype=dtype, device=device)
+    """Block 0 with its real weights (quantized as asked), as a one-block stack."""
+    layer = models.load_block(source, config, 0, dtype=dtype, device=device, quantization=quantization)
     return BlockStack(config, [layer], 0, models.load_rotary(config, device=device))
 
 
@@ -140,16 +155,17 @@ def measure_forward_tokens_per_s(
 
 
 def measure_block(
-    source: models.ModelSource, config: PretrainedConfig, *, device: str, dtype: torch.dtype
+    source: models.ModelSource, config: PretrainedConfig, *, device: str, dtype: torch.dtype, quantization: str = "none"
 ) -> BlockMeasurement:
     """Both timings of block 0, and its sizes."""
-    stack = load_probe_stack(source, config, device=device, dtype=dtype)
+    stack = load_probe_stack(source, config, device=device, dtype=dtype, quantization=quantization)
     forward_tokens = min(FORWARD_TOKENS, getattr(config, "max_position_embeddings", None) or FORWARD_TOKENS)
     return BlockMeasurement(
         model=source.name,
         device=device,
         dtype=_dtype_name(dtype),
-        parameter_bytes=block_memory_bytes(config, dtype),
+        quantization=quantization,
+        parameter_bytes=block_memory_bytes(config, dtype, quantization),
         kv_bytes_per_token=kv_bytes_per_token(config, dtype),
         context_tokens=CONTEXT_TOKENS,
         decode_steps_per_s=measure_decode_steps_per_s(stack),
@@ -201,8 +217,7 @@ def block_throughput(
     if isinstance(given, float):
         logger.info("block throughput %.1f tokens/s (given)", given)
         return given
-    if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"quantization {quantization!r} cannot be measured; supported: {', '.join(QUANTIZATIONS)}")
+    quantizations.check_name(quantization)
     check_device(device)
     key = throughput_key(source, device=device, dtype=dtype, quantization=quantization)
     path = models.swarm_cache_dir() / THROUGHPUT_FILE
@@ -210,11 +225,11 @@ def block_throughput(
     if cached is not None:
         logger.info("block throughput %.1f tokens/s (cached in %s)", cached["tokens_per_s"], path)
         return float(cached["tokens_per_s"])
-    stack = load_probe_stack(source, config, device=device, dtype=dtype)
+    stack = load_probe_stack(source, config, device=device, dtype=dtype, quantization=quantization)
     tokens_per_s = measure_decode_steps_per_s(stack)
     _store_entry(path, key, {"tokens_per_s": tokens_per_s, "measured_at": _utc_now()})
-    logger.info("block throughput %.1f tokens/s (measured on %s %s, cached in %s)", tokens_per_s, device,
-                _dtype_name(dtype), path)
+    logger.info("block throughput %.1f tokens/s (measured on %s %s, quantization %s, cached in %s)", tokens_per_s, device,
+                _dtype_name(dtype), quantization, path)
     return tokens_per_s
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -240,5 +241,8 @@ def describe_coverage(throughputs: Sequence[float], spans: Iterable[Span]) -> li
         joining = sum(span.state == PeerState.JOINING for span in serving)
         note = "  MISSING" if value <= 0 else ""
         extra = f" ({joining} joining)" if joining else ""
+        formats = Counter(span.record.precision for span in serving if span.record is not None)
+        if formats:
+            note += "  " + ", ".join(f"{count} {precision}" for precision, count in sorted(formats.items()))
         lines.append(f"block {index:>4}: {len(serving):>3} peers{extra}, {value:10.1f} tokens/s{note}")
     return lines

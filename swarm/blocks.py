@@ -63,7 +63,9 @@ class BlockStack(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
+        """The dtype hidden states are computed in: that of the blocks' floating-point parameters (a
+        quantized layer's weight is stored as integers)."""
+        return next(parameter.dtype for parameter in self.layers.parameters() if parameter.dtype.is_floating_point)
 
     @property
     def device(self) -> torch.device:

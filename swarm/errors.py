@@ -6,7 +6,7 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     ├── ConfigError                 bad user input: CLI flags, block ranges, options
     ├── ModelError
     │   ├── ModelNotFoundError      unknown name, missing folder, missing weights
-    │   └── UnsupportedModelError   architecture outside SUPPORTED_MODEL_TYPES
+    │   └── UnsupportedModelError   an architecture the blocks cannot run (see swarm.models)
     ├── RemoteError                 a peer could not do what we asked
     │   ├── PeerUnavailableError    transient: connection failed or dropped
     │   ├── PeerTimeoutError        transient: no answer in time
@@ -21,7 +21,8 @@ It does not translate library exceptions itself: `swarm.transport` does that in 
     │   (a peer's own failure arrives with code "internal" as a plain, transient RemoteError)
     ├── RoutingError
     │   ├── MissingBlocksError      no online peer serves some blocks
-    │   │   └── AdapterNotServedError   ... with the LoRA adapter asked for (lists those served)
+    │   │   ├── AdapterNotServedError   ... with the LoRA adapter asked for (lists those served)
+    │   │   └── FormatNotServedError    ... in a block format (quantization) the client accepts
     │   └── AmbiguousAdapterError   peers serve different adapters under the name asked for
     ├── SessionError
     │   ├── SessionLengthError      max_length of an inference session exceeded
@@ -126,6 +127,19 @@ class AdapterNotServedError(MissingBlocksError):
             self,
             f"no online peer serves blocks {_format_spans(self.missing_blocks)} with adapter {adapter}; "
             f"adapters served: {', '.join(self.served) or 'none'}",
+        )
+
+
+class FormatNotServedError(MissingBlocksError):
+    """Some blocks are served only in block formats (quantizations) the client does not accept."""
+
+    def __init__(self, missing_blocks: list[int], accepted: list[str], served: list[str]):
+        self.missing_blocks, self.accepted, self.served = list(missing_blocks), list(accepted), list(served)
+        RoutingError.__init__(
+            self,
+            f"no online peer serves blocks {_format_spans(self.missing_blocks)} in a format this client accepts "
+            f"({', '.join(self.accepted)}: ClientConfig.quantizations and dtypes); those blocks are served as "
+            f"{', '.join(self.served) or 'nothing'}",
         )
 
 

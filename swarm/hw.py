@@ -27,10 +27,12 @@ from peers.sizing import (
     DTYPE_NAMES,
     check_device,
     cpu_model_name,
+    dtype_works,
     measure_block,
     resolve_dtype,
 )
 from swarm import models
+from swarm.quantization import QUANTIZATIONS, check_quantization
 from swarm.cli import fail, setup_logging
 from swarm.errors import SwarmError
 
@@ -103,7 +105,7 @@ def torch_info() -> TorchInfo:
 
 def working_dtypes(device: str) -> dict[str, bool]:
     """dtype name -> whether a tiny matmul on `device` works and gives the right answer."""
-    return {name: _matmul_works(getattr(torch, name), device) for name in DTYPE_NAMES}
+    return {name: dtype_works(getattr(torch, name), device) for name in DTYPE_NAMES}
 
 
 def machine_profile(device: str | None = None) -> dict[str, Any]:
@@ -117,14 +119,6 @@ def machine_profile(device: str | None = None) -> dict[str, Any]:
         "gpus": [asdict(gpu) for gpu in gpu_info()],
         "dtypes": {"device": device, **working_dtypes(device)},
     }
-
-
-def _matmul_works(dtype: torch.dtype, device: str) -> bool:
-    try:
-        ones = torch.ones(8, 8, dtype=dtype, device=device)
-        return float((ones @ ones).sum().item()) == 512.0
-    except (RuntimeError, TypeError):
-        return False
 
 
 # ---- the command line ----------------------------------------------------------------------
@@ -145,7 +139,8 @@ def format_profile(profile: dict[str, Any]) -> str:
     if "block" in profile:
         block = profile["block"]
         lines += [
-            f"block    0 of {block['model']} on {block['device']} {block['dtype']}",
+            f"block    0 of {block['model']} on {block['device']} {block['dtype']}"
+            + (f", quantized {block['quantization']}" if block.get("quantization", "none") != "none" else ""),
             f"  parameters  {block['parameter_bytes']} bytes ({block['parameter_bytes'] / 2**20:.1f} MiB)",
             f"  kv cache    {block['kv_bytes_per_token']} bytes per token",
             f"  decode      {block['decode_steps_per_s']:.1f} steps/s (one token after {block['context_tokens']}, "
@@ -163,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device to probe, e.g. cpu, cuda, cuda:1 (default: cuda if usable, else cpu)")
     parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="dtype of the timed block (auto: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--quant", choices=list(QUANTIZATIONS), default="none",
+                        help="quantization of the timed block (bitsandbytes int8 or nf4; none: --dtype as is)")
     parser.add_argument("--emit", type=Path, metavar="FILE", help="also write the profile as TOML to FILE")
     parser.add_argument("--verbose", action="store_true", help="DEBUG logging")
     return parser.parse_args(argv)
@@ -176,7 +173,10 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         source = models.resolve_model(args.model)
         config = models.load_config(source)
         logger.info("timing block 0 of %s on %s", source.name, device)
-        profile["block"] = asdict(measure_block(source, config, device=device, dtype=resolve_dtype(args.dtype, device)))
+        check_quantization(args.quant, device)
+        profile["block"] = asdict(measure_block(
+            source, config, device=device, dtype=resolve_dtype(args.dtype, device), quantization=args.quant
+        ))
     return profile
 
 

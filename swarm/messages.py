@@ -193,6 +193,7 @@ class PeerInfo(BaseModel):
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
     dtype: str = Field(max_length=32)
+    quantization: str = Field("none", max_length=16)
     version: str = Field(max_length=64)
     max_batch_size: int = Field(gt=0)
     max_length: int = Field(gt=0)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import kernels
+from swarm.quantization import quantize_linears
 from swarm.config import DEFAULT_MODEL
 from swarm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
@@ -137,9 +138,11 @@ def read_tensors(source: ModelSource, names: Iterable[str]) -> dict[str, torch.T
 
 
 def load_block(
-    source: ModelSource, config: PretrainedConfig, block_index: int, *, dtype: torch.dtype, device: str | torch.device
+    source: ModelSource, config: PretrainedConfig, block_index: int, *, dtype: torch.dtype, device: str | torch.device,
+    quantization: str = "none",
 ) -> torch.nn.Module:
-    """Decoder layer `block_index`, built on meta and filled with only its own weights."""
+    """Decoder layer `block_index`, built on meta and filled with only its own weights; with a
+    `quantization` (see swarm.quantization), its linear layers quantized on `device`."""
     if not 0 <= block_index < config.num_hidden_layers:
         raise ConfigError(f"block {block_index} out of range: {source.name} has {config.num_hidden_layers} blocks")
     if getattr(config, "_attn_implementation", None) is None:  # a config not made by load_config
@@ -153,6 +156,7 @@ def load_block(
     layer.load_state_dict(state, strict=True, assign=True)
     if any(tensor.is_meta for tensor in [*layer.parameters(), *layer.buffers()]):
         raise UnsupportedModelError(f"{config.model_type} layers hold tensors that are not in the checkpoint")
+    quantize_linears(layer, quantization, dtype=dtype, device=device)
     kernels.use_rows_linear(layer)
     return layer.to(device).eval().requires_grad_(False)
 

@@ -55,6 +55,9 @@ class PeerRecord(BaseModel):
     throughput: float = Field(ge=0, le=1e12, allow_inf_nan=False, description="tokens/s the peer can process")
     cache_tokens_left: int = Field(ge=0, le=2**40, description="KV-cache budget left, in tokens")
     dtype: str = Field(max_length=32, description="torch dtype of the blocks, e.g. float32")
+    quantization: str = Field(
+        "none", pattern=r"^[a-z0-9_]{1,16}$", description="how the blocks' weights are stored: none, int8 or nf4 (swarm.quantization)"
+    )
     version: str = Field(max_length=64, description="swarm package version")
     public_name: str | None = Field(default=None, max_length=128, description="optional display name")
     adapters: tuple[AdapterNameText, ...] = Field(
@@ -100,6 +103,12 @@ class PeerRecord(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @property
+    def precision(self) -> str:
+        """The blocks' number format in one word: the dtype (`float32`), or the quantization and the
+        dtype it computes in (`nf4/bfloat16`)."""
+        return self.dtype if self.quantization == "none" else f"{self.quantization}/{self.dtype}"
 
 
 class ModelRecord(BaseModel):

@@ -32,6 +32,7 @@ class PeerView(BaseModel):
     throughput: float = Field(description="tokens/s the peer announces")
     cache_tokens_left: int
     dtype: str
+    quantization: str = Field(description="how the peer stores its blocks' weights: none, int8 or nf4")
     adapters: list[str]
     version: str
     latency_ms: float | None = Field(description="round trip of a ping from the dashboard; null: no answer")
@@ -107,7 +108,8 @@ def _model_view(prefix: str, model: ModelRecord, records: list[dict[str, PeerRec
         PeerView(
             peer_id=span.peer_id, short_id=span.peer_id[-8:], public_name=span.public_name, start_block=span.start,
             end_block=span.end, state=span.state, throughput=span.throughput, cache_tokens_left=span.record.cache_tokens_left,
-            dtype=span.record.dtype, adapters=[str(adapter) for adapter in span.adapters], version=span.record.version,
+            dtype=span.record.dtype, quantization=span.record.quantization, adapters=[str(adapter) for adapter in span.adapters],
+            version=span.record.version,
             latency_ms=_ms(latencies.get((span.peer_id, prefix))),
         )
         for span in sorted(peers.values(), key=lambda span: (span.start, span.peer_id))

@@ -159,8 +159,34 @@ def test_a_bad_mode_is_a_config_error(tiny, cache_dir, mode):
 
 def test_an_unknown_quantization_is_a_config_error(tiny, cache_dir):
     source, config = tiny
-    with pytest.raises(ConfigError, match="quantization 'nf4'"):
-        sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, quantization="nf4")
+    with pytest.raises(ConfigError, match="--quant 'nf3'"):
+        sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, quantization="nf3")
+
+
+def test_a_quantized_block_is_measured_and_cached_under_its_own_key(tiny, cache_dir, measurements):
+    source, config = tiny
+    for quantization in ("none", "nf4", "int8", "nf4"):
+        sizing.block_throughput(source, config, device="cpu", dtype=torch.float32, quantization=quantization)
+    assert len(measurements) == 3
+    keys = json.loads((cache_dir / sizing.THROUGHPUT_FILE).read_text())["entries"]
+    assert sorted(key.split("quantization=")[1].split()[0] for key in keys) == ["int8", "nf4", "none"]
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantized_block_bytes_are_predicted(tiny, quantization):
+    """The bytes a format predicts equal what a loaded block holds: its integer weights, their scales
+    (int8: one float32 per row; nf4: one float32 absmax per 64 weights) and the rest in float32."""
+    source, config = tiny
+    layer = models.load_block(source, config, 0, dtype=torch.float32, device="cpu", quantization=quantization)
+    loaded = sum(parameter.numel() * parameter.element_size() for parameter in layer.parameters())
+    for module in layer.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "SCB", None) is not None:
+            loaded += weight.SCB.numel() * weight.SCB.element_size()
+        if getattr(weight, "quant_state", None) is not None:
+            loaded += weight.quant_state.absmax.numel() * weight.quant_state.absmax.element_size()
+    assert sizing.block_memory_bytes(config, torch.float32, quantization) == loaded
+    assert loaded < sizing.block_memory_bytes(config, torch.float32) / (3 if quantization == "int8" else 5)
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"entries": []}', '{"version": 1}'])
