@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from swarm import errors, kernels
+from swarm import errors, kernels, quantization
 from swarm import lora as lora_weights
 
 
@@ -206,6 +206,7 @@ class BlockStack(torch.nn.Module):
             # clone(): an inference-mode tensor (a stack's own output) cannot take part in autograd
             return tensor.to(self.device, self.dtype).clone().requires_grad_(True)
 
+        quantization.unpack_for_autograd(self.layers)
         with torch.enable_grad():
             hidden_states = leaf(inputs.hidden_states)
             prompts = leaf(inputs.prompts) if inputs.prompts is not None else None

@@ -21,6 +21,7 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: transformers' default (llm_int8_threshold)
 NF4_BLOCKSIZE = 64  # values per absmax in NF4: bitsandbytes' default, which transformers keeps
 MIN_BITSANDBYTES = (0, 46)  # the first release that quantizes on CPU
+EXACT_SCALES = "swarm_float32_absmax"  # a CPU NF4 layer's own scales, which bitsandbytes' inference kernel rounds
 
 
 def reference_config(quantization: str, compute_dtype: torch.dtype) -> Any:
@@ -77,6 +78,8 @@ def _quantized(linear: torch.nn.Linear, quantization: str, dtype: torch.dtype, d
     else:
         weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, module=layer, **settings).to(device)
     layer.weight = weight
+    if quantization == "nf4" and device.type == "cpu" and getattr(layer, "support_avx512bf16_for_cpu", False):
+        setattr(layer, EXACT_SCALES, weight.quant_state.absmax.clone())  # see unpack_for_autograd
     if has_bias:
         layer.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
     return layer.requires_grad_(False).eval()
@@ -126,3 +129,20 @@ def check_quantization(quantization: str, device: str) -> None:
             f"--quant {quantization} does not run on {device} with bitsandbytes {version} ({type(exc).__name__}: {str(exc)[:200]}); "
             f"use --quant none or another --device"
         ) from exc
+
+
+def unpack_for_autograd(module: torch.nn.Module) -> None:
+    """Make `module`'s NF4 layers differentiable, with their exact weights. On a CPU with AVX512-BF16,
+    bitsandbytes repacks an NF4 weight at its first forward without autograd, for an inference kernel
+    5x faster at decoding that computes in bfloat16 and rounds the weight's scales (absmax) to bfloat16;
+    that kernel has no backward. Before a forward that needs gradients, repacked weights go back to their
+    plain layout (bitsandbytes' `Linear4bit.state_dict()` does that in place) and their float32 scales,
+    kept at quantization (`_quantized`). The next inference forward repacks them."""
+    for child in module.modules():
+        state = getattr(getattr(child, "weight", None), "quant_state", None)
+        if state is None or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        child.state_dict()
+        scales = getattr(child, EXACT_SCALES, None)
+        if scales is not None:
+            child.weight.quant_state.absmax = scales.clone()

@@ -16,6 +16,7 @@ from swarm import quantization
 from swarm.config import ClientConfig
 from swarm.errors import FormatNotServedError
 from swarm.loop_thread import run_coroutine
+from swarm.lora import adapter_ref
 from swarm.tools.local import LocalSwarm
 from tests.conftest import PEER_ENV
 
@@ -138,3 +139,77 @@ def test_a_preferred_format_is_routed_through(swarm, tiny_model_path):
             assert [model.sequence.spans[hop.peer_id].record.quantization for hop in route] == ["nf4", "nf4"]
     finally:
         model.close()
+
+
+def _served_adapter_equals_peft(swarm, path, adapter, quant: str) -> None:
+    """A peer of this format serving the adapter (--adapters) generates what peft on transformers
+    quantized the same way generates."""
+    from peft import PeftModel
+
+    node = swarm.start_peer("0:4", model=str(path), extra_args=["--quant", quant, "--adapters", str(adapter)])
+    reference = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization.reference_config(quant, torch.float32), dtype=torch.float32
+    ).eval()
+    peft_model = PeftModel.from_pretrained(reference, adapter).eval()
+    model = client(swarm, path, quantizations=[quant])
+    model.adapter = adapter_ref(adapter)
+    try:
+        input_ids = prompts(1, 7, seed=11)
+        assert torch.equal(model.generate(input_ids, **GREEDY), peft_model.generate(input_ids=input_ids, **GREEDY))
+    finally:
+        model.close()
+        node.stop()
+
+
+def _lora_grads(lora, peft_model):
+    """(ours, peft's) gradients of every LoRA weight of every block."""
+    from swarm.lora import PROJECTIONS
+
+    parameters = dict(peft_model.named_parameters())
+    for name in lora.target_modules:
+        for block in range(lora.config.num_hidden_layers):
+            prefix = f"base_model.model.model.layers.{block}.{PROJECTIONS[name]}.{name}"
+            for ours, theirs in ((lora.a[name].grad[block], "lora_A"), (lora.b[name].grad[block], "lora_B")):
+                yield (name, block, theirs), ours, parameters[f"{prefix}.{theirs}.default.weight"].grad
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_lora_through_quantized_peers_equals_peft_on_the_same_quantized_model(swarm, tiny_model_path, tmp_path, quant):
+    """QLoRA: loss and every LoRA gradient through quantized peers equal peft's LoRA on transformers
+    quantized with the same BitsAndBytesConfig. int8: within float32 rounding. nf4: loss within 1e-4 and
+    each gradient within 2% (relative norm), because on a CPU with AVX512-BF16 bitsandbytes computes NF4
+    layers without autograd (the peers' forward, peft's frozen-input layers) with a bfloat16 kernel and
+    bfloat16 scales, and those with autograd in float32 (see swarm.quantization.unpack_for_autograd);
+    the backward's inputs and output gradients come from that forward."""
+    from peft import PeftModel
+
+    from client.lora import RemoteLoRA
+
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, quantization_config=quantization.reference_config(quant, torch.float32), dtype=torch.float32
+    ).eval()
+    torch.manual_seed(6)
+    lora = RemoteLoRA(reference.config, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for name in lora.target_modules:
+            lora.b[name].normal_(0, 0.1)
+    lora.save_pretrained(tmp_path / "adapter", base_model_name_or_path=str(tiny_model_path))
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "adapter", is_trainable=True)
+    model = client(swarm, tiny_model_path, quantizations=[quant])
+    try:
+        input_ids = prompts(2, 12, seed=3)
+        expected = peft_model(input_ids=input_ids, labels=input_ids).loss
+        expected.backward()
+        loss = model(input_ids=input_ids, labels=input_ids, lora=lora).loss
+        loss.backward()
+    finally:
+        model.close()
+    _served_adapter_equals_peft(swarm, tiny_model_path, tmp_path / "adapter", quant)
+    if quant == "int8":
+        assert torch.allclose(loss.detach(), expected.detach(), atol=1e-5), (loss, expected)
+        for where, ours, want in _lora_grads(lora, peft_model):
+            assert torch.allclose(ours, want, atol=1e-4), (where, (ours - want).abs().max())
+        return
+    assert torch.allclose(loss.detach(), expected.detach(), rtol=1e-4), (loss, expected)
+    errors = {where: float((ours - want).norm() / want.norm()) for where, ours, want in _lora_grads(lora, peft_model)}
+    assert max(errors.values()) < 2e-2, errors  # relative error of each gradient (measured: at most 0.9%)
