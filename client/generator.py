@@ -210,7 +210,7 @@ class BatchedGenerator:
     def _step(self, rows: list[tuple[_Active, list[int]]]) -> None:
         """Feed each row's tokens; sequences whose tokens are all in then get their next token."""
         with torch.no_grad():
-            hidden_states = self.model.embed_tokens(torch.tensor([[token for _, chunk in rows for token in chunk]]))  # [1, tokens, hidden]
+            hidden_states = self.model.embed(torch.tensor([[token for _, chunk in rows for token in chunk]]))  # [1, tokens, hidden]
             outputs = run_coroutine(self._session.step(
                 [active.slot for active, _ in rows], [active.cached for active, _ in rows], [len(chunk) for _, chunk in rows],
                 hidden_states, release=self._take_released(),
@@ -230,7 +230,7 @@ class BatchedGenerator:
     def _extend(self, actives: list[_Active], outputs: torch.Tensor) -> None:
         """Pick each sequence's next token from its last output [rows, 1, hidden]; end those that are done."""
         with torch.no_grad(), kernels.batched_rows():
-            logits = self.model.lm_head(self.model.norm(outputs.to(self.model.dtype)))[:, -1].float()  # [rows, vocab]
+            logits = self.model.logits(outputs)[:, -1].float()  # [rows, vocab]
         for row, active in enumerate(actives):
             scores = logits[row : row + 1]
             if active.request.sampler is not None:

@@ -83,6 +83,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed_tokens = parts.embed_tokens
         self.norm = parts.norm
         self.lm_head = parts.lm_head
+        self.architecture = parts.architecture  # what the model's forward does outside those modules
         self.sequence = sequence
         self._active_session: InferenceSession | None = None
         self.adapter: AdapterId | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
@@ -95,6 +96,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm_head
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the hidden states entering block 0 [batch, seq, hidden]."""
+        return self.architecture.embed(self.embed_tokens(input_ids))
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Hidden states leaving the last block -> logits [batch, seq, vocab], in the client's dtype."""
+        return self.architecture.logits(self.lm_head(self.norm(hidden_states.to(self.dtype))))
 
     # ---- sessions ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -166,6 +175,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        inputs_embeds = self.architecture.embed(inputs_embeds)  # as the model's own forward, given embeddings or not
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.int64)
         if isinstance(past_key_values, RemoteCache):
@@ -190,9 +200,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 inputs = BlockInputs(inputs_embeds, position_ids, attention_mask, deep_prompts, lora_weights)
                 hidden_states = run_coroutine(self.sequence.forward(inputs, adapter=self.adapter))
-        hidden_states = self.norm(hidden_states.to(inputs_embeds.dtype))
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden_states[:, keep])  # [batch, seq, vocab]
+        logits = self.logits(hidden_states[:, keep].to(inputs_embeds.dtype))  # [batch, seq, vocab]
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(

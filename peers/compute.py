@@ -129,7 +129,7 @@ def forward_rows(stack: BlockStack, rows: list[tuple[BlockInputs, Any]], span: t
     packable = all(
         inputs.hidden_states.shape[0] == 1 and inputs.attention_mask is None and inputs.position_ids is None for inputs, _ in rows
     )  # a batched session's rows; an ordinary session's (batches, masks) go the other ways
-    if len(rows) > 1 and packable and stack.can_batch(span) and sum(counts) * (sum(lengths) + sum(counts)) <= PACKED_SCORES_LIMIT:
+    if len(rows) > 1 and packable and stack.can_pack(span) and sum(counts) * (sum(lengths) + sum(counts)) <= PACKED_SCORES_LIMIT:
         return stack.step_packed(rows, span)
     outputs: list[torch.Tensor | None] = [None] * len(rows)
     batched = [index for index, is_decode in enumerate(decode) if is_decode]

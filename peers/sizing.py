@@ -30,6 +30,7 @@ import torch
 from transformers import PretrainedConfig
 
 from swarm import models, quantization as quantizations
+from swarm.architecture import Architecture
 from swarm.blocks import BlockInputs, BlockStack
 from swarm.config import parse_throughput
 from swarm.errors import ConfigError
@@ -60,9 +61,7 @@ class BlockMeasurement:
 def block_memory_bytes(config: PretrainedConfig, dtype: torch.dtype, quantization: str = "none") -> int:
     """Parameter bytes of one decoder block in `dtype` and `quantization`, from a layer built on meta
     (no weights read)."""
-    with torch.device("meta"):
-        layer = models.decoder_layer_class(config)(config, layer_idx=0)
-    return quantizations.parameter_bytes(layer, quantization, dtype)
+    return quantizations.parameter_bytes(Architecture.of(config).new_layer(0), quantization, dtype)
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:

