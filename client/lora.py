@@ -17,23 +17,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from swarm.lora import PROJECTIONS, LoraWeights, peft_key, projection_shapes, read_peft_adapter
+from swarm.lora import LoraWeights, peft_key, projection_shapes, read_peft_adapter
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class RemoteLoRA(torch.nn.Module):
-    def __init__(self, config, *, r: int = 8, alpha: float = 16.0, target_modules=DEFAULT_TARGETS, dropout: float = 0.0):
+    def __init__(self, config, *, r: int = 8, alpha: float = 16.0, target_modules=None, dropout: float = 0.0):
+        """`target_modules`: projections among PROJECTIONS (default: every one this model's layers hold)."""
         super().__init__()
-        unknown = set(target_modules) - set(PROJECTIONS)
+        shapes = projection_shapes(config)
+        target_modules = [name for name in DEFAULT_TARGETS if name in shapes] if target_modules is None else target_modules
+        unknown = set(target_modules) - set(shapes)
         if unknown or not target_modules:
-            raise ValueError(f"LoRA targets must be among {sorted(PROJECTIONS)}, got {sorted(target_modules)}")
+            raise ValueError(f"LoRA targets of {config.model_type} must be among {sorted(shapes)}, got {sorted(target_modules)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.config, self.r, self.alpha, self.dropout = config, r, alpha, float(dropout)
         self.dropout_seed: int | None = None  # None: a new seed for every forward
         self.target_modules = sorted(target_modules)
-        shapes, blocks = projection_shapes(config), config.num_hidden_layers
+        blocks = config.num_hidden_layers
         self.a = torch.nn.ParameterDict()
         self.b = torch.nn.ParameterDict()
         for name in self.target_modules:

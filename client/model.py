@@ -8,6 +8,7 @@ plain transformers. The KV cache lives on the peers; `RemoteCache` stands in for
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Iterator
@@ -241,11 +242,13 @@ class AutoDistributedModelForCausalLM:
         (the folder's name); generate() and forward use it unless told otherwise."""
         source = models.resolve_model(name_or_path)
         config = models.load_config(source)
+        parts = models.load_client_parts(source, config, dtype=torch_dtype, device="cpu")
+        config = copy.deepcopy(config)  # the model's own (its architecture's) stays as it is
         config._name_or_path = str(source.path)
+        config._experts_implementation = None  # this model holds no experts: transformers would refuse to choose a kernel for them
         client_config = client_config or ClientConfig()
         network_config = client_config.network.model_copy(update={"initial_peers": list(initial_peers)})
         client_config = client_config.model_copy(update={"network": network_config})
-        parts = models.load_client_parts(source, config, dtype=torch_dtype, device="cpu")
         sequence = RemoteSequence(
             client_config, dht_prefix=dht_prefix or client_config.dht_prefix or source.dht_prefix,
             num_blocks=config.num_hidden_layers,

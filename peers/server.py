@@ -286,6 +286,7 @@ class Peer:
                 layers.append(models.load_block(
                     self.source, self.model_config, index, dtype=self.dtype, device=self.config.device, quantization=self.config.quant
                 ))
+                sizing.trim_heap()  # the float weights it was read as
         rotary = reuse.rotary if reuse is not None else models.load_rotary(self.model_config, device=self.config.device)
         logger.info("loaded blocks %d:%d (%s, quantization %s) in %.1f s", start, end, self.dtype_name, self.config.quant,
                     time.perf_counter() - started)

@@ -11,6 +11,7 @@ a benchmark (see benchmarks/).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import fcntl
 import json
@@ -80,6 +81,17 @@ def free_memory_bytes(device: str) -> int:
     if torch_device.type == "cuda":
         return torch.cuda.mem_get_info(torch_device)[0]
     raise ConfigError(f"device {device!r}: free memory is known only for cpu and cuda devices")
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system. glibc keeps freed blocks for reuse, and loading
+    quantized blocks frees the float weights each was made from in pieces it does not reuse well:
+    measured on 10 NF4 blocks of the default model, 188 MiB resident before, 22 MiB after
+    (benchmarks/quantized_memory.py). A no-op where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_device(device: str) -> torch.device:

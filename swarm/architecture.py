@@ -82,8 +82,9 @@ class Architecture:
         if not isinstance(layers, torch.nn.ModuleList) or len(layers) != self.config.num_hidden_layers or self.rotary is None:
             raise UnsupportedModelError(f"{config.model_type}: its decoder has no list of layers or no rotary embedding")
         self.layers = layers
-        accepted = set(inspect.signature(type(layers[0]).forward).parameters)
-        if LAYER_ARGUMENTS - accepted:
+        parameters = inspect.signature(type(layers[0]).forward).parameters.values()
+        accepted = {parameter.name for parameter in parameters}
+        if LAYER_ARGUMENTS - accepted and not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
             raise UnsupportedModelError(f"{config.model_type}: its decoder layers do not take {sorted(LAYER_ARGUMENTS - accepted)}")
         self.kinds = [attention_type(self.config, index) for index in range(self.config.num_hidden_layers)]
         unknown = set(self.kinds) - set(ATTENTION_KINDS)

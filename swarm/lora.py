@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from swarm.architecture import Architecture
 from swarm.errors import ConfigError
 
 # projection -> the submodule of a decoder layer that holds it (Llama, Mistral, Qwen2)
@@ -83,15 +84,15 @@ class LoraWeights:
 
 
 def projection_shapes(config) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each projection of one decoder layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q = config.num_attention_heads * head_dim
-    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
-    hidden, inner = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-        "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden),
-    }
+    """(in_features, out_features) of each projection of PROJECTIONS that this model's decoder layers hold
+    as a linear layer (Phi-3 fuses q, k and v into one; mixture-of-experts layers hold no gate_proj)."""
+    layer = Architecture.of(config).layers[0]
+    shapes = {}
+    for name, parent in PROJECTIONS.items():
+        module = getattr(getattr(layer, parent, None), name, None)
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.in_features, module.out_features)
+    return shapes
 
 
 def wire_names(projections) -> list[str]:
@@ -208,12 +209,13 @@ def read_peft_adapter(path: str | Path, config) -> tuple[dict, LoraWeights]:
     path = Path(path)
     settings, state = _read_folder(path)
     targets = settings.get("target_modules") or []
-    if isinstance(targets, str) or not set(targets) <= set(PROJECTIONS) or settings.get("peft_type") != "LORA":
-        raise ConfigError(f"adapter {path}: a LoRA adapter of projections among {sorted(PROJECTIONS)} is needed, got {targets}")
+    shapes = projection_shapes(config)
+    if isinstance(targets, str) or not set(targets) <= set(shapes) or settings.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter {path}: a LoRA adapter of projections among {sorted(shapes)} is needed, got {targets}")
     if settings.get("use_rslora") or settings.get("bias", "none") != "none":
         raise ConfigError(f"adapter {path}: only plain LoRA is supported (no rslora or bias)")
     r, alpha = int(settings["r"]), float(settings["lora_alpha"])
-    shapes, blocks = projection_shapes(config), config.num_hidden_layers
+    blocks = config.num_hidden_layers
     a, b = {}, {}
     try:
         for name in sorted(targets):

@@ -179,7 +179,11 @@ def _load_module(
     prefix = architecture.prefix(module)
     names = _checkpoint_names(source, architecture)
     tensors = names.convert(read_tensors(source, names.names_under(prefix)))
-    state = {name[len(prefix):]: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+    # copies: a tensor read from safetensors may be a view of the file's memory map, which would keep every page
+    # touched (all of a quantized layer's float weights) resident for as long as any tensor of the file lives
+    state = {
+        name[len(prefix):]: tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone() for name, tensor in tensors.items()
+    }
     target = new if new is not None else copy.deepcopy(module)
     try:
         target.load_state_dict(state, strict=True, assign=True)
@@ -200,18 +204,40 @@ def _dht_prefix(name: str) -> str:
 
 
 def _check_folder(path: Path) -> None:
+    """A local model folder has its config, its weights, and every shard its index names: a missing one
+    is reported now, not when a block inside it is first loaded."""
     missing = [] if (path / "config.json").exists() else ["config.json"]
-    if not (path / _SINGLE_FILE).exists() and not (path / _INDEX_FILE).exists():
+    index = path / _INDEX_FILE
+    if not (path / _SINGLE_FILE).exists() and not index.exists():
         missing.append(f"{_SINGLE_FILE} or {_INDEX_FILE}")
     if missing:
         raise ModelNotFoundError(f"model folder {path} lacks {' and '.join(missing)} (only safetensors weights are read)")
+    if index.exists():
+        shards = sorted(set(_read_index(index).values()))
+        absent = [shard for shard in shards if not (path / shard).is_file()]
+        if absent:
+            raise ModelNotFoundError(
+                f"model folder {path} lacks {len(absent)} of the {len(shards)} weight shards its index names: {', '.join(absent[:5])}"
+                f"{' ...' if len(absent) > 5 else ''}; download the model again"
+            )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight map of a safetensors index: tensor name -> shard file name."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(file, str) and "/" not in file for file in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names in the folder")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelNotFoundError(f"{index} is not a readable safetensors index ({type(exc).__name__}: {exc})") from exc
+    return weight_map
 
 
 def _weight_map(source: ModelSource) -> dict[str, str]:
     """Tensor name -> the file holding it (reads the index, or the single file's header)."""
     index = source.path / _INDEX_FILE
     if index.exists():
-        return json.loads(index.read_text())["weight_map"]
+        return _read_index(index)
     with safe_open(_weight_file(source, _SINGLE_FILE), framework="pt") as file:
         return {name: _SINGLE_FILE for name in file.keys()}
 

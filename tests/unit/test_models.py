@@ -76,6 +76,37 @@ def test_sharded_checkpoint_reads_through_the_index(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_a_peer_opens_only_the_shards_that_hold_its_blocks(tmp_path, monkeypatch):
+    """A model in many shards: loading blocks 2:4 opens exactly the files the index names for them, and
+    a client's parts exactly those of the embeddings, the norm and the head."""
+    path = save_tiny(tmp_path / "sharded", max_shard_size="20KB")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    opened: list[str] = []
+    real_open = models.safe_open
+    monkeypatch.setattr(models, "safe_open", lambda file, **kwargs: opened.append(Path(file).name) or real_open(file, **kwargs))
+    source = models.resolve_model(str(path))
+    config = models.load_config(source)
+    for index in (2, 3):
+        models.load_block(source, config, index, dtype=torch.float32, device="cpu")
+    needed = {file for name, file in weight_map.items() if name.startswith(("model.layers.2.", "model.layers.3."))}
+    assert set(opened) == needed and len(set(weight_map.values())) > len(needed) + 2
+    opened.clear()
+    models.load_client_parts(source, config, dtype=torch.float32, device="cpu")
+    assert set(opened) == {weight_map[name] for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
+
+
+def test_a_missing_shard_is_named_before_anything_is_loaded(tmp_path):
+    path = save_tiny(tmp_path / "sharded", max_shard_size="20KB")
+    shard = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (path / shard).unlink()
+    with pytest.raises(ModelNotFoundError, match=f"lacks 1 of the .* weight shards its index names: {shard}"):
+        models.resolve_model(str(path))
+    (path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ModelNotFoundError, match="not a readable safetensors index"):
+        models.resolve_model(str(path))
+
+
+@pytest.mark.timeout(60)
 def test_config_not_from_load_config_still_gets_causal_attention(tmp_path):
     # AutoConfig alone leaves the attention kernel unset -> eager, which is not causal without a mask
     from transformers import AutoConfig
