@@ -33,12 +33,11 @@ from transformers import PretrainedConfig
 from swarm import models, quantization as quantizations
 from swarm.architecture import Architecture
 from swarm.blocks import BlockInputs, BlockStack
-from swarm.config import parse_throughput
+from swarm.config import DTYPE_NAMES, parse_throughput
 from swarm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 THROUGHPUT_FILE = "throughput.json"
 CONTEXT_TOKENS = 32  # decode steps continue a context this long
 FORWARD_TOKENS = 512  # a forward without cache runs this many tokens (capped by max_position_embeddings)

@@ -78,10 +78,11 @@ class Architecture:
             self.skeleton = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
         self.config = self.skeleton.config
         self.decoder = self.skeleton.get_decoder()
-        layers, self.rotary = getattr(self.decoder, "layers", None), getattr(self.decoder, "rotary_emb", None)
-        if not isinstance(layers, torch.nn.ModuleList) or len(layers) != self.config.num_hidden_layers or self.rotary is None:
+        layers, rotary = getattr(self.decoder, "layers", None), getattr(self.decoder, "rotary_emb", None)
+        if not isinstance(layers, torch.nn.ModuleList) or len(layers) != self.config.num_hidden_layers or rotary is None:
             raise UnsupportedModelError(f"{config.model_type}: its decoder has no list of layers or no rotary embedding")
-        self.layers = layers
+        self.layers: torch.nn.ModuleList = layers
+        self.rotary: torch.nn.Module = rotary
         parameters = inspect.signature(type(layers[0]).forward).parameters.values()
         accepted = {parameter.name for parameter in parameters}
         if LAYER_ARGUMENTS - accepted and not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):

@@ -23,6 +23,12 @@ LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 DEFAULT_MAX_LENGTH = 8192  # tokens: the longest sequence a peer serves unless told otherwise
 
 
+QuantizationName = Literal["none", "int8", "nf4"]  # swarm.quantization.QUANTIZATIONS
+DtypeName = Literal["float32", "float16", "bfloat16"]
+QUANTIZATION_NAMES: tuple[QuantizationName, ...] = ("none", "int8", "nf4")
+DTYPE_NAMES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
+
+
 class NetworkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,10 +98,10 @@ class PeerConfig(BaseModel):
     )
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    dtype: Literal["auto"] | DtypeName = Field(
         "auto", description="dtype of the blocks and of the activations they compute (auto: float32 on CPU, bfloat16 on GPU)"
     )
-    quant: Literal["none", "int8", "nf4"] = Field(
+    quant: QuantizationName = Field(
         "none",
         description="quantize the blocks' linear layers with bitsandbytes as transformers' BitsAndBytesConfig does: int8 "
         "(LLM.int8, about 2x smaller than float16) or nf4 (4-bit NormalFloat, about 4x smaller); none keeps --dtype",
@@ -232,17 +238,17 @@ class ClientConfig(BaseModel):
         "network traversal per hop but costs more messages, a loss where traversals are as cheap as on loopback)",
     )
     push_min_rtt_s: float = Field(0.005, ge=0, description="push_steps=auto: the round trip, in seconds, from which pushes pay")
-    quantizations: list[Literal["none", "int8", "nf4"]] = Field(
-        default_factory=lambda: ["none", "int8", "nf4"], min_length=1,
+    quantizations: list[QuantizationName] = Field(
+        default_factory=lambda: list(QUANTIZATION_NAMES), min_length=1,
         description="block formats this client accepts: peers that store their blocks otherwise are never used "
         "(e.g. ['none']: unquantized blocks only, whatever their dtype)",
     )
-    dtypes: list[Literal["float32", "float16", "bfloat16"]] = Field(
-        default_factory=lambda: ["float32", "float16", "bfloat16"], min_length=1,
+    dtypes: list[DtypeName] = Field(
+        default_factory=lambda: list(DTYPE_NAMES), min_length=1,
         description="dtypes of peers' blocks this client accepts (the client converts hidden states at its edge, so "
         "peers of different dtypes can share a route)",
     )
-    prefer_quantization: Literal["none", "int8", "nf4"] | None = Field(
+    prefer_quantization: QuantizationName | None = Field(
         None,
         description="route through peers of this block format where possible: a peer of another format counts as "
         "client.routing.OTHER_FORMAT_SLOWDOWN times slower",

@@ -61,7 +61,7 @@ class ModelSource:
 class ClientParts:
     embed_tokens: torch.nn.Module  # the model's own embedding module (Gemma's scales its output)
     norm: torch.nn.Module  # the model's own final norm
-    lm_head: torch.nn.Linear  # weight is embed_tokens.weight when config.tie_word_embeddings
+    lm_head: torch.nn.Module  # a linear layer; its weight is embed_tokens.weight when config.tie_word_embeddings
     architecture: Architecture  # what the model's forward does outside these modules (embed(), logits())
 
 
@@ -167,8 +167,8 @@ def load_client_parts(
     else:
         lm_head = _load_module(source, architecture, head, dtype)
     kernels.use_rows_linear(lm_head)
-    parts = [module.to(device).eval().requires_grad_(False) for module in (embed_tokens, norm, lm_head)]
-    return ClientParts(*parts, architecture=architecture)
+    embed_tokens, norm, lm_head = (module.to(device).eval().requires_grad_(False) for module in (embed_tokens, norm, lm_head))
+    return ClientParts(embed_tokens, norm, lm_head, architecture)
 
 
 def _load_module(

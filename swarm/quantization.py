@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from swarm.config import QUANTIZATION_NAMES
 from swarm.errors import ConfigError
 
-QUANTIZATIONS = ("none", "int8", "nf4")
+QUANTIZATIONS = QUANTIZATION_NAMES
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold: transformers' default (llm_int8_threshold)
 NF4_BLOCKSIZE = 64  # values per absmax in NF4: bitsandbytes' default, which transformers keeps
 MIN_BITSANDBYTES = (0, 46)  # the first release that quantizes on CPU
@@ -57,32 +58,39 @@ def quantize_linears(module: torch.nn.Module, quantization: str, *, dtype: torch
 def _quantized(linear: torch.nn.Linear, quantization: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """One layer, as transformers' bitsandbytes integration builds it (`replace_with_bnb_linear`, then
     the weight made from the checkpoint tensor with the new module's own parameter settings)."""
-    import bitsandbytes as bnb
-
-    has_bias = linear.bias is not None
-    with torch.device("meta"):
-        if quantization == "int8":
-            layer = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, has_bias, has_fp16_weights=False, threshold=INT8_THRESHOLD
-            )
-        else:
-            layer = bnb.nn.Linear4bit(
-                linear.in_features, linear.out_features, has_bias, dtype, compress_statistics=False, quant_type="nf4",
-                quant_storage=torch.uint8,
-            )
-    settings = dict(layer.weight.__dict__)
-    settings.pop("SCB", None)
-    settings.pop("module", None)
-    if quantization == "int8":
-        weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False, **settings).to(device)
-    else:
-        weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, module=layer, **settings).to(device)
-    layer.weight = weight
-    if quantization == "nf4" and device.type == "cpu" and getattr(layer, "support_avx512bf16_for_cpu", False):
-        setattr(layer, EXACT_SCALES, weight.quant_state.absmax.clone())  # see unpack_for_autograd
-    if has_bias:
+    layer = _int8(linear, device) if quantization == "int8" else _nf4(linear, dtype, device)
+    if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data.to(device), requires_grad=False)
     return layer.requires_grad_(False).eval()
+
+
+def _int8(linear: torch.nn.Linear, device: torch.device) -> Any:
+    import bitsandbytes as bnb
+
+    with torch.device("meta"):
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, linear.bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD
+        )
+    settings = {name: value for name, value in layer.weight.__dict__.items() if name not in ("SCB", "module")}
+    weight: Any = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False, **settings)
+    layer.weight = weight.to(device)
+    return layer
+
+
+def _nf4(linear: torch.nn.Linear, dtype: torch.dtype, device: torch.device) -> Any:
+    import bitsandbytes as bnb
+
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, linear.bias is not None, dtype, compress_statistics=False, quant_type="nf4",
+            quant_storage=torch.uint8,
+        )
+    settings = {name: value for name, value in layer.weight.__dict__.items() if name != "module"}
+    weight: Any = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, module=layer, **settings)
+    weight = layer.weight = weight.to(device)
+    if device.type == "cpu" and getattr(layer, "support_avx512bf16_for_cpu", False):
+        setattr(layer, EXACT_SCALES, weight.quant_state.absmax.clone())  # see unpack_for_autograd
+    return layer
 
 
 def parameter_bytes(module: torch.nn.Module, quantization: str, dtype: torch.dtype) -> int:
@@ -139,10 +147,12 @@ def unpack_for_autograd(module: torch.nn.Module) -> None:
     plain layout (bitsandbytes' `Linear4bit.state_dict()` does that in place) and their float32 scales,
     kept at quantization (`_quantized`). The next inference forward repacks them."""
     for child in module.modules():
-        state = getattr(getattr(child, "weight", None), "quant_state", None)
+        weight: Any = getattr(child, "weight", None)
+        state = getattr(weight, "quant_state", None)
         if state is None or not getattr(state, "packing_format_for_cpu", False):
             continue
         child.state_dict()
         scales = getattr(child, EXACT_SCALES, None)
         if scales is not None:
-            child.weight.quant_state.absmax = scales.clone()
+            weight = child.weight
+            weight.quant_state.absmax = scales.clone()

@@ -112,7 +112,7 @@ def test_state_metrics_and_health(swarm, dashboard, tiny_model_path):
     assert model["min_block_throughput"] == pytest.approx(1.0)
     peers = sorted(model["peers"], key=lambda peer: peer["start_block"])
     assert [(peer["start_block"], peer["end_block"], peer["public_name"]) for peer in peers] == [(0, 2, "peer 0:2"), (2, 4, "peer 2:4")]
-    assert all(peer["dtype"] == "float32" and peer["short_id"] == peer["peer_id"][-8:] for peer in peers)
+    assert all(peer["dtype"] == "float32" and peer["quantization"] == "none" and peer["short_id"] == peer["peer_id"][-8:] for peer in peers)
     dashboard.wait_until(lambda: all(peer["latency_ms"] is not None for peer in _model(dashboard.state(), prefix)["peers"]), "pings")
     totals = dashboard.state()["totals"]
     assert totals["models"] == 1 and totals["peers"] == 2 and totals["blocks_served"] == 4 and totals["peers_by_state"]["online"] == 2

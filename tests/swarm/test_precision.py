@@ -213,3 +213,26 @@ def test_lora_through_quantized_peers_equals_peft_on_the_same_quantized_model(sw
     assert torch.allclose(loss.detach(), expected.detach(), rtol=1e-4), (loss, expected)
     errors = {where: float((ours - want).norm() / want.norm()) for where, ours, want in _lora_grads(lora, peft_model)}
     assert max(errors.values()) < 2e-2, errors  # relative error of each gradient (measured: at most 0.9%)
+
+
+def test_client_finetune_trains_lora_through_nf4_peers_unchanged(swarm, tiny_model_path, tmp_path):
+    """`python -m client.finetune`, told only to use nf4 peers, trains an adapter that changes the output."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [3 + (start + j) % 40 for j in range(16)]}) + "\n" for start in range(0, 40, 3)))
+    output = tmp_path / "nf4-adapter"
+    command = [
+        sys.executable, "-m", "client.finetune", "--data", str(data), "--mode", "lora", "--output", str(output),
+        "--run-name", "qlora", "--initial-peers", *swarm.initial_peers, "--model", str(tiny_model_path), "--quantizations", "nf4",
+        "--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "--batch-size", "7", "--epochs", "2", "--learning-rate", "0.05",
+        "--matchmaking-time", "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=swarm.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(output / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and tensor.abs().max() > 0 for name, tensor in weights.items())  # B starts at zero
