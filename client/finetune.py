@@ -150,6 +150,10 @@ class Trainable(torch.nn.Module):
         self.lora = None
         self.prefix = self.deep = None
         if mode == "lora":
+            # now, not at the first checkpoint: importing peft (and bitsandbytes with it) takes about 3 s, which
+            # mid-run made a trainer miss an averaging round and average with the next round's group
+            import peft  # noqa: F401
+
             self.lora = RemoteLoRA(
                 config, r=args.lora_r, alpha=args.lora_alpha, target_modules=args.lora_targets, dropout=args.lora_dropout
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,6 +30,7 @@ SUPPORTED_MODEL_TYPES = (
     "olmo3", "granite", "granitemoe", "cohere", "starcoder2", "smollm3", "glm",
 )
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
+_BUILDING = threading.Lock()
 _BUILT: dict[str, "Architecture"] = {}  # config values -> its architecture (a skeleton costs up to a second)
 LAYER_ARGUMENTS = {"hidden_states", "attention_mask", "position_ids", "past_key_values", "position_embeddings"}
 
@@ -100,11 +102,12 @@ class Architecture:
     def of(cls, config: PretrainedConfig) -> "Architecture":
         """The architecture of `config`, built once per distinct config (by its values)."""
         key = config.to_json_string(use_diff=False)
-        if key not in _BUILT:
-            if len(_BUILT) >= 8:
-                _BUILT.pop(next(iter(_BUILT)))
-            _BUILT[key] = cls(config)
-        return _BUILT[key]
+        with _BUILDING:  # accelerate's init_empty_weights changes how every module registers parameters while it runs
+            if key not in _BUILT:
+                if len(_BUILT) >= 8:
+                    _BUILT.pop(next(iter(_BUILT)))
+                _BUILT[key] = cls(config)
+            return _BUILT[key]
 
     def new_layer(self, index: int) -> torch.nn.Module:
         """Decoder layer `index`, on meta, a module of its own (the skeleton keeps none of its weights)."""

@@ -1,6 +1,7 @@
 """Tiny random models of every supported decoder-only family, made from their config classes (offline):
-hidden 64, 4 layers, a sliding window of 4 tokens where the family has windows, and weights drawn
-wider than the default initialisation so that norms, routers and soft-capping matter."""
+hidden 64 and every size a multiple of 64 (bitsandbytes' CPU NF4 kernel needs that), 4 layers, a
+sliding window of 4 tokens where the family has windows, and weights drawn wider than the default
+initialisation so that norms, routers and soft-capping matter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import transformers
 
 WINDOW = 4
 BASE = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
 )
 MIXED = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]

@@ -22,6 +22,12 @@ THROUGH_PEERS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Greedy, with an explicit attention mask: random tiny models generate the pad token (0) too, which
+    transformers would otherwise take for padding in a later turn's prompt."""
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, **GREEDY, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     with LocalSwarm(tmp_path_factory.mktemp("families"), env=PEER_ENV) as swarm:
@@ -59,20 +65,20 @@ def test_a_family_through_two_peers_equals_transformers(swarm, tmp_path, model_t
     try:
         generator = torch.Generator().manual_seed(len(model_type))
         prompt, reply = torch.randint(3, 96, (1, 7), generator=generator), torch.randint(3, 96, (1, 5), generator=generator)
-        expected = reference.generate(prompt, max_new_tokens=16, **GREEDY)
-        assert torch.equal(model.generate(prompt, max_new_tokens=16, **GREEDY), expected)
+        expected = generate(reference, prompt, 16)
+        assert torch.equal(generate(model, prompt, 16), expected)
 
         with model.inference_session(max_length=96) as session:
-            turn1 = model.generate(prompt, max_new_tokens=8, **GREEDY)
-            turn2 = model.generate(reply, max_new_tokens=8, **GREEDY)  # only the new tokens
+            turn1 = generate(model, prompt, 8)
+            turn2 = generate(model, reply, 8)  # only the new tokens
             assert len(session.route) == 2
-        expected1 = reference.generate(prompt, max_new_tokens=8, **GREEDY)
+        expected1 = generate(reference, prompt, 8)
         assert torch.equal(turn1, expected1)
-        assert torch.equal(turn2, reference.generate(torch.cat([expected1, reply], dim=1), max_new_tokens=8, **GREEDY))
+        assert torch.equal(turn2, generate(reference, torch.cat([expected1, reply], dim=1), 8))
 
         with model.inference_session(max_length=64) as session:
             streamer = KillFirstHop(session, nodes, after=6)
-            actual = model.generate(prompt, max_new_tokens=16, streamer=streamer, **GREEDY)
+            actual = generate(model, prompt, 16, streamer=streamer)
             assert streamer.killed is not None and streamer.killed not in [peer for peer, _, _ in session.route]
         assert torch.equal(actual, expected)
     finally:
