@@ -17,6 +17,7 @@ import torch
 from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client import speculative
 from client.lora import RemoteLoRA
 from client.sequence import RemoteSequence
 from client.session import InferenceSession
@@ -41,7 +42,11 @@ class RemoteCache(Cache):
         return self.session.position
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise errors.SessionError("rolling back a remote cache inside generate() is not supported")
+        """Drop the last `-tokens_to_remove` tokens (a number <= 0, as DynamicCache.crop takes); the peers
+        drop them from their cache at the session's next step."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, not {tokens_to_remove}")
+        self.session.rewind(self.session.position + tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise errors.SessionError("beam search is not supported through the swarm; use greedy or sampling")
@@ -88,6 +93,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.sequence = sequence
         self._active_session: InferenceSession | None = None
         self.adapter: AdapterId | None = None  # a LoRA adapter served by peers, used unless a call says otherwise
+        self.speculation_stats: speculative.SpeculationStats | None = None  # of the last speculative generate()
         # peers refuse sessions longer than their --max-length (default 8192) and reserve cache for the
         # whole length, so an open-ended session asks for a moderate default, not the model's maximum
         self._default_max_length = min(getattr(config, "max_position_embeddings", DEFAULT_SESSION_LENGTH), DEFAULT_SESSION_LENGTH)
@@ -139,6 +145,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             inputs = kwargs.pop("input_ids", None)
         if session is not None and adapter is not ... and not _same_adapter(adapter_ref(adapter), session.adapter):
             raise errors.SessionError(f"this inference session uses adapter {session.adapter}, not {adapter}")
+        speculation = speculative.requested(self, kwargs)
+        if speculation is not None:
+            kwargs["custom_generate"] = speculation
+            self.speculation_stats = speculation.stats
         if session is None:
             total = _total_length(inputs, kwargs, self.generation_config)
             session = InferenceSession(  # batch size: set at the first step

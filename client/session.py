@@ -44,6 +44,7 @@ class InferenceSession:
         self._position_ids = History()  # [batch or 1, pos]
         self._attention_mask: torch.Tensor | None = None  # [batch, pos]
         self.closed = False
+        self.plain_only = False  # a peer refused to roll back: no speculative decoding in this session
         self.history_ids: torch.Tensor | None = None  # token ids of the conversation, kept by generate()
         self.history_mask: torch.Tensor | None = None
         self.timings: collections.deque[StepTiming] = collections.deque(maxlen=TIMED_STEPS)  # see client.timing
@@ -117,6 +118,21 @@ class InferenceSession:
         self._remember_positions(inputs, position)
         self.position = position + new_tokens
         return hidden_states
+
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on; the peers drop them from their cache at the next step."""
+        if not 0 <= position <= self.position:
+            raise errors.SessionError(f"cannot rewind to position {position}: the session holds {self.position} tokens")
+        self._truncate(position)
+
+    async def reopen(self) -> None:
+        """Open streams through every block anew, on a fresh route, and replay the history into them
+        (after a peer refused to roll its cache back: only a replay from the start can go back)."""
+        for stream in self.streams:
+            stream.close()
+        self.streams, self.session_id = [], uuid.uuid4().hex
+        await self.open()
+        await self._replay(self.streams, next(self._step_ids))
 
     def _push_chain(self, index: int) -> list[str]:
         """The hops after streams[index] that take pushes from their predecessor, up to the first that does not."""

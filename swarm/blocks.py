@@ -74,7 +74,11 @@ class BlockStack(torch.nn.Module):
         return next(self.layers.parameters()).device
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        """A session's cache. Its sliding-window layers keep a step's tokens beyond the window until the
+        next step crops them (`rollback`): a client can take back any of the last step's tokens."""
+        cache = DynamicCache(config=self.config)
+        cache.activate_past_recording()
+        return cache
 
     def cache_length(self, cache: DynamicCache, start_block: int) -> int:
         # layers keep their global index: entries below start_block stay empty
@@ -88,12 +92,14 @@ class BlockStack(torch.nn.Module):
         the tokens to go back to."""
         excess = {index: cache.get_seq_length(index) - position for index in range(*span)}
         excess = {index: count for index, count in excess.items() if count > 0}  # layers outside the span were never filled
-        for index in excess:
-            refusal = rollback_refusal(_layer(cache, index))
+        for index, count in excess.items():
+            refusal = rollback_refusal(_layer(cache, index), count)
             if refusal is not None:
                 raise errors.CacheRollbackError(f"cannot roll block {index} back to position {position}: {refusal}")
-        for index, count in excess.items():
-            _layer(cache, index).crop(-count)
+        for index in range(*span):
+            layer = _layer(cache, index)
+            if index in excess or (getattr(layer, "record_past", False) and layer.get_seq_length() >= layer.get_max_length()):
+                layer.crop(-excess.get(index, 0))  # a sliding-window layer also goes back to holding its window
 
     @torch.inference_mode()
     def forward(
@@ -282,16 +288,19 @@ class BlockStack(torch.nn.Module):
         return masks
 
 
-def rollback_refusal(layer) -> str | None:
-    """Why a cache layer cannot forget its last tokens, or None where it can. A sliding-window
-    layer that has seen its whole window keeps only its last `window - 1` tokens: forgetting any would
-    leave the next step without the keys it attends to (transformers' `DynamicSlidingWindowLayer.crop`
-    then raises, or keeps too few)."""
+def rollback_refusal(layer, count: int) -> str | None:
+    """Why a cache layer cannot forget its last `count` tokens, or None where it can. A sliding-window
+    layer that has seen its whole window holds only its last `window - 1` tokens, and the tokens of the
+    last step where it records them (`new_cache`): forgetting more would leave the next step without
+    the keys it attends to (transformers' `DynamicSlidingWindowLayer.crop` then raises, or keeps too few)."""
     if not layer.is_croppable:
         return f"its cache ({type(layer).__name__}) cannot be cropped"
+    if not layer.is_sliding:
+        return None
     length, window = layer.get_seq_length(), layer.get_max_length()
-    if layer.is_sliding and length >= window:
-        return f"its sliding window of {window} tokens has seen {length} and keeps only the last {window - 1}"
+    held = layer.keys.shape[-2] if layer.is_initialized else 0
+    if held - count < min(window - 1, length - count):
+        return f"its sliding window of {window} tokens has seen {length} and holds only the last {held}, too few to forget {count}"
     return None
 
 

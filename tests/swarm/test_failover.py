@@ -155,3 +155,32 @@ def test_generation_survives_lost_peers(pool, reference, name, faults):
     assert len(streamer.hit) == len(faults)
     assert not set(streamer.hit) & set(route), "a lost peer is still in the route"
     assert torch.equal(actual, expected)
+
+
+SPECULATIVE_TRIALS = [
+    ("prompt lookup, first hop", "lookup", [(4, 0, "kill")]),
+    ("prompt lookup, in flight", "lookup", [(9, 2, "in-flight")]),
+    ("draft, both hops", "draft", [(3, 2, "kill"), (14, 0, "kill")]),
+    ("draft, in flight", "draft", [(6, 0, "in-flight")]),
+]
+
+
+@pytest.mark.parametrize("name, how, faults", SPECULATIVE_TRIALS, ids=[name for name, _, _ in SPECULATIVE_TRIALS])
+def test_speculative_generation_survives_lost_peers(pool, reference, name, how, faults):
+    """Peers lost between speculative rounds, or while one is in flight: the same tokens."""
+    pool, model = pool
+    pool.refill()
+    time.sleep(1.0)
+    base = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(len(name)))
+    input_ids = torch.cat([base, base, base[:, :2]], dim=1)  # repeats: prompt lookup finds proposals
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = reference.generate(input_ids, **kwargs)
+    speculation = dict(prompt_lookup_num_tokens=6) if how == "lookup" else dict(assistant_model=reference)
+    with model.inference_session(max_length=64) as session:
+        streamer = Faults(pool, session, faults)
+        actual = model.generate(input_ids, streamer=streamer, **speculation, **kwargs)
+        route = [peer for peer, _, _ in session.route]
+    assert len(streamer.hit) == len(faults)
+    assert not set(streamer.hit) & set(route), "a lost peer is still in the route"
+    assert torch.equal(actual, expected)
+    assert model.speculation_stats.proposed > 0

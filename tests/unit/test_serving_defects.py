@@ -49,22 +49,49 @@ def filled_cache(stack: BlockStack, hidden_states: torch.Tensor, lora=None):
     return cache
 
 
+def filled_in_steps(stack: BlockStack, hidden_states: torch.Tensor, sizes: list[int]):
+    """A cache fed `hidden_states` [batch, seq, hidden] in steps of `sizes` tokens, as a peer runs steps."""
+    cache, position = stack.new_cache(), 0
+    for size in sizes:
+        row = Row({"hidden_states": hidden_states[:, position : position + size]}, Limits(HIDDEN, 1, 64), cache, position)
+        stack(checked(Step(stack, (0, 4), None, []), row), cache)
+        position += size
+    return cache
+
+
 def test_a_rollback_past_a_sliding_window_is_refused_and_leaves_the_cache_as_it_was():
     stack = mixed_stack()
-    prefix = torch.randn(1, 12, HIDDEN)  # [batch, seq, hidden]: more than the window
-    cache, untouched = filled_cache(stack, prefix), filled_cache(stack, prefix)
+    prefix = torch.randn(1, 14, HIDDEN)  # [batch, seq, hidden]: more than the window, in steps of 12, 1 and 1
+    cache, untouched = filled_in_steps(stack, prefix, [12, 1, 1]), filled_in_steps(stack, prefix, [12, 1, 1])
     lengths = [cache.get_seq_length(index) for index in range(4)]
     keys = [layer.keys.clone() for layer in cache.layers]
     step = {"hidden_states": torch.randn(1, 1, HIDDEN)}
-    with pytest.raises(errors.SwarmError) as refusal:  # a client regenerating from token 10
+    with pytest.raises(errors.SwarmError) as refusal:  # a client regenerating from token 10: before the last step
         checked(Step(stack, (0, 4), None, []), Row(step, Limits(HIDDEN, 1, 64), cache, 10))
-    assert [cache.get_seq_length(index) for index in range(4)] == lengths == [12, 12, 12, 12]
+    assert [cache.get_seq_length(index) for index in range(4)] == lengths == [14, 14, 14, 14]
     assert all(torch.equal(layer.keys, before) for layer, before in zip(cache.layers, keys))
     # the session goes on where it was, as on a cache nobody tried to roll back
     inputs = BlockInputs(step["hidden_states"])
     assert torch.equal(stack(inputs, cache), stack(inputs, untouched))
     assert isinstance(refusal.value, errors.CacheRollbackError)
     assert "sliding window" in str(refusal.value) and not refusal.value.transient
+
+
+@pytest.mark.parametrize("sizes, back_to", [([12, 5], 13), ([12, 5], 12), ([3, 9], 4), ([20], 9)])
+def test_the_last_step_can_be_taken_back_past_a_sliding_window(sizes, back_to):
+    """What a speculative round needs: any of the last step's tokens go back, in every layer, and the
+    session then computes what a cache that never saw them computes."""
+    stack = mixed_stack()
+    hidden_states = torch.randn(1, sum(sizes), HIDDEN)  # [batch, seq, hidden]
+    cache = filled_in_steps(stack, hidden_states, sizes)
+    shorter = filled_in_steps(stack, hidden_states, [size for size in [*sizes[:-1], back_to - sum(sizes[:-1])] if size])
+    step = torch.randn(1, 2, HIDDEN)
+    row = Row({"hidden_states": step}, Limits(HIDDEN, 1, 64), cache, back_to)
+    inputs = checked(Step(stack, (0, 4), None, []), row)
+    assert [cache.get_seq_length(index) for index in range(4)] == [back_to] * 4
+    other = checked(Step(stack, (0, 4), None, []), Row({"hidden_states": step}, Limits(HIDDEN, 1, 64), shorter, back_to))
+    assert torch.allclose(stack(inputs, cache), stack(other, shorter), atol=1e-5)
+    assert all(layer.keys.shape[-2] <= WINDOW - 1 + 2 for layer, kind in zip(cache.layers, LAYER_TYPES) if kind == "sliding_attention")
 
 
 def test_a_rollback_within_the_window_goes_back_in_every_layer():

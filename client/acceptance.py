@@ -1,0 +1,135 @@
+"""Which proposed tokens a speculative round keeps, and how many to propose next: pure functions over
+scores and counts, no I/O and no peers.
+
+Each checked position gives one token, decided in order, and a round ends at the first position whose
+token differs from the proposal there (`pick`):
+- greedy: the most likely token after the logits processors, as plain greedy decoding picks it;
+- sampling, proposals without probabilities (prompt lookup): a draw from the model's distribution with
+  torch's global generator, exactly as transformers' sampling draws it (one draw per generated token, in
+  order), so a seeded run gives plain sampling's tokens whatever was proposed;
+- sampling, a draft model's proposals: the speculative-sampling rule (Leviathan et al. 2023, Chen et
+  al. 2023): keep the draft's token c with probability min(1, p(c) / q(c)), else draw from the residual
+  max(0, p - q), normalised; the tokens are distributed as the model's. Every random number comes from
+  a generator seeded by the run's seed and the token's position (`Draws`), so a seeded run gives the
+  same tokens whatever the proposal lengths were (they depend on measured times).
+
+`ProposalLength` chooses k, the number of tokens to propose: the k that maximises expected tokens per
+millisecond, from the measured acceptance rate (tokens kept per proposal, as a per-token probability)
+and the measured cost of a round (a one-token step, which holds the round trip, plus the cost of each
+extra token checked and drafted): long trips make long proposals pay; a rate so low that no proposal
+pays makes it propose nothing, but for one token every few rounds, to notice when proposals improve.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+
+PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new session assumes half its proposed tokens are kept
+MEMORY = 0.9  # each round's weight in the acceptance rate relative to the next one
+PRIOR_TOKEN_SHARE = 0.03  # an extra token's cost in a step, as a share of a one-token step, until measured
+PRIOR_WEIGHT = 4.0  # how strongly the measured cost per token leans on that prior (in tokens squared)
+ROUNDS_TIMED = 32
+PROBE_EVERY = 8  # when proposing does not pay, still propose one token every this many rounds
+MOST_LIKELY_ACCEPTANCE = 0.99  # the rate is capped below 1: the expected gain stays finite
+
+
+class Draws:
+    """Random numbers for sampling with a draft model: an independent generator per (position, use)."""
+
+    DRAFT, ACCEPT, SAMPLE = 0, 1, 2
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generator(self, position: int, use: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 3 + use) % 2**63)
+
+    def draft(self, distribution: torch.Tensor, position: int) -> int:
+        """The draft's token at `position`, drawn from its distribution [vocab]."""
+        return int(torch.multinomial(distribution, 1, generator=self.generator(position, self.DRAFT)))
+
+    def uniform(self, position: int) -> float:
+        return float(torch.rand(1, generator=self.generator(position, self.ACCEPT)))
+
+    def sample(self, distribution: torch.Tensor, position: int) -> int:
+        return int(torch.multinomial(distribution, 1, generator=self.generator(position, self.SAMPLE)))
+
+
+def pick(
+    scores: torch.Tensor, *, do_sample: bool, position: int, candidate: int | None = None,
+    draft_probs: torch.Tensor | None = None, draws: Draws | None = None,
+) -> int:
+    """The token at `position` from the model's processed scores [1, vocab] (float32); `candidate`
+    and `draft_probs` [vocab]: what was proposed there and, from a draft model, its distribution."""
+    if not do_sample:
+        return int(scores[0].argmax())
+    probs = torch.softmax(scores, dim=-1)  # [1, vocab]
+    if draws is None:
+        return int(torch.multinomial(probs, num_samples=1)[0, 0])  # as transformers' sampling draws
+    probs = probs[0]
+    if candidate is None or draft_probs is None:
+        return draws.sample(probs, position)
+    if draws.uniform(position) * draft_probs[candidate] < probs[candidate]:  # u < p(c) / q(c); q(c) > 0: c was drawn from q
+        return candidate
+    residual = (probs - draft_probs).clamp(min=0)
+    total = residual.sum()
+    return draws.sample(residual / total if total > 0 else probs, position)
+
+
+@dataclasses.dataclass
+class ProposalLength:
+    """Chooses how many tokens to propose, within [0, most]."""
+
+    most: int
+    accepted: float = PRIOR_ACCEPTED  # decayed counts of proposed tokens kept, and of rounds ended by a rejection
+    rejected: float = PRIOR_REJECTED
+    draft_ms_per_token: float = 0.0
+    rounds: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=ROUNDS_TIMED))
+    unpaid: int = 0  # rounds in a row where proposing did not pay
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that a proposed token is kept, given the ones before it were."""
+        return self.accepted / (self.accepted + self.rejected)
+
+    def record(self, *, proposed: int, kept: int, step_tokens: int, step_ms: float, drafted: int = 0, draft_ms: float = 0.0) -> None:
+        """One round: `proposed` tokens checked, `kept` of them kept, in a step of `step_tokens` tokens
+        that took `step_ms` (network, peers and the head); `drafted` tokens took `draft_ms` to propose."""
+        if proposed:
+            self.accepted = MEMORY * self.accepted + kept
+            self.rejected = MEMORY * self.rejected + (kept < proposed)
+        if drafted:
+            per_token = draft_ms / drafted
+            self.draft_ms_per_token = per_token if not self.draft_ms_per_token else 0.8 * self.draft_ms_per_token + 0.2 * per_token
+        self.rounds.append((step_tokens, step_ms))
+
+    def step_cost(self) -> tuple[float, float]:
+        """(ms of a one-token step, ms per extra token): a line through the rounds' (tokens, ms), its
+        slope pulled toward PRIOR_TOKEN_SHARE of the mean where the rounds' sizes barely vary."""
+        if not self.rounds:
+            return 1.0, PRIOR_TOKEN_SHARE
+        mean_tokens = sum(tokens for tokens, _ in self.rounds) / len(self.rounds)
+        mean_ms = sum(ms for _, ms in self.rounds) / len(self.rounds)
+        spread = sum((tokens - mean_tokens) ** 2 for tokens, _ in self.rounds)
+        covariance = sum((tokens - mean_tokens) * (ms - mean_ms) for tokens, ms in self.rounds)
+        prior = PRIOR_TOKEN_SHARE * mean_ms / (1 + PRIOR_TOKEN_SHARE * (mean_tokens - 1))
+        per_token = min(max((covariance + PRIOR_WEIGHT * prior) / (spread + PRIOR_WEIGHT), 0.0), mean_ms)
+        return max(mean_ms - per_token * (mean_tokens - 1), 1e-3), per_token
+
+    def choose(self) -> int:
+        one_token_ms, per_token_ms = self.step_cost()
+        alpha = min(self.acceptance, MOST_LIKELY_ACCEPTANCE)
+        best, best_rate = 0, 1.0 / one_token_ms
+        for count in range(1, self.most + 1):
+            expected = (1 - alpha ** (count + 1)) / (1 - alpha)  # tokens a round yields: kept ones and the model's own
+            rate = expected / (one_token_ms + count * (per_token_ms + self.draft_ms_per_token))
+            if rate > best_rate:
+                best, best_rate = count, rate
+        if best == 0 and self.most:
+            self.unpaid += 1
+            return 1 if self.unpaid % PROBE_EVERY == 0 else 0
+        self.unpaid = 0
+        return best

@@ -1,0 +1,121 @@
+"""Who proposes the tokens a speculative step checks: n-grams of the text so far, or a small local model.
+
+`PromptLookup` takes transformers' own prompt-lookup search (the continuation of the latest earlier
+occurrence of the last n-gram); `DraftModel` runs a small causal LM that shares the tokenizer, with its
+own KV cache kept across rounds (cropped to what the peers accepted). Both return at most `count`
+tokens and say how long proposing took. They do not decide how many tokens to propose
+(`client.acceptance.ProposalLength`) or which ones to keep (`client.acceptance`), and never talk to peers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.generation import PromptLookupCandidateGenerator
+
+from client.acceptance import Draws
+from swarm.blocks import rollback_refusal
+
+DEFAULT_NGRAM_SIZE = 2  # transformers' default max_matching_ngram_size
+
+
+@dataclasses.dataclass
+class Proposal:
+    tokens: list[int]  # proposed continuation, in order
+    probs: torch.Tensor | None  # [len(tokens) + extra, vocab]: the draft's distribution at each position (sampling only)
+    ms: float  # time spent proposing
+
+
+class PromptLookup:
+    """Proposals copied from the text so far: after the last n-gram's latest earlier occurrence."""
+
+    def __init__(self, max_ngram_size: int | None, eos_token_ids: list[int]):
+        eos = torch.tensor(eos_token_ids) if eos_token_ids else None
+        # no logits processors here: a stateful one (a seeded sampler) must see each position once, when checked
+        self.search = PromptLookupCandidateGenerator(
+            eos_token_id=eos, num_output_tokens=1, max_matching_ngram_size=max_ngram_size or DEFAULT_NGRAM_SIZE,
+            max_length=2**62,
+        )
+
+    def propose(self, input_ids: torch.Tensor, count: int, **_) -> Proposal:  # input_ids [1, length]
+        started = time.perf_counter()
+        if count < 1:
+            return Proposal([], None, 0.0)
+        self.search.num_output_tokens = count
+        candidates, _ = self.search.get_candidates(input_ids)
+        tokens = candidates[0, input_ids.shape[1] :].tolist()
+        return Proposal(tokens, None, 1000 * (time.perf_counter() - started))
+
+
+class DraftModel:
+    """Proposals from a small local model. Greedy: its most likely tokens, as long as it is at least
+    `confidence` sure (transformers' assistant_confidence_threshold). Sampling: each token drawn from
+    its distribution (after the same logits processors) with the position's own random draw, one token
+    more than asked, so that every position, the last included, is decided by the same rule."""
+
+    def __init__(self, model: PreTrainedModel, *, confidence: float | None, vocab_size: int):
+        draft_vocab = model.config.get_text_config().vocab_size
+        if draft_vocab != vocab_size:
+            raise ValueError(
+                f"the assistant model's vocabulary ({draft_vocab} tokens) differs from the model's ({vocab_size}): "
+                "speculative decoding through the swarm needs a draft that shares the tokenizer"
+            )
+        self.model = model.eval()
+        self.confidence = confidence or 0.0
+        self.cache = self._new_cache()
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds
+
+    @torch.no_grad()
+    def propose(
+        self, input_ids: torch.Tensor, count: int, *, processors: Callable | None = None, draws: Draws | None = None,
+    ) -> Proposal:
+        """Up to `count` tokens after `input_ids` [1, length] (count + 1 with `draws`: sampling)."""
+        started = time.perf_counter()
+        tokens = input_ids[0].tolist()
+        wanted = count + 1 if draws is not None else count  # sampling: even at count 0, the next position is the draft's
+        proposed, probs = [], []
+        if wanted > 0:
+            feed = self._reuse(tokens)
+            sequence = input_ids
+            for _ in range(wanted):
+                logits = self.model(
+                    input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True,
+                ).logits[:, -1].float()  # [1, vocab]
+                self.cached += feed
+                scores = processors(sequence, logits) if processors is not None and draws is not None else logits
+                distribution = torch.softmax(scores, dim=-1)[0]  # [vocab]
+                if distribution.max() < self.confidence:
+                    break
+                position = sequence.shape[1]
+                token = draws.draft(distribution, position) if draws is not None else int(distribution.argmax())
+                proposed.append(token)
+                probs.append(distribution)
+                sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+                feed = [token]
+        return Proposal(proposed, torch.stack(probs) if probs and draws is not None else None, 1000 * (time.perf_counter() - started))
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()  # sliding-window layers can take back the last round's tokens
+        return cache
+
+    def _reuse(self, tokens: list[int]) -> list[int]:
+        """Crop the cache to its longest prefix shared with `tokens` (keeping at least one token to
+        feed); the tokens to feed next."""
+        shared = 0
+        for cached, token in zip(self.cached, tokens[:-1]):
+            if cached != token:
+                break
+            shared += 1
+        if shared < len(self.cached):
+            layers = getattr(self.cache, "layers", [])
+            if any(rollback_refusal(layer, layer.get_seq_length() - shared) for layer in layers if layer.get_seq_length() > shared):
+                self.cache, shared = self._new_cache(), 0  # a sliding window went past: start over
+            else:
+                self.cache.crop(shared - len(self.cached))
+        self.cached = self.cached[:shared]
+        return tokens[shared:]

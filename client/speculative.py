@@ -1,0 +1,193 @@
+"""Speculative decoding through the swarm: several tokens per trip through the chain of peers.
+
+`model.generate(..., prompt_lookup_num_tokens=k)` or `(..., assistant_model=draft)` runs
+`SpeculativeDecoding` as transformers' `custom_generate` decoding loop (generate() prepares the
+generation config, logits processors and stopping criteria as for any other mode). Each round:
+1. a proposer (`client.proposals`) proposes up to k tokens, k chosen by `client.acceptance.ProposalLength`
+   from the measured acceptance rate and round time;
+2. the pending token and the proposals go through the peers in one step;
+3. positions are checked in order (`client.acceptance.pick`): the round keeps the proposals the model
+   agrees with and adds the model's own token at the first disagreement (or after the last proposal);
+4. the session is rewound to what was kept: each peer drops the rest of its KV cache at the next step,
+   all layers or none.
+
+Peers keep the last step's tokens in their sliding-window layers until the next step, so any family
+can take back what a round proposed. A peer that refuses anyway (CacheRollbackError: one that keeps
+no more than its window) gets a session opened anew, its history replayed, and the session goes on
+with plain decoding. One sequence at a time, as transformers' assisted generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+from transformers.generation import GenerateDecoderOnlyOutput
+
+from client.acceptance import Draws, ProposalLength, pick
+from client.proposals import DraftModel, PromptLookup, Proposal
+from swarm import errors
+from swarm.loop_thread import run_coroutine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DRAFT_TOKENS = 20  # transformers' default num_assistant_tokens
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+    """What one speculative generate() call did (`model.speculation_stats`)."""
+
+    rounds: int = 0  # steps through the peers, the first (prompt and proposals) included
+    tokens: int = 0  # tokens generated
+    proposed: int = 0  # proposed tokens the peers checked
+    accepted: int = 0  # of them, kept
+    fallback: str | None = None  # why the session went on with plain decoding, if it did
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
+class SpeculativeDecoding:
+    """A transformers `custom_generate` callable: the decoding loop of one generate() call."""
+
+    def __init__(self, proposer: PromptLookup | DraftModel, most: int, streamer=None, *, adaptive: bool = True):
+        """`most`: the longest proposal; `adaptive=False`: always propose `most` tokens (for tests)."""
+        if most < 1:
+            raise ValueError("speculative decoding needs at least 1 proposed token per round")
+        self.proposer, self.most, self.streamer, self.adaptive = proposer, most, streamer, adaptive
+        self.stats = SpeculationStats()
+
+    def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"speculative decoding works on one sequence at a time, as transformers' assisted generation "
+                f"(got a batch of {input_ids.shape[0]}); generate the batch without prompt_lookup_num_tokens/assistant_model"
+            )
+        cache = model_kwargs["past_key_values"]  # client.model.RemoteCache
+        mask = model_kwargs.get("attention_mask")  # [1, length] or None (no padding)
+        do_sample = bool(generation_config.do_sample)
+        draws = Draws(int(torch.randint(0, 2**62, (1,)))) if do_sample and isinstance(self.proposer, DraftModel) else None
+        length = ProposalLength(self.most)
+        scores_kept: list[torch.Tensor] = []
+        logits_kept: list[torch.Tensor] = []
+        if self.streamer is not None:
+            self.streamer.put(input_ids.cpu())
+        prompt_length, done = input_ids.shape[1], False
+        while not done:
+            cached = cache.get_seq_length()
+            count = 0 if cache.session.plain_only else length.choose() if self.adaptive else self.most
+            count = min(count, generation_config.max_length - input_ids.shape[1] - 1)
+            proposal = self._propose(input_ids, max(count, 0), logits_processor, draws)
+            sent = proposal.tokens[: max(count, 0)]
+            chunk = torch.cat([input_ids[:, cached:], torch.tensor([sent], dtype=input_ids.dtype)], dim=1)  # [1, pending + k]
+            started = time.perf_counter()
+            try:
+                logits = model(
+                    input_ids=chunk, past_key_values=cache, logits_to_keep=len(sent) + 1,
+                    **_mask_and_positions(mask, cached, chunk.shape[1]),
+                ).logits[0].float()  # [k + 1, vocab]
+            except errors.CacheRollbackError as exc:
+                self._fall_back(cache.session, exc)
+                continue
+            kept = 0
+            for index in range(len(sent) + 1):
+                raw = logits[index : index + 1]  # [1, vocab]
+                scores = logits_processor(input_ids, raw)
+                token = pick(
+                    scores, do_sample=do_sample, position=input_ids.shape[1],
+                    candidate=proposal.tokens[index] if index < len(proposal.tokens) else None,
+                    draft_probs=proposal.probs[index] if proposal.probs is not None and index < len(proposal.probs) else None,
+                    draws=draws,
+                )
+                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+                mask = None if mask is None else torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+                scores_kept.append(scores)
+                logits_kept.append(raw)
+                if self.streamer is not None:
+                    self.streamer.put(torch.tensor([token]))
+                done = bool(stopping_criteria(input_ids, scores).all())
+                if done or index == len(sent) or token != sent[index]:
+                    break
+                kept += 1
+            cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())  # keep all but the newest token (peers: at the next step)
+            step_ms = 1000 * (time.perf_counter() - started)
+            length.record(
+                proposed=len(sent), kept=kept, step_tokens=chunk.shape[1], step_ms=step_ms,
+                drafted=len(proposal.tokens) if isinstance(self.proposer, DraftModel) else 0, draft_ms=proposal.ms,
+            )
+            self._count(len(sent), kept)
+            logger.debug("speculative round: %d proposed, %d kept, k=%d, %.1f ms", len(sent), kept, count, step_ms)
+        self.stats.tokens = input_ids.shape[1] - prompt_length
+        if self.streamer is not None:
+            self.streamer.end()
+        return self._output(input_ids, generation_config, scores_kept, logits_kept, cache)
+
+    def _propose(self, input_ids, count: int, processors, draws: Draws | None) -> Proposal:
+        if count < 1 and draws is None:
+            return Proposal([], None, 0.0)
+        return self.proposer.propose(input_ids, count, processors=processors, draws=draws)
+
+    def _count(self, proposed: int, kept: int) -> None:
+        self.stats.rounds += 1
+        self.stats.proposed += proposed
+        self.stats.accepted += kept
+
+    def _fall_back(self, session, exc: errors.CacheRollbackError) -> None:
+        """A peer could not roll back: open the session anew, replay what it holds, decode plainly."""
+        logger.warning("a peer cannot roll its cache back (%s): this session goes on without speculation", exc)
+        self.stats.fallback = str(exc)
+        session.plain_only = True
+        run_coroutine(session.reopen())
+
+    @staticmethod
+    def _output(input_ids, generation_config, scores, logits, cache):
+        if not generation_config.return_dict_in_generate:
+            return input_ids
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores) if generation_config.output_scores else None,
+            logits=tuple(logits) if generation_config.output_logits else None,
+            past_key_values=cache,
+        )
+
+
+def _mask_and_positions(mask: torch.Tensor | None, start: int, count: int) -> dict:
+    """forward() arguments for tokens [start, start + count): none without padding (the session counts
+    positions); else the mask so far and positions counted over it, as transformers counts them."""
+    if mask is None:
+        return {}
+    full = torch.cat([mask, mask.new_ones(1, start + count - mask.shape[1])], dim=1) if start + count > mask.shape[1] else mask
+    positions = (full.long().cumsum(-1) - 1).masked_fill(full == 0, 1)
+    return {"attention_mask": full[:, : start + count], "position_ids": positions[:, start : start + count]}
+
+
+def requested(model, kwargs: dict) -> SpeculativeDecoding | None:
+    """The speculative loop for a generate() call whose arguments ask for one (they are taken out of
+    `kwargs`), or None."""
+    assistant = kwargs.pop("assistant_model", None)
+    config = kwargs.get("generation_config") or model.generation_config
+    lookup = kwargs.pop("prompt_lookup_num_tokens", None) or getattr(config, "prompt_lookup_num_tokens", None)
+    if assistant is None and not lookup:
+        return None
+    if kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1) > 1:
+        raise ValueError("speculative decoding does not combine with beam search")
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if assistant is not None:
+        draft_config = assistant.generation_config
+        most = int(getattr(draft_config, "num_assistant_tokens", None) or DEFAULT_DRAFT_TOKENS)
+        confidence = getattr(draft_config, "assistant_confidence_threshold", None)
+        proposer: PromptLookup | DraftModel = DraftModel(assistant, confidence=confidence, vocab_size=model.config.vocab_size)
+    else:
+        most = int(lookup)
+        proposer = PromptLookup(kwargs.pop("max_matching_ngram_size", None) or getattr(config, "max_matching_ngram_size", None), eos)
+    kwargs["prompt_lookup_num_tokens"] = None  # generate() runs this loop, not its own assisted decoding
+    return SpeculativeDecoding(proposer, most, streamer=kwargs.pop("streamer", None))
