@@ -17,7 +17,8 @@ token differs from the proposal there (`pick`):
 millisecond, from the measured acceptance rate (tokens kept per proposal, as a per-token probability)
 and the measured cost of a round (a one-token step, which holds the round trip, plus the cost of each
 extra token checked and drafted): long trips make long proposals pay; a rate so low that no proposal
-pays makes it propose nothing, but for one token every few rounds, to notice when proposals improve.
+pays makes it propose nothing, but for one token every few rounds (fewer after each probe that fails),
+to notice when proposals improve.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ MEMORY = 0.9  # each round's weight in the acceptance rate relative to the next 
 PRIOR_TOKEN_SHARE = 0.03  # an extra token's cost in a step, as a share of a one-token step, until measured
 PRIOR_WEIGHT = 4.0  # how strongly the measured cost per token leans on that prior (in tokens squared)
 ROUNDS_TIMED = 32
-PROBE_EVERY = 8  # when proposing does not pay, still propose one token every this many rounds
+PROBE_EVERY = 8  # when proposing does not pay, still propose one token every this many rounds,
+MOST_ROUNDS_BETWEEN_PROBES = 64  # twice as many after each probe that failed, up to this
 MOST_LIKELY_ACCEPTANCE = 0.99  # the rate is capped below 1: the expected gain stays finite
 
 
@@ -88,23 +90,27 @@ class ProposalLength:
     rejected: float = PRIOR_REJECTED
     draft_ms_per_token: float = 0.0
     rounds: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=ROUNDS_TIMED))
-    unpaid: int = 0  # rounds in a row where proposing did not pay
+    unpaid: int = 0  # rounds since proposing last paid, or since the last probe
+    probe_every: int = PROBE_EVERY
+    probing: bool = False  # the last choice was a probe
 
     @property
     def acceptance(self) -> float:
         """Estimated probability that a proposed token is kept, given the ones before it were."""
         return self.accepted / (self.accepted + self.rejected)
 
-    def record(self, *, proposed: int, kept: int, step_tokens: int, step_ms: float, drafted: int = 0, draft_ms: float = 0.0) -> None:
+    def record(self, *, proposed: int, kept: int, step_tokens: int | None, step_ms: float, draft_ms_per_token: float = 0.0) -> None:
         """One round: `proposed` tokens checked, `kept` of them kept, in a step of `step_tokens` tokens
-        that took `step_ms` (network, peers and the head); `drafted` tokens took `draft_ms` to propose."""
+        that took `step_ms` (network, peers and the head; None: a step that also fed a prompt, whose
+        time says nothing about a round's); a proposed token costs `draft_ms_per_token` to make."""
         if proposed:
             self.accepted = MEMORY * self.accepted + kept
             self.rejected = MEMORY * self.rejected + (kept < proposed)
-        if drafted:
-            per_token = draft_ms / drafted
-            self.draft_ms_per_token = per_token if not self.draft_ms_per_token else 0.8 * self.draft_ms_per_token + 0.2 * per_token
-        self.rounds.append((step_tokens, step_ms))
+            if self.probing:
+                self.probe_every = PROBE_EVERY if kept else min(2 * self.probe_every, MOST_ROUNDS_BETWEEN_PROBES)
+        self.draft_ms_per_token = draft_ms_per_token or self.draft_ms_per_token
+        if step_tokens is not None:
+            self.rounds.append((step_tokens, step_ms))
 
     def step_cost(self) -> tuple[float, float]:
         """(ms of a one-token step, ms per extra token): a line through the rounds' (tokens, ms), its
@@ -128,8 +134,11 @@ class ProposalLength:
             rate = expected / (one_token_ms + count * (per_token_ms + self.draft_ms_per_token))
             if rate > best_rate:
                 best, best_rate = count, rate
+        self.probing = False
         if best == 0 and self.most:
             self.unpaid += 1
-            return 1 if self.unpaid % PROBE_EVERY == 0 else 0
+            self.probing = self.unpaid >= self.probe_every
+            self.unpaid = 0 if self.probing else self.unpaid
+            return int(self.probing)
         self.unpaid = 0
         return best

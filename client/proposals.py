@@ -3,13 +3,14 @@
 `PromptLookup` takes transformers' own prompt-lookup search (the continuation of the latest earlier
 occurrence of the last n-gram); `DraftModel` runs a small causal LM that shares the tokenizer, with its
 own KV cache kept across rounds (cropped to what the peers accepted). Both return at most `count`
-tokens and say how long proposing took. They do not decide how many tokens to propose
+tokens and say what one more proposed token costs. They do not decide how many tokens to propose
 (`client.acceptance.ProposalLength`) or which ones to keep (`client.acceptance`), and never talk to peers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from typing import Callable
 
@@ -27,7 +28,7 @@ DEFAULT_NGRAM_SIZE = 2  # transformers' default max_matching_ngram_size
 class Proposal:
     tokens: list[int]  # proposed continuation, in order
     probs: torch.Tensor | None  # [len(tokens) + extra, vocab]: the draft's distribution at each position (sampling only)
-    ms: float  # time spent proposing
+    ms_per_token: float = 0.0  # what proposing one more token costs, as measured so far
 
 
 class PromptLookup:
@@ -42,13 +43,11 @@ class PromptLookup:
         )
 
     def propose(self, input_ids: torch.Tensor, count: int, **_) -> Proposal:  # input_ids [1, length]
-        started = time.perf_counter()
         if count < 1:
-            return Proposal([], None, 0.0)
+            return Proposal([], None)
         self.search.num_output_tokens = count
         candidates, _ = self.search.get_candidates(input_ids)
-        tokens = candidates[0, input_ids.shape[1] :].tolist()
-        return Proposal(tokens, None, 1000 * (time.perf_counter() - started))
+        return Proposal(candidates[0, input_ids.shape[1] :].tolist(), None)  # a search of the text: its cost is negligible
 
 
 class DraftModel:
@@ -65,16 +64,18 @@ class DraftModel:
                 "speculative decoding through the swarm needs a draft that shares the tokenizer"
             )
         self.model = model.eval()
+        # only the last position's logits: a draft catching up on a prompt would otherwise pay its head on every token
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.confidence = confidence or 0.0
         self.cache = self._new_cache()
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
+        self.token_ms = 0.0  # a one-token forward of the draft, measured (catching up on several tokens is not counted)
 
     @torch.no_grad()
     def propose(
         self, input_ids: torch.Tensor, count: int, *, processors: Callable | None = None, draws: Draws | None = None,
     ) -> Proposal:
         """Up to `count` tokens after `input_ids` [1, length] (count + 1 with `draws`: sampling)."""
-        started = time.perf_counter()
         tokens = input_ids[0].tolist()
         wanted = count + 1 if draws is not None else count  # sampling: even at count 0, the next position is the draft's
         proposed, probs = [], []
@@ -82,9 +83,11 @@ class DraftModel:
             feed = self._reuse(tokens)
             sequence = input_ids
             for _ in range(wanted):
+                started = time.perf_counter()
                 logits = self.model(
-                    input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True,
+                    input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True, **self.last_only,
                 ).logits[:, -1].float()  # [1, vocab]
+                self._time(1000 * (time.perf_counter() - started), len(feed))
                 self.cached += feed
                 scores = processors(sequence, logits) if processors is not None and draws is not None else logits
                 distribution = torch.softmax(scores, dim=-1)[0]  # [vocab]
@@ -96,7 +99,13 @@ class DraftModel:
                 probs.append(distribution)
                 sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
                 feed = [token]
-        return Proposal(proposed, torch.stack(probs) if probs and draws is not None else None, 1000 * (time.perf_counter() - started))
+        return Proposal(proposed, torch.stack(probs) if probs and draws is not None else None, self.token_ms)
+
+    def _time(self, ms: float, fed: int) -> None:
+        if fed == 1:
+            self.token_ms = ms if not self.token_ms else 0.8 * self.token_ms + 0.2 * ms
+        elif not self.token_ms:
+            self.token_ms = ms / fed  # a first guess from a catch-up: an underestimate, corrected by the next token
 
     def _new_cache(self) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)

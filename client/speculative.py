@@ -72,67 +72,44 @@ class SpeculativeDecoding:
                 f"(got a batch of {input_ids.shape[0]}); generate the batch without prompt_lookup_num_tokens/assistant_model"
             )
         cache = model_kwargs["past_key_values"]  # client.model.RemoteCache
-        mask = model_kwargs.get("attention_mask")  # [1, length] or None (no padding)
+        text = _Text(input_ids, model_kwargs.get("attention_mask"), logits_processor, stopping_criteria, self.streamer)
         do_sample = bool(generation_config.do_sample)
         draws = Draws(int(torch.randint(0, 2**62, (1,)))) if do_sample and isinstance(self.proposer, DraftModel) else None
         length = ProposalLength(self.most)
-        scores_kept: list[torch.Tensor] = []
-        logits_kept: list[torch.Tensor] = []
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
-        prompt_length, done = input_ids.shape[1], False
-        while not done:
+        while not text.done:
             cached = cache.get_seq_length()
             count = 0 if cache.session.plain_only else length.choose() if self.adaptive else self.most
-            count = min(count, generation_config.max_length - input_ids.shape[1] - 1)
-            proposal = self._propose(input_ids, max(count, 0), logits_processor, draws)
-            sent = proposal.tokens[: max(count, 0)]
-            chunk = torch.cat([input_ids[:, cached:], torch.tensor([sent], dtype=input_ids.dtype)], dim=1)  # [1, pending + k]
+            count = max(min(count, generation_config.max_length - text.ids.shape[1] - 1), 0)
+            proposal = self._propose(text.ids, count, logits_processor, draws)
+            sent = proposal.tokens[:count]
+            chunk = torch.cat([text.ids[:, cached:], torch.tensor([sent], dtype=text.ids.dtype)], dim=1)  # [1, pending + k]
             started = time.perf_counter()
             try:
                 logits = model(
-                    input_ids=chunk, past_key_values=cache, logits_to_keep=len(sent) + 1,
-                    **_mask_and_positions(mask, cached, chunk.shape[1]),
+                    input_ids=chunk, past_key_values=cache, logits_to_keep=len(sent) + 1, **text.mask_and_positions(cached, chunk.shape[1]),
                 ).logits[0].float()  # [k + 1, vocab]
             except errors.CacheRollbackError as exc:
                 self._fall_back(cache.session, exc)
                 continue
-            kept = 0
-            for index in range(len(sent) + 1):
-                raw = logits[index : index + 1]  # [1, vocab]
-                scores = logits_processor(input_ids, raw)
-                token = pick(
-                    scores, do_sample=do_sample, position=input_ids.shape[1],
-                    candidate=proposal.tokens[index] if index < len(proposal.tokens) else None,
-                    draft_probs=proposal.probs[index] if proposal.probs is not None and index < len(proposal.probs) else None,
-                    draws=draws,
-                )
-                input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
-                mask = None if mask is None else torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-                scores_kept.append(scores)
-                logits_kept.append(raw)
-                if self.streamer is not None:
-                    self.streamer.put(torch.tensor([token]))
-                done = bool(stopping_criteria(input_ids, scores).all())
-                if done or index == len(sent) or token != sent[index]:
-                    break
-                kept += 1
-            cache.crop(input_ids.shape[1] - 1 - cache.get_seq_length())  # keep all but the newest token (peers: at the next step)
+            kept = text.check(logits, sent, proposal, do_sample, draws)
+            cache.crop(text.ids.shape[1] - 1 - cache.get_seq_length())  # keep all but the newest token (peers: at the next step)
             step_ms = 1000 * (time.perf_counter() - started)
             length.record(
-                proposed=len(sent), kept=kept, step_tokens=chunk.shape[1], step_ms=step_ms,
-                drafted=len(proposal.tokens) if isinstance(self.proposer, DraftModel) else 0, draft_ms=proposal.ms,
+                proposed=len(sent), kept=kept, step_tokens=chunk.shape[1] if chunk.shape[1] == len(sent) + 1 else None,
+                step_ms=step_ms, draft_ms_per_token=proposal.ms_per_token,
             )
             self._count(len(sent), kept)
-            logger.debug("speculative round: %d proposed, %d kept, k=%d, %.1f ms", len(sent), kept, count, step_ms)
-        self.stats.tokens = input_ids.shape[1] - prompt_length
+            logger.debug("speculative round: %d proposed, %d kept, %.1f ms", len(sent), kept, step_ms)
+        self.stats.tokens = text.ids.shape[1] - input_ids.shape[1]
         if self.streamer is not None:
             self.streamer.end()
-        return self._output(input_ids, generation_config, scores_kept, logits_kept, cache)
+        return text.output(generation_config, cache)
 
     def _propose(self, input_ids, count: int, processors, draws: Draws | None) -> Proposal:
         if count < 1 and draws is None:
-            return Proposal([], None, 0.0)
+            return Proposal([], None)
         return self.proposer.propose(input_ids, count, processors=processors, draws=draws)
 
     def _count(self, proposed: int, kept: int) -> None:
@@ -147,26 +124,62 @@ class SpeculativeDecoding:
         session.plain_only = True
         run_coroutine(session.reopen())
 
-    @staticmethod
-    def _output(input_ids, generation_config, scores, logits, cache):
+
+
+class _Text:
+    """The sequence a speculative generate() call grows: its tokens, mask, scores and whether it is done."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, processors, stopping, streamer):
+        self.ids, self.mask = ids, mask  # [1, length]; the mask: None without padding
+        self.processors, self.stopping, self.streamer = processors, stopping, streamer
+        self.scores: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.done = False
+
+    def check(self, logits: torch.Tensor, sent: list[int], proposal: Proposal, do_sample: bool, draws: Draws | None) -> int:
+        """Add a token per position of `logits` [k + 1, vocab] until one differs from what was sent
+        there, or the text is done; how many sent tokens were kept."""
+        for index in range(len(sent) + 1):
+            raw = logits[index : index + 1]  # [1, vocab]
+            scores = self.processors(self.ids, raw)
+            token = pick(
+                scores, do_sample=do_sample, position=self.ids.shape[1],
+                candidate=proposal.tokens[index] if index < len(proposal.tokens) else None,
+                draft_probs=proposal.probs[index] if proposal.probs is not None and index < len(proposal.probs) else None,
+                draws=draws,
+            )
+            self._append(token, scores, raw)
+            if self.done or index == len(sent) or token != sent[index]:
+                return index
+        return len(sent)
+
+    def _append(self, token: int, scores: torch.Tensor, raw: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, self.ids.new_tensor([[token]])], dim=1)
+        self.mask = None if self.mask is None else torch.cat([self.mask, self.mask.new_ones(1, 1)], dim=1)
+        self.scores.append(scores)
+        self.logits.append(raw)
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor([token]))
+        self.done = bool(self.stopping(self.ids, scores).all())
+
+    def mask_and_positions(self, start: int, count: int) -> dict:
+        """forward() arguments for tokens [start, start + count): none without padding (the session
+        counts positions); else the mask so far and positions counted over it, as transformers counts them."""
+        if self.mask is None:
+            return {}
+        mask = torch.cat([self.mask, self.mask.new_ones(1, max(start + count - self.mask.shape[1], 0))], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return {"attention_mask": mask[:, : start + count], "position_ids": positions[:, start : start + count]}
+
+    def output(self, generation_config, cache):
         if not generation_config.return_dict_in_generate:
-            return input_ids
+            return self.ids
         return GenerateDecoderOnlyOutput(
-            sequences=input_ids,
-            scores=tuple(scores) if generation_config.output_scores else None,
-            logits=tuple(logits) if generation_config.output_logits else None,
+            sequences=self.ids,
+            scores=tuple(self.scores) if generation_config.output_scores else None,
+            logits=tuple(self.logits) if generation_config.output_logits else None,
             past_key_values=cache,
         )
-
-
-def _mask_and_positions(mask: torch.Tensor | None, start: int, count: int) -> dict:
-    """forward() arguments for tokens [start, start + count): none without padding (the session counts
-    positions); else the mask so far and positions counted over it, as transformers counts them."""
-    if mask is None:
-        return {}
-    full = torch.cat([mask, mask.new_ones(1, start + count - mask.shape[1])], dim=1) if start + count > mask.shape[1] else mask
-    positions = (full.long().cumsum(-1) - 1).masked_fill(full == 0, 1)
-    return {"attention_mask": full[:, : start + count], "position_ids": positions[:, start : start + count]}
 
 
 def requested(model, kwargs: dict) -> SpeculativeDecoding | None:
@@ -183,7 +196,7 @@ def requested(model, kwargs: dict) -> SpeculativeDecoding | None:
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if assistant is not None:
         draft_config = assistant.generation_config
-        most = int(getattr(draft_config, "num_assistant_tokens", None) or DEFAULT_DRAFT_TOKENS)
+        most = int(kwargs.get("num_assistant_tokens") or getattr(draft_config, "num_assistant_tokens", None) or DEFAULT_DRAFT_TOKENS)
         confidence = getattr(draft_config, "assistant_confidence_threshold", None)
         proposer: PromptLookup | DraftModel = DraftModel(assistant, confidence=confidence, vocab_size=model.config.vocab_size)
     else:

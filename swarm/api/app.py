@@ -92,12 +92,12 @@ def create_app(engine: "Engine", jobs, api_key: str | None = None):
     async def list_models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "swarm"}]}
 
-    async def choices(requests: list[tuple[int, object, int | None]], body) -> list[tuple[int, str, str, int]]:
+    async def choices(requests: list[tuple[int, object, int | None]], body, speculation) -> list[tuple[int, str, str, int]]:
         async def one(index, ids, seed):
             text, reason, tokens = "", None, 0
             async for piece, reason, tokens in engine.generate(
                 ids, max_tokens=body.max_tokens or 256, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                stops=body.stops(), adapter=body.adapter,
+                stops=body.stops(), adapter=body.adapter, speculation=speculation,
             ):
                 text += piece
             return index, text, reason, tokens
@@ -109,11 +109,12 @@ def create_app(engine: "Engine", jobs, api_key: str | None = None):
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
         check_model(body.model)
+        speculation = engine.speculation_for(body.speculation, body.speculative_tokens)
         prompts = [engine.encode(prompt) for prompt in body.prompts()]
         work = [(p * body.n + k, ids, seed) for p, ids in enumerate(prompts) for k, seed in enumerate(seeds(body, body.n))]
         if body.stream:
-            return StreamingResponse(_stream_completion(engine, body, work), media_type="text/event-stream")
-        results = await choices(work, body)
+            return StreamingResponse(_stream_completion(engine, body, work, speculation), media_type="text/event-stream")
+        results = await choices(work, body, speculation)
         prompt_tokens = sum(ids.shape[1] for ids in prompts)
         completion_tokens = sum(tokens for *_, tokens in results)
         return Completion(
@@ -124,11 +125,12 @@ def create_app(engine: "Engine", jobs, api_key: str | None = None):
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
+        speculation = engine.speculation_for(body.speculation, body.speculative_tokens)
         ids = engine.encode_chat(body.messages)
         work = [(k, ids, seed) for k, seed in enumerate(seeds(body, body.n))]
         if body.stream:
-            return StreamingResponse(_stream_chat(engine, body, work), media_type="text/event-stream")
-        results = await choices(work, body)
+            return StreamingResponse(_stream_chat(engine, body, work, speculation), media_type="text/event-stream")
+        results = await choices(work, body, speculation)
         completion_tokens = sum(tokens for *_, tokens in results)
         return ChatCompletion(
             model=body.model,
@@ -141,7 +143,8 @@ def create_app(engine: "Engine", jobs, api_key: str | None = None):
         ids = engine.encode(body.prompt)
         text, tokens = "", 0
         async for piece, _, tokens in engine.generate(
-            ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=1.0, seed=None, stops=[], adapter=body.adapter
+            ids, max_tokens=body.max_tokens, temperature=body.temperature, top_p=1.0, seed=None, stops=[], adapter=body.adapter,
+            speculation=engine.speculation_for(body.speculation, body.speculative_tokens),
         ):
             text += piece
         return SimpleChatReply(text=text, prompt_tokens=ids.shape[1], completion_tokens=tokens)
@@ -175,7 +178,7 @@ def _sse(payload) -> str:
     return f"data: {payload.model_dump_json() if hasattr(payload, 'model_dump_json') else payload}\n\n"
 
 
-async def _merged(engine: Engine, body, work, usage: dict) -> AsyncIterator[tuple[int, str, str | None]]:
+async def _merged(engine: Engine, body, work, usage: dict, speculation) -> AsyncIterator[tuple[int, str, str | None]]:
     """(choice index, piece, finish reason) from all the choices' generations as they come; `usage`
     gets each choice's generated tokens."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -184,7 +187,7 @@ async def _merged(engine: Engine, body, work, usage: dict) -> AsyncIterator[tupl
         try:
             async for piece, reason, tokens in engine.generate(
                 ids, max_tokens=body.max_tokens or 256, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                stops=body.stops(), adapter=body.adapter,
+                stops=body.stops(), adapter=body.adapter, speculation=speculation,
             ):
                 usage[index] = tokens
                 await queue.put((index, piece, reason))
@@ -209,10 +212,10 @@ async def _merged(engine: Engine, body, work, usage: dict) -> AsyncIterator[tupl
             task.cancel()
 
 
-async def _stream_completion(engine: Engine, body: CompletionRequest, work) -> AsyncIterator[str]:
+async def _stream_completion(engine: Engine, body: CompletionRequest, work, speculation) -> AsyncIterator[str]:
     stream_id, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), {}
     try:
-        async for index, piece, reason in _merged(engine, body, work, usage):
+        async for index, piece, reason in _merged(engine, body, work, usage, speculation):
             chunk = Completion(id=stream_id, created=created, model=body.model,
                                choices=[CompletionChoice(index=index, text=piece, finish_reason=reason)])
             yield _sse(chunk)
@@ -226,7 +229,7 @@ async def _stream_completion(engine: Engine, body: CompletionRequest, work) -> A
     yield "data: [DONE]\n\n"
 
 
-async def _stream_chat(engine: Engine, body: ChatCompletionRequest, work) -> AsyncIterator[str]:
+async def _stream_chat(engine: Engine, body: ChatCompletionRequest, work, speculation) -> AsyncIterator[str]:
     import json
 
     stream_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -241,7 +244,7 @@ async def _stream_chat(engine: Engine, body: ChatCompletionRequest, work) -> Asy
     for index, *_ in work:
         yield chunk(index, {"role": "assistant", "content": ""}, None)
     try:
-        async for index, piece, reason in _merged(engine, body, work, usage):
+        async for index, piece, reason in _merged(engine, body, work, usage, speculation):
             yield chunk(index, {"content": piece} if piece else {}, reason)
         if (body.stream_options or {}).get("include_usage"):
             prompt_tokens = work[0][1].shape[1]
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         network = config.client.network
         engine = Engine(config.model, network.initial_peers, config.client, max_batch=config.max_batch, lanes=config.lanes,
-                        max_length=config.max_length)
+                        max_length=config.max_length, speculation=config.speculation)
         extra = ["--swarm-key", str(network.swarm_key_path)] if network.swarm_key_path else []
         jobs = JobManager(config.jobs_dir, config.data_root, model=config.model, initial_peers=network.initial_peers, extra_args=extra)
         serve_http(create_app(engine, jobs, config.api_key), config.host, config.port,

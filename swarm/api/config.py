@@ -4,10 +4,35 @@ mapped onto flags, SWARM_API_* environment variables and a TOML file by `swarm.s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from swarm.config import DEFAULT_MODEL, ClientConfig
+
+SpeculationKind = Literal["none", "prompt_lookup", "draft"]
+MOST_SPECULATIVE_TOKENS = 64
+
+
+class SpeculationConfig(BaseModel):
+    """Speculative decoding for requests that do not choose (a request's `speculation` field overrides it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speculation: SpeculationKind = Field(
+        "none", description="how requests that do not say propose tokens: prompt_lookup (n-grams of the text so far), "
+        "draft (the --draft-model) or none (plain decoding); speculative requests run in a session of their own, outside the batch",
+    )
+    speculative_tokens: int = Field(10, ge=1, le=MOST_SPECULATIVE_TOKENS, description="the longest proposal, in tokens, for requests that do not say")
+    draft_model: str | None = Field(
+        None, description="a small model sharing the served model's tokenizer (Hugging Face id or folder), run by this server to propose tokens",
+    )
+
+    @model_validator(mode="after")
+    def _draft_needs_a_model(self) -> "SpeculationConfig":
+        if self.speculation == "draft" and not self.draft_model:
+            raise ValueError("speculation 'draft' needs a --draft-model")
+        return self
 
 
 class ApiConfig(BaseModel):
@@ -27,6 +52,7 @@ class ApiConfig(BaseModel):
     max_length: int | None = Field(
         None, ge=2, description="longest prompt + completion, in tokens; default: the model's, at most the peers' default"
     )
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig, description="speculative decoding")
 
     @model_validator(mode="after")
     def _needs_peers(self) -> "ApiConfig":

@@ -6,8 +6,9 @@ session, so every peer runs one forward and receives one message per step for al
 are `lanes` generators per adapter, each with its own session, and a request joins the least busy:
 while one lane's step runs on one peer, another lane's step can run on the next one (a single
 session keeps only one peer busy at a time). With `max_batch` 1, or a generation config that needs logits processors the batched loop
-lacks, each request runs its own transformers `generate()` in a thread, with its own session. This
-module does not speak HTTP (`swarm.api` does).
+lacks, each request runs its own transformers `generate()` in a thread, with its own session. So
+does a request that asks for speculative decoding (or gets the server's default): the batched loop
+keeps plain decoding. This module does not speak HTTP (`swarm.api` does).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AsyncTextIteratorStreamer, AutoTokenizer, StoppingCrite
 from client import AutoDistributedModelForCausalLM
 from client.generator import BatchedGenerator, GenerationRequest, supports
 from client.sampling import SeededSampler, generation_kwargs
+from swarm.api.config import SpeculationConfig
 from swarm.api.schema import ChatMessage
 from swarm.config import DEFAULT_MAX_LENGTH, ClientConfig
 from swarm.errors import ConfigError
@@ -34,10 +36,12 @@ MAX_CONCURRENT_GENERATIONS = 64  # unbatched requests, each in a thread of its o
 class Engine:
     def __init__(
         self, model_name: str, initial_peers: list[str], config: ClientConfig, *, max_batch: int = 16, lanes: int = 2,
-        max_length: int | None = None,
+        max_length: int | None = None, speculation: SpeculationConfig | None = None,
     ):
         self.name = model_name
         self.model = AutoDistributedModelForCausalLM.from_pretrained(model_name, initial_peers=initial_peers, client_config=config)
+        self.speculation = speculation or SpeculationConfig()
+        self.draft = None if self.speculation.draft_model is None else load_draft(self.speculation.draft_model, self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model.name_or_path)
         self.executor = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT_GENERATIONS, thread_name_prefix="generate")
         self.max_batch, self.lanes = max_batch, lanes
@@ -59,17 +63,35 @@ class Engine:
         )["input_ids"]
         return ids
 
+    def speculation_for(self, kind: str | None, tokens: int | None) -> SpeculationConfig:
+        """A request's speculative decoding: what it asks for, else the server's; ConfigError for a draft
+        this server does not have."""
+        chosen = self.speculation.model_copy(update={
+            "speculation": kind or self.speculation.speculation,
+            "speculative_tokens": tokens or self.speculation.speculative_tokens,
+        })
+        if chosen.speculation == "draft" and self.draft is None:
+            raise ConfigError("this server has no draft model (start it with --draft-model): use speculation 'prompt_lookup' or 'none'")
+        return chosen
+
     async def generate(
         self, input_ids: torch.Tensor, *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
-        stops: list[str], adapter: str | None,
+        stops: list[str], adapter: str | None, speculation: SpeculationConfig | None = None,
     ) -> AsyncIterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens generated so far); the last item has the
         finish reason ("stop": end of sequence or a stop string; "length": max_tokens). `adapter` is the name
-        of an adapter the peers serve, never a path: an HTTP caller must not make this server read its disk."""
+        of an adapter the peers serve, never a path: an HTTP caller must not make this server read its disk.
+        `speculation` (see `speculation_for`; default: the server's): anything but none runs alone."""
         adapter_id = None if adapter is None else AdapterId(adapter)
+        speculation = speculation or self.speculation_for(None, None)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        start = self._start_batched if self.batched else self._start_alone
-        output, stop, generated = start(input_ids, streamer, max_tokens, temperature, top_p, seed, adapter_id)
+        if speculation.speculation == "none":
+            start = self._start_batched if self.batched else self._start_alone
+            output, stop, generated = start(input_ids, streamer, max_tokens, temperature, top_p, seed, adapter_id)
+        else:
+            output, stop, generated = self._start_alone(
+                input_ids, streamer, max_tokens, temperature, top_p, seed, adapter_id, self._speculative_kwargs(speculation)
+            )
         text, sent, reason = "", 0, None
         hold = max((len(stop_text) for stop_text in stops), default=1) - 1  # a piece that may begin a stop string waits
         try:
@@ -106,8 +128,14 @@ class Engine:
         future.add_done_callback(lambda _: streamer.end())  # always end the stream
         return asyncio.wrap_future(future), request.cancelled.set, generated
 
-    def _start_alone(self, input_ids, streamer, max_tokens, temperature, top_p, seed, adapter):
-        """Run transformers generate() in a thread of its own: (awaitable generated tokens, stop(), [tokens so far])."""
+    def _speculative_kwargs(self, speculation: SpeculationConfig) -> dict:
+        if speculation.speculation == "draft":
+            return dict(assistant_model=self.draft, num_assistant_tokens=speculation.speculative_tokens)
+        return dict(prompt_lookup_num_tokens=speculation.speculative_tokens)
+
+    def _start_alone(self, input_ids, streamer, max_tokens, temperature, top_p, seed, adapter, speculative=None):
+        """Run transformers generate() in a thread of its own: (awaitable generated tokens, stop(), [tokens so far]).
+        `speculative`: generate() arguments for speculative decoding."""
         loop = asyncio.get_running_loop()
         stopped = threading.Event()
         generated = [0]
@@ -118,7 +146,7 @@ class Engine:
                 return torch.full((ids.shape[0],), stopped.is_set(), dtype=torch.bool)
 
         kwargs = generation_kwargs(max_tokens, temperature, top_p, seed)
-        extra = {} if adapter is None else {"adapter": adapter}
+        extra = ({} if adapter is None else {"adapter": adapter}) | (speculative or {})
 
         def run() -> list[int]:
             try:
@@ -149,3 +177,16 @@ class Engine:
             generator.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.model.close()
+
+
+def load_draft(name: str, model) -> torch.nn.Module:
+    """The server's draft model, on the CPU in float32 like the client's own parts; ConfigError if it
+    cannot propose tokens for `model` (another vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm import models
+
+    draft = AutoModelForCausalLM.from_pretrained(models.resolve_model(name).path, dtype=torch.float32).eval()
+    if draft.config.get_text_config().vocab_size != model.config.vocab_size:
+        raise ConfigError(f"draft model {name} has another vocabulary than {model.name_or_path}: it must share the tokenizer")
+    return draft

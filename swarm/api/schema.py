@@ -10,9 +10,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from swarm.api.config import MOST_SPECULATIVE_TOKENS, SpeculationKind
+
 MAX_TOKENS = 4096
 MAX_N = 8
 MAX_STOPS = 4
+
+SPECULATION_HELP = (
+    "speculative decoding (our extension): prompt_lookup proposes tokens from the text so far, draft from the server's "
+    "draft model, none decodes plainly; default: the server's. Greedy output is the same either way; a speculative "
+    "request runs in a session of its own, outside the batch"
+)
+SPECULATIVE_TOKENS_HELP = "the longest proposal, in tokens (default: the server's)"
 
 Temperature = Annotated[float, Field(1.0, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(1.0, gt=0.0, le=1.0)]
@@ -32,6 +41,8 @@ class _Request(BaseModel):
     logprobs: None = Field(None, description="not supported")
     stream_options: dict | None = Field(None, description='{"include_usage": true}: a last chunk with the usage')
     adapter: str | None = Field(None, min_length=1, max_length=128, description="a LoRA adapter served by peers (our extension)")
+    speculation: SpeculationKind | None = Field(None, description=SPECULATION_HELP)
+    speculative_tokens: int | None = Field(None, ge=1, le=MOST_SPECULATIVE_TOKENS, description=SPECULATIVE_TOKENS_HELP)
 
     @field_validator("stop")
     @classmethod
@@ -119,6 +130,8 @@ class SimpleChatRequest(BaseModel):
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     adapter: str | None = Field(None, min_length=1, max_length=128)
+    speculation: SpeculationKind | None = Field(None, description=SPECULATION_HELP)
+    speculative_tokens: int | None = Field(None, ge=1, le=MOST_SPECULATIVE_TOKENS, description=SPECULATIVE_TOKENS_HELP)
 
 
 class SimpleChatReply(BaseModel):

@@ -166,6 +166,46 @@ def test_requests_alone_without_batching(smollm2_swarm, reference, tmp_path):
         alone.close()
 
 
+CODE_PROMPT = "Repeat this list exactly: apples, pears, plums, cherries, grapes, lemons. Again: apples, pears,"
+
+
+def test_speculative_requests_run_alone_and_give_greedy_text(api, reference):
+    tokenizer, _ = reference
+    expected = _greedy(reference, tokenizer(CODE_PROMPT, return_tensors="pt").input_ids, 16)
+    before = api.request("GET", "/health")[1]["batching"]
+    reply = api.client().completions.create(
+        model="smollm2-135m", prompt=CODE_PROMPT, max_tokens=16, temperature=0, extra_body={"speculation": "prompt_lookup", "speculative_tokens": 8},
+    )
+    assert reply.choices[0].text == expected and reply.usage.completion_tokens == 16
+    pieces = [chunk.choices[0].text for chunk in api.client().completions.create(
+        model="smollm2-135m", prompt=CODE_PROMPT, max_tokens=16, temperature=0, stream=True, extra_body={"speculation": "prompt_lookup"},
+    )]
+    assert "".join(pieces) == expected
+    assert api.request("GET", "/health")[1]["batching"] == before  # outside the batch
+    status, body = api.request("POST", "/v1/completions", {"model": "smollm2-135m", "prompt": "hi", "speculation": "draft"})
+    assert status == 400 and "--draft-model" in body["error"]["message"]
+    status, body = api.request("POST", "/v1/completions", {"model": "smollm2-135m", "prompt": "hi", "speculation": "guess"})
+    assert status == 400 and "speculation" in body["error"]["message"]
+
+
+def test_server_default_speculation_and_a_draft_model(smollm2_swarm, reference, tmp_path):
+    server = Api(smollm2_swarm, tmp_path, "--speculation", "prompt_lookup", "--draft-model", "smollm2-135m")
+    try:
+        tokenizer, _ = reference
+        expected = _greedy(reference, tokenizer(CODE_PROMPT, return_tensors="pt").input_ids, 12)
+        client = server.client()
+        for extra in ({}, {"speculation": "draft", "speculative_tokens": 6}):
+            reply = client.completions.create(model="smollm2-135m", prompt=CODE_PROMPT, max_tokens=12, temperature=0, extra_body=extra)
+            assert reply.choices[0].text == expected
+        assert server.request("GET", "/health")[1]["batching"] == {"steps": 0, "rows": 0}
+        reply = client.completions.create(model="smollm2-135m", prompt=CODE_PROMPT, max_tokens=12, temperature=0, extra_body={"speculation": "none"})
+        assert reply.choices[0].text == expected and server.request("GET", "/health")[1]["batching"]["steps"] > 0
+        status, body = server.request("POST", "/chat", {"prompt": CODE_PROMPT, "max_tokens": 12, "speculation": "draft"})
+        assert status == 200 and body["text"] == expected
+    finally:
+        server.close()
+
+
 def test_fine_tune_jobs_run_cancel_and_survive_a_restart(api, smollm2_swarm, tmp_path_factory):
     folder = Path(api.log).parent
     data = folder / "tiny.jsonl"

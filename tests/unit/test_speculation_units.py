@@ -120,8 +120,17 @@ def test_better_acceptance_makes_longer_proposals():
 
 def test_proposals_that_never_pay_stop_but_for_probes():
     length = lengths(10.0, 0.0, rounds=60)
-    chosen = [length.choose() for _ in range(4 * PROBE_EVERY)]
-    assert set(chosen) == {0, 1} and chosen.count(1) == 4
+    probes = []
+    for index in range(7 * PROBE_EVERY):
+        if length.choose():
+            probes.append(index)
+            length.record(proposed=1, kept=0, step_tokens=2, step_ms=12.0)  # each probe fails: they grow rarer
+    assert [later - earlier for earlier, later in zip(probes, probes[1:])] == [2 * PROBE_EVERY, 4 * PROBE_EVERY]
+    length.choose()
+    while not length.choose():
+        pass
+    length.record(proposed=1, kept=1, step_tokens=2, step_ms=12.0)  # a probe that pays: back to probing often
+    assert length.probe_every == PROBE_EVERY
 
 
 def test_proposal_length_stays_within_bounds():
@@ -130,9 +139,16 @@ def test_proposal_length_stays_within_bounds():
     assert 1 <= ProposalLength(10).choose() <= 10  # before any measurement: a few tokens
 
 
+def test_a_round_that_fed_a_prompt_does_not_count_as_a_round_cost():
+    fed, plain = lengths(20.0, 0.8), lengths(20.0, 0.8)
+    fed.record(proposed=4, kept=4, step_tokens=None, step_ms=5000.0)  # a 300-token prompt and 4 proposals
+    plain.record(proposed=4, kept=4, step_tokens=5, step_ms=25.0)
+    assert fed.step_cost() == lengths(20.0, 0.8).step_cost() and fed.acceptance == plain.acceptance
+
+
 def test_draft_time_shortens_proposals():
     cheap, dear = lengths(20.0, 0.8), lengths(20.0, 0.8)
-    dear.record(proposed=0, kept=0, step_tokens=1, step_ms=21.0, drafted=4, draft_ms=40.0)
+    dear.record(proposed=0, kept=0, step_tokens=1, step_ms=21.0, draft_ms_per_token=10.0)
     assert dear.choose() < cheap.choose()
 
 
@@ -272,3 +288,15 @@ def test_a_refused_rollback_falls_back_to_plain_decoding(target):
     assert "sliding window" in loop.stats.fallback
     proposed = loop.stats.proposed
     assert loop.stats.rounds > 40 - proposed  # one token per round after the fallback
+
+
+def test_a_padded_prompt_and_a_dict_output(target):
+    input_ids = repetitive_prompt(10)
+    mask = torch.ones_like(input_ids)
+    mask[0, :2] = 0  # left padding: the loop passes the mask and positions counted over it
+    kwargs = dict(GREEDY, attention_mask=mask, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    expected = target.generate(input_ids, **kwargs)
+    actual, stats = speculate(target, input_ids, PromptLookup(None, []), **kwargs)
+    assert torch.equal(actual.sequences, expected.sequences) and stats.accepted > 0
+    assert len(actual.scores) == len(expected.scores) == 40
+    assert all(torch.allclose(mine, theirs, atol=1e-4) for mine, theirs in zip(actual.logits, expected.logits))
