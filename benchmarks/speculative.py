@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -61,7 +60,8 @@ PROMPTS = {
 
 
 def chat_ids(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
 
 def load_draft(layers: int):
@@ -97,7 +97,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="generations per mode and prompt (the median is printed)")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens: the longest proposal")
-    parser.add_argument("--draft-layers", type=int, nargs="*", default=[8, 30], help="layers of the default model in each local draft (none: no draft runs)")
+    parser.add_argument("--draft-layers", type=int, nargs="*", default=[8, 30],
+                        help="layers of the default model in each local draft (none: no draft runs)")
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     parser.add_argument("--peer-threads", type=int, default=1, help="torch threads per peer")
     args = parser.parse_args()
@@ -116,7 +117,8 @@ def main() -> int:
         modes[f"draft{layers}"] = dict(assistant_model=load_draft(layers))
     print(f"model {MODEL}, 3 peers {', '.join(SPLITS)}, greedy, up to {args.new_tokens} new tokens, median of {args.repeats}; "
           f"lookup: up to {args.lookup} tokens; draftN: the model's first N layers, local", flush=True)
-    print(f"{'delay ms':>8} {'prompt':>8} {'mode':>8} {'tokens/s':>9} {'vs plain':>9} {'accepted':>9} {'tokens/trip':>12} {'same tokens':>12}", flush=True)
+    header = f"{'delay ms':>8} {'prompt':>8} {'mode':>8} {'tokens/s':>9} {'vs plain':>9} {'accepted':>9} {'tokens/trip':>12}"
+    print(f"{header} {'same tokens':>12}", flush=True)
     for delay in args.delays:
         folder = Path(tempfile.mkdtemp(prefix=f"swarm-bench-speculative-{delay:g}-"))
         swarm = start_swarm(folder, delay, args.peer_threads, None)
