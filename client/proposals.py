@@ -22,6 +22,7 @@ from client.acceptance import Draws
 from swarm.blocks import rollback_refusal
 
 DEFAULT_NGRAM_SIZE = 2  # transformers' default max_matching_ngram_size
+STEADY_FEED = 3  # a draft that feeds at most this many tokens before proposing is in step with the text
 
 
 @dataclasses.dataclass
@@ -69,7 +70,7 @@ class DraftModel:
         self.confidence = confidence or 0.0
         self.cache = self._new_cache()
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
-        self.token_ms = 0.0  # a one-token forward of the draft, measured (catching up on several tokens is not counted)
+        self.token_ms = 0.0  # what a proposed token costs, as measured over rounds
 
     @torch.no_grad()
     def propose(
@@ -80,14 +81,14 @@ class DraftModel:
         wanted = count + 1 if draws is not None else count  # sampling: even at count 0, the next position is the draft's
         proposed, probs = [], []
         if wanted > 0:
+            started = time.perf_counter()
             feed = self._reuse(tokens)
-            sequence = input_ids
+            caught_up = len(feed) <= STEADY_FEED  # a round like the others, not a prompt or a pause to catch up on
+            sequence, first_done = input_ids, started
             for _ in range(wanted):
-                started = time.perf_counter()
                 logits = self.model(
                     input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True, **self.last_only,
                 ).logits[:, -1].float()  # [1, vocab]
-                self._time(1000 * (time.perf_counter() - started), len(feed))
                 self.cached += feed
                 scores = processors(sequence, logits) if processors is not None and draws is not None else logits
                 distribution = torch.softmax(scores, dim=-1)[0]  # [vocab]
@@ -99,13 +100,17 @@ class DraftModel:
                 probs.append(distribution)
                 sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
                 feed = [token]
+                first_done = time.perf_counter() if len(proposed) == 1 else first_done
+            ended = time.perf_counter()
+            if caught_up and proposed:
+                self._time(1000 * (ended - started) / len(proposed))
+            elif len(proposed) > 1:  # leave out the first token's forward, which caught up on the text
+                self._time(1000 * (ended - first_done) / (len(proposed) - 1))
         return Proposal(proposed, torch.stack(probs) if probs and draws is not None else None, self.token_ms)
 
-    def _time(self, ms: float, fed: int) -> None:
-        if fed == 1:
-            self.token_ms = ms if not self.token_ms else 0.8 * self.token_ms + 0.2 * ms
-        elif not self.token_ms:
-            self.token_ms = ms / fed  # a first guess from a catch-up: an underestimate, corrected by the next token
+    def _time(self, per_token_ms: float) -> None:
+        """What a proposed token costs, measured over whole rounds of drafting (overheads included)."""
+        self.token_ms = per_token_ms if not self.token_ms else 0.7 * self.token_ms + 0.3 * per_token_ms
 
     def _new_cache(self) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
