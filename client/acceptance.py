@@ -29,7 +29,7 @@ import dataclasses
 import torch
 
 PRIOR_ACCEPTED, PRIOR_REJECTED = 1.0, 1.0  # a new session assumes half its proposed tokens are kept
-MEMORY = 0.9  # each round's weight in the acceptance rate relative to the next one
+ACCEPTANCE_DECAY = 0.9  # each round's weight in the acceptance rate relative to the next one
 PRIOR_TOKEN_SHARE = 0.03  # an extra token's cost in a step, as a share of a one-token step, until measured
 PRIOR_WEIGHT = 4.0  # how strongly the measured cost per token leans on that prior (in tokens squared)
 ROUNDS_TIMED = 32
@@ -83,9 +83,9 @@ def pick(
 
 @dataclasses.dataclass
 class ProposalLength:
-    """Chooses how many tokens to propose, within [0, most]."""
+    """Chooses how many tokens to propose, within [0, longest]."""
 
-    most: int
+    longest: int
     accepted: float = PRIOR_ACCEPTED  # decayed counts of proposed tokens kept, and of rounds ended by a rejection
     rejected: float = PRIOR_REJECTED
     draft_ms_per_token: float = 0.0
@@ -104,8 +104,8 @@ class ProposalLength:
         that took `step_ms` (network, peers and the head; None: a step that also fed a prompt, whose
         time says nothing about a round's); a proposed token costs `draft_ms_per_token` to make."""
         if proposed:
-            self.accepted = MEMORY * self.accepted + kept
-            self.rejected = MEMORY * self.rejected + (kept < proposed)
+            self.accepted = ACCEPTANCE_DECAY * self.accepted + kept
+            self.rejected = ACCEPTANCE_DECAY * self.rejected + (kept < proposed)
             if self.probing:
                 self.probe_every = PROBE_EVERY if kept else min(2 * self.probe_every, MOST_ROUNDS_BETWEEN_PROBES)
         self.draft_ms_per_token = draft_ms_per_token or self.draft_ms_per_token
@@ -129,13 +129,13 @@ class ProposalLength:
         one_token_ms, per_token_ms = self.step_cost()
         alpha = min(self.acceptance, MOST_LIKELY_ACCEPTANCE)
         best, best_rate = 0, 1.0 / one_token_ms
-        for count in range(1, self.most + 1):
+        for count in range(1, self.longest + 1):
             expected = (1 - alpha ** (count + 1)) / (1 - alpha)  # tokens a round yields: kept ones and the model's own
             rate = expected / (one_token_ms + count * (per_token_ms + self.draft_ms_per_token))
             if rate > best_rate:
                 best, best_rate = count, rate
         self.probing = False
-        if best == 0 and self.most:
+        if best == 0 and self.longest:
             self.unpaid += 1
             self.probing = self.unpaid >= self.probe_every
             self.unpaid = 0 if self.probing else self.unpaid

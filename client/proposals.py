@@ -1,7 +1,7 @@
 """Who proposes the tokens a speculative step checks: n-grams of the text so far, or a small local model.
 
-`PromptLookup` takes transformers' own prompt-lookup search (the continuation of the latest earlier
-occurrence of the last n-gram); `DraftModel` runs a small causal LM that shares the tokenizer, with its
+`PromptLookup` takes transformers' own prompt-lookup search (the continuation of the first earlier
+occurrence of the last n-gram, the longest n-gram first); `DraftModel` runs a small causal LM that shares the tokenizer, with its
 own KV cache kept across rounds (cropped to what the peers accepted). Both return at most `count`
 tokens and say what one more proposed token costs. They do not decide how many tokens to propose
 (`client.acceptance.ProposalLength`) or which ones to keep (`client.acceptance`), and never talk to peers.
@@ -20,6 +20,7 @@ from transformers.generation import PromptLookupCandidateGenerator
 
 from client.acceptance import Draws
 from swarm.blocks import rollback_refusal
+from swarm.errors import ConfigError
 
 DEFAULT_NGRAM_SIZE = 2  # transformers' default max_matching_ngram_size
 STEADY_FEED = 3  # a draft that feeds at most this many tokens before proposing is in step with the text
@@ -33,7 +34,7 @@ class Proposal:
 
 
 class PromptLookup:
-    """Proposals copied from the text so far: after the last n-gram's latest earlier occurrence."""
+    """Proposals copied from the text so far: after the first earlier occurrence of the last n-gram."""
 
     def __init__(self, max_ngram_size: int | None, eos_token_ids: list[int]):
         eos = torch.tensor(eos_token_ids) if eos_token_ids else None
@@ -60,7 +61,7 @@ class DraftModel:
     def __init__(self, model: PreTrainedModel, *, confidence: float | None, vocab_size: int):
         draft_vocab = model.config.get_text_config().vocab_size
         if draft_vocab != vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the assistant model's vocabulary ({draft_vocab} tokens) differs from the model's ({vocab_size}): "
                 "speculative decoding through the swarm needs a draft that shares the tokenizer"
             )
@@ -87,8 +88,8 @@ class DraftModel:
             sequence, first_done = input_ids, started
             for _ in range(wanted):
                 logits = self.model(
-                    input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True, **self.last_only,
-                ).logits[:, -1].float()  # [1, vocab]
+                    input_ids=torch.tensor([feed], device=self.model.device), past_key_values=self.cache, use_cache=True, **self.last_only,
+                ).logits[:, -1].float().cpu()  # [1, vocab]: decided on the CPU, where the model's own logits are
                 self.cached += feed
                 scores = processors(sequence, logits) if processors is not None and draws is not None else logits
                 distribution = torch.softmax(scores, dim=-1)[0]  # [vocab]
@@ -125,7 +126,7 @@ class DraftModel:
             if cached != token:
                 break
             shared += 1
-        if shared < len(self.cached):
+        if self.cached:  # cropping by 0 too: sliding-window layers go back to holding their window
             layers = getattr(self.cache, "layers", [])
             if any(rollback_refusal(layer, layer.get_seq_length() - shared) for layer in layers if layer.get_seq_length() > shared):
                 self.cache, shared = self._new_cache(), 0  # a sliding window went past: start over

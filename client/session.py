@@ -127,12 +127,23 @@ class InferenceSession:
 
     async def reopen(self) -> None:
         """Open streams through every block anew, on a fresh route, and replay the history into them
-        (after a peer refused to roll its cache back: only a replay from the start can go back)."""
-        for stream in self.streams:
-            stream.close()
-        self.streams, self.session_id = [], uuid.uuid4().hex
-        await self.open()
-        await self._replay(self.streams, next(self._step_ids))
+        (after a peer refused to roll its cache back: only a replay from the start can go back). A peer
+        that fails the replay is banned and the route built again, as after a failed step."""
+        retries = Retries(self.sequence.config)
+        while True:
+            for stream in self.streams:
+                stream.close()
+            self.streams, self.session_id = [], uuid.uuid4().hex
+            try:
+                await self.open()
+                await self._replay(self.streams, next(self._step_ids))
+                return
+            except errors.RemoteError as exc:
+                if getattr(exc, "peer_id", None):
+                    self.sequence.ban(exc.peer_id)
+                if not exc.transient or not retries.allow(exc):
+                    raise
+                logger.warning("replaying the session failed (%s), retry %d", exc, retries.failures)
 
     def _push_chain(self, index: int) -> list[str]:
         """The hops after streams[index] that take pushes from their predecessor, up to the first that does not."""

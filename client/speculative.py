@@ -34,6 +34,7 @@ from swarm.loop_thread import run_coroutine
 logger = logging.getLogger(__name__)
 
 DEFAULT_DRAFT_TOKENS = 20  # transformers' default num_assistant_tokens
+DEFAULT_CONFIDENCE = 0.4  # transformers' default assistant_confidence_threshold
 
 
 @dataclasses.dataclass
@@ -58,31 +59,42 @@ class SpeculationStats:
 class SpeculativeDecoding:
     """A transformers `custom_generate` callable: the decoding loop of one generate() call."""
 
-    def __init__(self, proposer: PromptLookup | DraftModel, most: int, streamer=None, *, adaptive: bool = True):
-        """`most`: the longest proposal; `adaptive=False`: always propose `most` tokens (for tests)."""
-        if most < 1:
-            raise ValueError("speculative decoding needs at least 1 proposed token per round")
-        self.proposer, self.most, self.streamer, self.adaptive = proposer, most, streamer, adaptive
+    def __init__(self, proposer: PromptLookup | DraftModel, longest: int, streamer=None, *, adaptive: bool = True):
+        """`longest`: the longest proposal; `adaptive=False`: always propose `longest` tokens (for tests)."""
+        if longest < 1:
+            raise errors.ConfigError("speculative decoding needs at least 1 proposed token per round")
+        self.proposer, self.longest, self.streamer, self.adaptive = proposer, longest, streamer, adaptive
         self.stats = SpeculationStats()
 
     def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         if input_ids.shape[0] != 1:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"speculative decoding works on one sequence at a time, as transformers' assisted generation "
                 f"(got a batch of {input_ids.shape[0]}); generate the batch without prompt_lookup_num_tokens/assistant_model"
             )
         cache = model_kwargs["past_key_values"]  # client.model.RemoteCache
-        text = _Text(input_ids, model_kwargs.get("attention_mask"), logits_processor, stopping_criteria, self.streamer)
-        do_sample = bool(generation_config.do_sample)
-        draws = Draws(int(torch.randint(0, 2**62, (1,)))) if do_sample and isinstance(self.proposer, DraftModel) else None
-        length = ProposalLength(self.most)
+        text = _Text(input_ids, model_kwargs.get("attention_mask"), logits_processor, stopping_criteria, self.streamer, generation_config)
+        draws = Draws(int(torch.randint(0, 2**62, (1,)))) if generation_config.do_sample and isinstance(self.proposer, DraftModel) else None
+        length = ProposalLength(self.longest)
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
+        try:
+            self._rounds(model, cache, text, length, draws, generation_config)
+        finally:
+            if self.streamer is not None:
+                self.streamer.end()
+        self.stats.tokens = text.ids.shape[1] - input_ids.shape[1]
+        return text.output(cache)
+
+    def _rounds(self, model, cache, text: "_Text", length: ProposalLength, draws: Draws | None, generation_config) -> None:
+        do_sample = bool(generation_config.do_sample)
         while not text.done:
             cached = cache.get_seq_length()
-            count = 0 if cache.session.plain_only else length.choose() if self.adaptive else self.most
-            count = max(min(count, generation_config.max_length - text.ids.shape[1] - 1), 0)
-            proposal = self._propose(text.ids, count, logits_processor, draws)
+            count = 0 if cache.session.plain_only else length.choose() if self.adaptive else self.longest
+            # the text may not pass max_length, nor a step the session's length: plain decoding would not
+            room = min(generation_config.max_length - 1, cache.session.max_length) - text.ids.shape[1]
+            count = max(min(count, room), 0)
+            proposal = self._propose(text.ids, count, text.processors, draws)
             sent = proposal.tokens[:count]
             chunk = torch.cat([text.ids[:, cached:], torch.tensor([sent], dtype=text.ids.dtype)], dim=1)  # [1, pending + k]
             started = time.perf_counter()
@@ -102,10 +114,6 @@ class SpeculativeDecoding:
             )
             self._count(len(sent), kept)
             logger.debug("speculative round: %d proposed, %d kept, %.1f ms", len(sent), kept, step_ms)
-        self.stats.tokens = text.ids.shape[1] - input_ids.shape[1]
-        if self.streamer is not None:
-            self.streamer.end()
-        return text.output(generation_config, cache)
 
     def _propose(self, input_ids, count: int, processors, draws: Draws | None) -> Proposal:
         if count < 1 and draws is None:
@@ -125,15 +133,15 @@ class SpeculativeDecoding:
         run_coroutine(session.reopen())
 
 
-
 class _Text:
     """The sequence a speculative generate() call grows: its tokens, mask, scores and whether it is done."""
 
-    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, processors, stopping, streamer):
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor | None, processors, stopping, streamer, generation_config):
         self.ids, self.mask = ids, mask  # [1, length]; the mask: None without padding
         self.processors, self.stopping, self.streamer = processors, stopping, streamer
-        self.scores: list[torch.Tensor] = []
-        self.logits: list[torch.Tensor] = []
+        self.config = generation_config
+        self.scores: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_scores else None
+        self.logits: list[torch.Tensor] | None = [] if generation_config.return_dict_in_generate and generation_config.output_logits else None
         self.done = False
 
     def check(self, logits: torch.Tensor, sent: list[int], proposal: Proposal, do_sample: bool, draws: Draws | None) -> int:
@@ -149,15 +157,19 @@ class _Text:
                 draws=draws,
             )
             self._append(token, scores, raw)
-            if self.done or index == len(sent) or token != sent[index]:
+            if index == len(sent) or token != sent[index]:
                 return index
+            if self.done:
+                return index + 1
         return len(sent)
 
     def _append(self, token: int, scores: torch.Tensor, raw: torch.Tensor) -> None:
         self.ids = torch.cat([self.ids, self.ids.new_tensor([[token]])], dim=1)
         self.mask = None if self.mask is None else torch.cat([self.mask, self.mask.new_ones(1, 1)], dim=1)
-        self.scores.append(scores)
-        self.logits.append(raw)
+        if self.scores is not None:
+            self.scores.append(scores)
+        if self.logits is not None:
+            self.logits.append(raw.clone())  # not a view: it would keep the round's logits alive
         if self.streamer is not None:
             self.streamer.put(torch.tensor([token]))
         self.done = bool(self.stopping(self.ids, scores).all())
@@ -171,14 +183,12 @@ class _Text:
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         return {"attention_mask": mask[:, : start + count], "position_ids": positions[:, start : start + count]}
 
-    def output(self, generation_config, cache):
-        if not generation_config.return_dict_in_generate:
+    def output(self, cache):
+        if not self.config.return_dict_in_generate:
             return self.ids
         return GenerateDecoderOnlyOutput(
-            sequences=self.ids,
-            scores=tuple(self.scores) if generation_config.output_scores else None,
-            logits=tuple(self.logits) if generation_config.output_logits else None,
-            past_key_values=cache,
+            sequences=self.ids, scores=None if self.scores is None else tuple(self.scores),
+            logits=None if self.logits is None else tuple(self.logits), past_key_values=cache,
         )
 
 
@@ -190,17 +200,18 @@ def requested(model, kwargs: dict) -> SpeculativeDecoding | None:
     lookup = kwargs.pop("prompt_lookup_num_tokens", None) or getattr(config, "prompt_lookup_num_tokens", None)
     if assistant is None and not lookup:
         return None
-    if kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1) > 1:
-        raise ValueError("speculative decoding does not combine with beam search")
+    if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+        raise errors.ConfigError("speculative decoding does not combine with beam search")
     eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if assistant is not None:
         draft_config = assistant.generation_config
-        most = int(kwargs.get("num_assistant_tokens") or getattr(draft_config, "num_assistant_tokens", None) or DEFAULT_DRAFT_TOKENS)
+        longest = int(kwargs.get("num_assistant_tokens") or getattr(draft_config, "num_assistant_tokens", None) or DEFAULT_DRAFT_TOKENS)
         confidence = getattr(draft_config, "assistant_confidence_threshold", None)
+        confidence = DEFAULT_CONFIDENCE if confidence is None else confidence
         proposer: PromptLookup | DraftModel = DraftModel(assistant, confidence=confidence, vocab_size=model.config.vocab_size)
     else:
-        most = int(lookup)
+        longest = int(lookup)
         proposer = PromptLookup(kwargs.pop("max_matching_ngram_size", None) or getattr(config, "max_matching_ngram_size", None), eos)
     kwargs["prompt_lookup_num_tokens"] = None  # generate() runs this loop, not its own assisted decoding
-    return SpeculativeDecoding(proposer, most, streamer=kwargs.pop("streamer", None))
+    return SpeculativeDecoding(proposer, longest, streamer=kwargs.pop("streamer", None))

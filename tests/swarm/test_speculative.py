@@ -34,7 +34,14 @@ def random_prompt(seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def draft(tiny_model_path):
     """The model's own weights as a local draft: every proposal is right."""
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    return sure(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval())
+
+
+def sure(draft):
+    """A draft that proposes however unsure it is (the random tiny model's distributions are flat:
+    transformers' default threshold, 0.4, would stop it at once)."""
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    return draft
 
 
 @pytest.mark.parametrize("prompt", [repetitive_prompt(0), repetitive_prompt(1), random_prompt(2)], ids=["repeats-0", "repeats-1", "random"])
@@ -57,7 +64,7 @@ def test_a_draft_that_is_always_right_takes_few_trips(model, reference, draft):
 
 
 def test_a_draft_that_is_always_wrong_changes_nothing(model, reference, tiny_model_path):
-    wrong = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    wrong = sure(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval())
     with torch.no_grad():
         wrong.lm_head.weight.zero_()  # every logit equal: it always proposes token 0
     prompt = repetitive_prompt(4)
@@ -84,7 +91,7 @@ def test_sampling_with_a_draft_is_reproducible(model, tiny_model_path):
     draft = AutoModelForCausalLM.from_pretrained(other).eval()
     with pytest.raises(ValueError, match="vocabulary"):
         model.generate(prompt, assistant_model=draft, **kwargs)
-    draft = AutoModelForCausalLM.from_pretrained(model.config._name_or_path).eval()
+    draft = sure(AutoModelForCausalLM.from_pretrained(model.config._name_or_path).eval())
     runs = []
     for _ in range(2):
         torch.manual_seed(9)

@@ -27,7 +27,7 @@ class LocalCache(DynamicCache):
     def __init__(self, config):
         super().__init__(config=config)
         self.activate_past_recording()  # as peers' caches: sliding-window layers can take back the last step
-        self.session = types.SimpleNamespace(plain_only=False)
+        self.session = types.SimpleNamespace(plain_only=False, max_length=10**6)
 
 
 def tiny(seed: int, config=None) -> LlamaForCausalLM:
@@ -49,8 +49,8 @@ def target():
     return tiny(0)
 
 
-def speculate(model, input_ids, proposer, most=8, adaptive=False, **kwargs):
-    loop = SpeculativeDecoding(proposer, most, adaptive=adaptive)
+def speculate(model, input_ids, proposer, longest=8, adaptive=False, **kwargs):
+    loop = SpeculativeDecoding(proposer, longest, adaptive=adaptive)
     output = model.generate(input_ids, custom_generate=loop, past_key_values=LocalCache(model.config), **kwargs)
     return output, loop.stats
 
@@ -99,9 +99,9 @@ def test_draws_depend_only_on_seed_and_position():
 
 
 # ---- proposal length ------------------------------------------------------------------------------
-def lengths(trip_ms: float, acceptance: float, rounds: int = 30, most: int = 32) -> ProposalLength:
+def lengths(trip_ms: float, acceptance: float, rounds: int = 30, longest: int = 32) -> ProposalLength:
     """A controller fed rounds of a step costing `trip_ms` plus 1 ms per token, kept at `acceptance`."""
-    length = ProposalLength(most)
+    length = ProposalLength(longest)
     for index in range(rounds):
         proposed = 2 + index % 7  # varied sizes: the cost per token is measured, not assumed
         kept = min(proposed, round(acceptance * proposed))
@@ -134,7 +134,7 @@ def test_proposals_that_never_pay_stop_but_for_probes():
 
 
 def test_proposal_length_stays_within_bounds():
-    assert lengths(10_000.0, 1.0, most=5).choose() == 5
+    assert lengths(10_000.0, 1.0, longest=5).choose() == 5
     assert ProposalLength(0).choose() == 0
     assert 1 <= ProposalLength(10).choose() <= 10  # before any measurement: a few tokens
 
@@ -218,10 +218,10 @@ def test_draft_sampling_is_reproducible_whatever_the_proposal_lengths(target):
     input_ids = repetitive_prompt(7)
     kwargs = dict(max_new_tokens=24, do_sample=True, temperature=1.0, eos_token_id=None, pad_token_id=0)
     runs = []
-    for most, adaptive in ((1, False), (3, False), (8, False), (8, True), (8, True)):
+    for longest, adaptive in ((1, False), (3, False), (8, False), (8, True), (8, True)):
         torch.manual_seed(5)
         draft = DraftModel(tiny(1), confidence=None, vocab_size=VOCAB)
-        runs.append(speculate(target, input_ids, draft, most=most, adaptive=adaptive, **kwargs)[0])
+        runs.append(speculate(target, input_ids, draft, longest=longest, adaptive=adaptive, **kwargs)[0])
     assert all(torch.equal(run, runs[0]) for run in runs)
 
 
@@ -235,7 +235,7 @@ def test_draft_sampling_has_the_model_distribution(target):
     runs = 600
     for seed in range(runs):
         torch.manual_seed(seed)
-        output, _ = speculate(target, input_ids, draft, most=2, **kwargs)
+        output, _ = speculate(target, input_ids, draft, longest=2, **kwargs)
         pair = tuple(output[0, -2:].tolist())
         counts[pair] = counts.get(pair, 0) + 1
     expected = {}
@@ -300,3 +300,27 @@ def test_a_padded_prompt_and_a_dict_output(target):
     assert torch.equal(actual.sequences, expected.sequences) and stats.accepted > 0
     assert len(actual.scores) == len(expected.scores) == 40
     assert all(torch.allclose(mine, theirs, atol=1e-4) for mine, theirs in zip(actual.logits, expected.logits))
+
+
+class ShortSession(LocalCache):
+    """A session of `max_length` tokens, which refuses a step that would pass it, as peers do."""
+
+    def __init__(self, config, max_length: int):
+        super().__init__(config)
+        self.session.max_length = max_length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0 and self.get_seq_length() + key_states.shape[-2] > self.session.max_length:
+            raise errors.SessionLengthError(f"{self.get_seq_length() + key_states.shape[-2]} tokens exceed {self.session.max_length}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def test_proposals_stay_within_the_session_length(target):
+    input_ids = repetitive_prompt(11)
+    plain = target.generate(input_ids, **GREEDY)
+    eos = int(plain[0, input_ids.shape[1] + 4])  # plain decoding stops at its 5th token, inside a session of 8 more
+    kwargs = dict(GREEDY, eos_token_id=eos)
+    expected = target.generate(input_ids, **kwargs)
+    loop = SpeculativeDecoding(DraftModel(tiny(0), confidence=None, vocab_size=VOCAB), 8, adaptive=False)
+    actual = target.generate(input_ids, custom_generate=loop, past_key_values=ShortSession(target.config, input_ids.shape[1] + 8), **kwargs)
+    assert torch.equal(actual, expected) and loop.stats.proposed
