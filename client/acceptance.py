@@ -17,8 +17,9 @@ token differs from the proposal there (`pick`):
 millisecond, from the measured acceptance rate (tokens kept per proposal, as a per-token probability)
 and the measured cost of a round (a one-token step, which holds the round trip, plus the cost of each
 extra token checked and drafted): long trips make long proposals pay; a rate so low that no proposal
-pays makes it propose nothing, but for one token every few rounds (fewer after each probe that fails),
-to notice when proposals improve.
+pays makes it propose nothing, but for one token every few rounds (fewer after each probe that fails,
+and no more than 2% of the time goes to probes), to notice when proposals improve. It proposes only
+where that promises 3% more than plain decoding: the model leaves small costs out.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ PRIOR_TOKEN_SHARE = 0.03  # an extra token's cost in a step, as a share of a one
 PRIOR_WEIGHT = 4.0  # how strongly the measured cost per token leans on that prior (in tokens squared)
 ROUNDS_TIMED = 32
 PROBE_EVERY = 8  # when proposing does not pay, still propose one token every this many rounds,
-MOST_ROUNDS_BETWEEN_PROBES = 64  # twice as many after each probe that failed, up to this
+MOST_ROUNDS_BETWEEN_PROBES = 64  # twice as many after each probe that failed, up to this,
+PROBE_BUDGET = 0.02  # and never so often that probes cost more than this share of the time
+MARGIN = 0.03  # proposing must promise this much more than plain decoding: costs the model leaves out
 MOST_LIKELY_ACCEPTANCE = 0.99  # the rate is capped below 1: the expected gain stays finite
 
 
@@ -128,7 +131,7 @@ class ProposalLength:
     def choose(self) -> int:
         one_token_ms, per_token_ms = self.step_cost()
         alpha = min(self.acceptance, MOST_LIKELY_ACCEPTANCE)
-        best, best_rate = 0, 1.0 / one_token_ms
+        best, best_rate = 0, (1 + MARGIN) / one_token_ms
         for count in range(1, self.longest + 1):
             expected = (1 - alpha ** (count + 1)) / (1 - alpha)  # tokens a round yields: kept ones and the model's own
             rate = expected / (one_token_ms + count * (per_token_ms + self.draft_ms_per_token))
@@ -136,8 +139,10 @@ class ProposalLength:
                 best, best_rate = count, rate
         self.probing = False
         if best == 0 and self.longest:
+            # a probe costs a checked token and a drafted one, and a draft's catch-up on the text: about two more
+            probe_share = (per_token_ms + 3 * self.draft_ms_per_token) / one_token_ms
             self.unpaid += 1
-            self.probing = self.unpaid >= self.probe_every
+            self.probing = self.unpaid >= max(self.probe_every, probe_share / PROBE_BUDGET)
             self.unpaid = 0 if self.probing else self.unpaid
             return int(self.probing)
         self.unpaid = 0

@@ -146,6 +146,13 @@ def test_a_round_that_fed_a_prompt_does_not_count_as_a_round_cost():
     assert fed.step_cost() == lengths(20.0, 0.8).step_cost() and fed.acceptance == plain.acceptance
 
 
+def test_a_dear_draft_probes_rarely():
+    length = lengths(100.0, 0.0, rounds=60)
+    length.record(proposed=0, kept=0, step_tokens=1, step_ms=101.0, draft_ms_per_token=30.0)  # a probe: about a round
+    chosen = [length.choose() for _ in range(100)]
+    assert chosen.count(1) == 2  # every 46 rounds: probes cost 2% of the time
+
+
 def test_draft_time_shortens_proposals():
     cheap, dear = lengths(20.0, 0.8), lengths(20.0, 0.8)
     dear.record(proposed=0, kept=0, step_tokens=1, step_ms=21.0, draft_ms_per_token=10.0)
